@@ -1,0 +1,18 @@
+"""Test set-up shared by every test: the pack importable as the package ``lora_foundry``.
+
+The pack is loaded by ComfyUI from a folder whose name the user chooses, so the code uses
+relative imports only. Tests register the repository as ``lora_foundry`` without running
+its ``__init__.py`` (which imports ComfyUI), so ``lora_foundry.lora_core`` imports alone.
+"""
+
+import sys
+import types
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+if "lora_foundry" not in sys.modules:
+    _pkg = types.ModuleType("lora_foundry")
+    _pkg.__path__ = [str(REPO)]
+    _pkg.__file__ = str(REPO / "__init__.py")
+    sys.modules["lora_foundry"] = _pkg
