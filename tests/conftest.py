@@ -16,3 +16,13 @@ if "lora_foundry" not in sys.modules:
     _pkg.__path__ = [str(REPO)]
     _pkg.__file__ = str(REPO / "__init__.py")
     sys.modules["lora_foundry"] = _pkg
+
+# ComfyUI (installed by scripts/setup_runtime.sh, or the user's own via COMFYUI_PATH) and the
+# dev scripts (model factory, server driver) are importable for the tests that need them;
+# tests/unit never imports them.
+import os  # noqa: E402
+
+COMFY_DIR = Path(os.environ.get("COMFYUI_PATH") or REPO / ".comfyui").resolve()
+for _p in (str(REPO / "scripts"), str(COMFY_DIR)):
+    if _p not in sys.path:
+        sys.path.append(_p)

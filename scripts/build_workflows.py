@@ -1,0 +1,140 @@
+"""Writes the example workflows in workflows/ (UI graph format, as the frontend saves them).
+
+The graphs are described compactly here and expanded into nodes, slots and links, so that the
+shipped JSON stays consistent; tests check that the committed files equal this output.
+
+    python scripts/build_workflows.py [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CHECKPOINT = "lora_foundry_demo_sd15.safetensors"
+DEMO_LORA = "lora_foundry_demo_lora.safetensors"
+
+
+@dataclass
+class N:
+    id: int
+    type: str
+    pos: tuple[int, int]
+    widgets: list = field(default_factory=list)
+    inputs: dict[str, tuple[int, int, str]] = field(default_factory=dict)  # name -> (src id, slot, type)
+    outputs: list[tuple[str, str]] = field(default_factory=list)  # (name, type)
+    title: str | None = None
+    size: tuple[int, int] = (315, 130)
+
+
+def note(id: int, pos: tuple[int, int], text: str) -> N:
+    return N(id, "Note", pos, widgets=[text], size=(380, 200))
+
+
+def expand(nodes: list[N]) -> dict:
+    links, link_id = [], 0
+    out_links: dict[tuple[int, int], list[int]] = {}
+    ui_nodes = []
+    for n in nodes:
+        ui_inputs = []
+        for name, (src, slot, typ) in n.inputs.items():
+            link_id += 1
+            links.append([link_id, src, slot, n.id, len(ui_inputs), typ])
+            out_links.setdefault((src, slot), []).append(link_id)
+            ui_inputs.append({"name": name, "type": typ, "link": link_id})
+        ui_nodes.append((n, ui_inputs))
+    result = []
+    for order, (n, ui_inputs) in enumerate(ui_nodes):
+        node = {
+            "id": n.id,
+            "type": n.type,
+            "pos": list(n.pos),
+            "size": list(n.size),
+            "flags": {},
+            "order": order,
+            "mode": 0,
+            "inputs": ui_inputs,
+            "outputs": [
+                {"name": name, "type": typ, "slot_index": i, "links": out_links.get((n.id, i), [])}
+                for i, (name, typ) in enumerate(n.outputs)
+            ],
+            "properties": {"Node name for S&R": n.type},
+            "widgets_values": n.widgets,
+        }
+        if n.title:
+            node["title"] = n.title
+        result.append(node)
+    return {
+        "last_node_id": max(n.id for n in nodes),
+        "last_link_id": link_id,
+        "nodes": result,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+        "version": 0.4,
+    }
+
+
+def _sampling_tail(model: tuple[int, int], clip: tuple[int, int], vae: tuple[int, int], start: int, x: int,
+                   prompt: str, prefix: str) -> list[N]:  # fmt: skip
+    """Prompt encoders, a 64x64 latent, KSampler (2 steps), decode and save."""
+    p, neg, lat, ks, dec, save = range(start, start + 6)
+    return [
+        N(p, "CLIPTextEncode", (x, 0), [prompt], {"clip": (*clip, "CLIP")}, [("CONDITIONING", "CONDITIONING")]),
+        N(neg, "CLIPTextEncode", (x, 200), ["blurry"], {"clip": (*clip, "CLIP")}, [("CONDITIONING", "CONDITIONING")]),
+        N(lat, "EmptyLatentImage", (x, 400), [64, 64, 1], {}, [("LATENT", "LATENT")]),
+        N(ks, "KSampler", (x + 350, 0), [42, "fixed", 2, 7.0, "euler", "normal", 1.0],
+          {"model": (*model, "MODEL"), "positive": (p, 0, "CONDITIONING"), "negative": (neg, 0, "CONDITIONING"),
+           "latent_image": (lat, 0, "LATENT")}, [("LATENT", "LATENT")], size=(315, 262)),
+        N(dec, "VAEDecode", (x + 700, 0), [], {"samples": (ks, 0, "LATENT"), "vae": (*vae, "VAE")}, [("IMAGE", "IMAGE")]),
+        N(save, "SaveImage", (x + 950, 0), [prefix], {"images": (dec, 0, "IMAGE")}, []),
+    ]  # fmt: skip
+
+
+def load_lora_workflow() -> dict:
+    nodes = [
+        note(1, (0, -260), "Load one LoRA onto MODEL and CLIP.\n\nThe demo checkpoint has random weights, so the "
+             "image is noise. For real use pick your own checkpoint in 'Load Checkpoint' and a LoRA made for the "
+             "same base model (SD1.5 with SD1.5, SDXL with SDXL) in 'Load LoRA (Foundry)'. The 'report' output "
+             "says how many of the LoRA's layers matched the model; 'trigger words' lists the words the LoRA was "
+             "trained with. Raise the KSampler steps and the latent size for real images."),
+        N(2, "CheckpointLoaderSimple", (0, 0), [DEMO_CHECKPOINT], {},
+          [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+        N(3, "LoraFoundry_LoadLora", (350, 0), [DEMO_LORA, 1.0, 1.0, ""],
+          {"model": (2, 0, "MODEL"), "clip": (2, 1, "CLIP")},
+          [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("trigger_words", "STRING"), ("report", "STRING")], size=(340, 180)),
+        *_sampling_tail((3, 0), (3, 1), (2, 2), 10, 750, "foundrystyle, a lighthouse at dusk", "lora_foundry/load_lora"),
+    ]  # fmt: skip
+    return expand(nodes)
+
+
+WORKFLOWS = {"load_lora.json": load_lora_workflow}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="fail if a committed workflow differs from the builder")
+    args = ap.parse_args()
+    stale = []
+    for name, make in WORKFLOWS.items():
+        text = json.dumps(make(), indent=2) + "\n"
+        path = REPO / "workflows" / name
+        if args.check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(name)
+        else:
+            path.write_text(text)
+            print(f"wrote {path}")
+    if stale:
+        print(f"stale workflows (run scripts/build_workflows.py): {', '.join(stale)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Writes the demo models into a ComfyUI tree, once: a full-size SD1.5 checkpoint with random
+weights (ComfyUI detects it as SD1.5; the images it makes are noise) and a small kohya-format
+LoRA for it. A real checkpoint put in models/checkpoints replaces the demo one in the workflows.
+
+    python scripts/make_demo_models.py --comfyui .comfyui [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEMO_CHECKPOINT = "lora_foundry_demo_sd15.safetensors"
+DEMO_LORA = "lora_foundry_demo_lora.safetensors"
+
+
+def _setup_comfy(comfy_dir: Path) -> None:
+    sys.path.insert(0, str(comfy_dir))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+
+
+def _meta_shapes(module_factory) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        module = module_factory()
+    return {k: v.shape for k, v in module.state_dict().items()}
+
+
+def _random_tensor(name: str, shape: torch.Size, g: torch.Generator) -> torch.Tensor:
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "bias":
+        return torch.zeros(shape, dtype=torch.float16)
+    if len(shape) == 1:
+        return torch.ones(shape, dtype=torch.float16)
+    fan_in = max(1, int(torch.Size(shape[1:]).numel()))
+    scale = 0.02 if "embedding" in name else fan_in**-0.5
+    return (torch.randn(shape, generator=g) * scale).to(torch.float16)
+
+
+def checkpoint_shapes() -> dict[str, torch.Size]:
+    """Every key and shape of a standard SD1.5 checkpoint, from ComfyUI's own classes."""
+    import comfy.sd1_clip
+    import comfy.supported_models as sm
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from model_factory import SD15_FULL, sd15_unet_config, vae_config
+
+    config = sm.SD15(sd15_unet_config(SD15_FULL))
+    config.set_inference_dtype(torch.float16, None)
+    shapes = {}
+    unet = _meta_shapes(lambda: config.get_model({}, device="meta").diffusion_model)
+    shapes.update({"model.diffusion_model." + k: v for k, v in unet.items()})
+    clip = _meta_shapes(lambda: comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float16))
+    shapes.update(
+        {
+            "cond_stage_model." + k: v
+            for k, v in clip.items()
+            if "text_projection" not in k and "logit_scale" not in k
+        }
+    )
+    cfg = vae_config(128)
+    vae = _meta_shapes(lambda: AutoencoderKL(ddconfig=cfg["ddconfig"], embed_dim=cfg["embed_dim"]))
+    shapes.update({"first_stage_model." + k: v for k, v in vae.items()})
+    return shapes
+
+
+def write_checkpoint(path: Path, seed: int = 0) -> None:
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {k: _random_tensor(k, s, g) for k, s in checkpoint_shapes().items()}
+    tensors["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"lora_foundry.demo": "random weights: images are noise"})
+    os.replace(tmp, path)
+
+
+def demo_lora_tensors(rank: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A kohya LoRA on every attention projection of the SD1.5 UNet and text encoder."""
+    shapes = checkpoint_shapes()
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+
+    def add(name: str, weight_shape: torch.Size) -> None:
+        d_out, d_in = int(weight_shape[0]), int(torch.Size(weight_shape[1:]).numel())
+        out[f"{name}.lora_down.weight"] = (torch.randn(rank, d_in, generator=g) * d_in**-0.5).half()
+        out[f"{name}.lora_up.weight"] = (torch.randn(d_out, rank, generator=g) * 0.5 * rank**-0.5).half()
+        out[f"{name}.alpha"] = torch.tensor(float(rank) / 2)
+
+    import comfy.utils
+    from model_factory import SD15_FULL, sd15_unet_config
+
+    to_ldm = comfy.utils.unet_to_diffusers(sd15_unet_config(SD15_FULL))
+    for diffusers_key, ldm_key in sorted(to_ldm.items()):
+        if ".attn" in diffusers_key and diffusers_key.endswith((".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")):
+            name = "lora_unet_" + diffusers_key[: -len(".weight")].replace(".", "_")
+            add(name, shapes["model.diffusion_model." + ldm_key])
+    prefix = "cond_stage_model.transformer.text_model.encoder.layers."
+    for key, shape in sorted(shapes.items()):
+        if key.startswith(prefix) and key.endswith(("_proj.weight",)) and "self_attn" in key:
+            name = "lora_te_" + key[len("cond_stage_model.transformer.") : -len(".weight")].replace(".", "_")
+            add(name, shape)
+    return out
+
+
+def write_demo_lora(path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(".tmp")
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": "8",
+        "ss_network_alpha": "4.0",
+        "ss_base_model_version": "sd_v1",
+        "ss_output_name": "lora_foundry_demo_lora",
+        "ss_tag_frequency": '{"demo": {"foundrystyle": 10, "noise": 4}}',
+    }
+    save_file(demo_lora_tensors(), str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--comfyui", required=True, type=Path, help="ComfyUI folder (models/ is written inside it)")
+    ap.add_argument("--force", action="store_true", help="write the files again even if present")
+    args = ap.parse_args()
+    comfy_dir = args.comfyui.resolve()
+    _setup_comfy(comfy_dir)
+    ckpt = comfy_dir / "models" / "checkpoints" / DEMO_CHECKPOINT
+    lora = comfy_dir / "models" / "loras" / DEMO_LORA
+    for path, writer, what in ((ckpt, write_checkpoint, "demo SD1.5 checkpoint (random weights, 2.1 GB)"),
+                               (lora, write_demo_lora, "demo LoRA")):
+        if path.exists() and not args.force:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        t = time.time()
+        print(f"[demo models] writing {what}: {path}", flush=True)
+        writer(path)
+        print(f"[demo models] done in {time.time() - t:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

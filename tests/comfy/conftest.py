@@ -1,0 +1,44 @@
+"""In-process ComfyUI: tiny SD1.5 and SDXL models built from ComfyUI's own classes, and
+folder_paths pointed at a temporary base directory so nodes read and write there."""
+
+from __future__ import annotations
+
+import pytest
+
+import comfy.cli_args
+
+comfy.cli_args.args.cpu = True  # before comfy.model_management is imported anywhere
+
+import folder_paths  # noqa: E402
+import model_factory  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def comfy_base(tmp_path_factory):
+    """models/loras, input and output of the in-process ComfyUI, in a temporary folder."""
+    base = tmp_path_factory.mktemp("comfy_base")
+    for sub in ("models/loras", "input", "output", "temp"):
+        (base / sub).mkdir(parents=True)
+    exts = folder_paths.supported_pt_extensions
+    folder_paths.folder_names_and_paths["loras"] = ([str(base / "models" / "loras")], exts)
+    folder_paths.set_output_directory(str(base / "output"))
+    folder_paths.set_input_directory(str(base / "input"))
+    folder_paths.set_temp_directory(str(base / "temp"))
+    return base
+
+
+@pytest.fixture(scope="session")
+def loras_dir(comfy_base):
+    return comfy_base / "models" / "loras"
+
+
+@pytest.fixture(scope="session")
+def sd15():
+    """Tiny SD1.5-structured MODEL / CLIP / VAE (random weights). Do not patch in place: clone."""
+    return model_factory.build("sd15")
+
+
+@pytest.fixture(scope="session")
+def sdxl():
+    """Tiny SDXL-structured MODEL / CLIP / VAE: two text encoders, adm conditioning."""
+    return model_factory.build("sdxl")
