@@ -1,0 +1,177 @@
+"""From tag probabilities to caption text: thresholds, ordering, exclusions, formatting, merging."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .tagger import CHARACTER, GENERAL, TagList
+
+# Tags whose underscores are the face itself; the reference taggers leave them alone.
+KAOMOJIS = frozenset(
+    {"0_0", "(o)_(o)", "+_+", "+_-", "._.", "<o>_<o>", "<|>_<|>", "=_=", ">_<", "3_3", "6_9", ">_o", "@_@",
+     "^_^", "o_o", "u_u", "x_x", "|_|", "||_||"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    """How model scores become a caption. Tag names may be typed with spaces or underscores."""
+
+    general_threshold: float = 0.35
+    character_threshold: float = 0.85
+    trigger_word: str = ""
+    always_first: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    replacements: tuple[tuple[str, str], ...] = ()
+    replace_underscores: bool = True
+    escape_brackets: bool = True
+    max_tags: int = 0  # 0: no limit; counts model tags, not the trigger word
+
+    def __post_init__(self) -> None:
+        for field in ("general_threshold", "character_threshold"):
+            value = getattr(self, field)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"`{field}` should be between 0 and 1, got {value}")
+        if self.max_tags < 0:
+            raise ValueError(f"`max_tags` should be 0 (no limit) or positive, got {self.max_tags}")
+        for field in ("always_first", "exclude", "replacements"):
+            if not isinstance(getattr(self, field), tuple):
+                raise ValueError(f"`{field}` should be a tuple, got {type(getattr(self, field)).__name__}")
+        if "," in self.trigger_word:
+            raise ValueError(f"`trigger_word` should be one tag without commas, got {self.trigger_word!r}")
+
+
+def _unescape(tag: str) -> str:
+    return tag.replace("\\(", "(").replace("\\)", ")")
+
+
+def tag_key(tag: str) -> str:
+    """The form tags are compared in: unescaped, lower case, underscores as spaces (except kaomoji)."""
+    tag = _unescape(tag.strip()).lower()
+    if tag not in KAOMOJIS:
+        tag = tag.replace("_", " ")
+    return re.sub(r"\s+", " ", tag).strip()
+
+
+def format_tag(tag: str, options: CaptionOptions) -> str:
+    """A tag as written to the caption file; idempotent on already formatted tags."""
+    tag = _unescape(tag.strip())
+    if options.replace_underscores and tag not in KAOMOJIS:
+        tag = tag.replace("_", " ")
+    if options.escape_brackets:
+        tag = tag.replace("(", "\\(").replace(")", "\\)")
+    return tag
+
+
+def _above(probs: np.ndarray, indices: np.ndarray, threshold: float) -> list[int]:
+    """Indices whose score is strictly above threshold, highest score first."""
+    chosen = [int(i) for i in indices if probs[i] > threshold]
+    return sorted(chosen, key=lambda i: -float(probs[i]))
+
+
+def select_tags(probs: np.ndarray, tags: TagList, options: CaptionOptions) -> list[str]:
+    """Model tags for one image, formatted and ordered: always-first, characters, general (by score)."""
+    picked = _above(probs, tags.indices(CHARACTER), options.character_threshold)
+    picked += _above(probs, tags.indices(GENERAL), options.general_threshold)
+    excluded = {tag_key(t) for t in options.exclude}
+    replace = {tag_key(old): new for old, new in options.replacements}
+    result: list[str] = []
+    seen: set[str] = set()
+    for index in picked:
+        name = tags.names[index]
+        key = tag_key(name)
+        if key in excluded:
+            continue
+        if key in replace:
+            name = replace[key]
+            key = tag_key(name)
+            if not key or key in excluded:
+                continue
+        if key not in seen:
+            seen.add(key)
+            result.append(format_tag(name, options))
+    first = [tag_key(t) for t in options.always_first]
+    result.sort(key=lambda t: first.index(tag_key(t)) if tag_key(t) in first else len(first))
+    return result[: options.max_tags] if options.max_tags else result
+
+
+def dedupe(tags: list[str]) -> list[str]:
+    """Drop empty tags and repeats (compared by tag_key), keeping the first occurrence."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for tag in tags:
+        key = tag_key(tag)
+        if key and key not in seen:
+            seen.add(key)
+            out.append(tag.strip())
+    return out
+
+
+def build_caption(probs: np.ndarray, tags: TagList, options: CaptionOptions) -> list[str]:
+    """The full new caption: trigger word first, then the model tags."""
+    head = [options.trigger_word.strip()] if options.trigger_word.strip() else []
+    return dedupe(head + select_tags(probs, tags, options))
+
+
+def split_caption(text: str) -> list[str]:
+    return [t.strip() for t in text.replace("\n", ",").split(",") if t.strip()]
+
+
+def merge_caption(existing: str, new: list[str], trigger_word: str = "") -> list[str]:
+    """Append mode: trigger word, the existing tags in their order, then new tags not already there."""
+    head = [trigger_word.strip()] if trigger_word.strip() else []
+    return dedupe(head + split_caption(existing) + new)
+
+
+def parse_tag_list(text: str) -> tuple[str, ...]:
+    """'a, b_c\\nd' -> ('a', 'b_c', 'd'): commas or new lines separate tags."""
+    return tuple(split_caption(text))
+
+
+def parse_replacements(text: str) -> tuple[tuple[str, str], ...]:
+    """'old -> new, other -> ' -> (('old', 'new'), ('other', '')); an empty right side removes the tag."""
+    pairs = []
+    for entry in split_caption(text):
+        if "->" not in entry:
+            raise ValueError(f"tag replacement {entry!r} has no '->': write it as 'old tag -> new tag'")
+        old, new = entry.split("->", 1)
+        if not old.strip():
+            raise ValueError(f"tag replacement {entry!r} has nothing before '->'")
+        pairs.append((old.strip(), new.strip()))
+    return tuple(pairs)
+
+
+def caption_text(tags: list[str]) -> str:
+    return ", ".join(tags) + "\n"
+
+
+def read_caption(path: Path) -> str | None:
+    """An existing caption's text, or None when there is none. Undecodable files raise ValueError."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"existing caption {path} is not UTF-8 text; it was left as it is") from error
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temp file in the same folder and os.replace, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
