@@ -1,0 +1,382 @@
+"""Merging several LoRAs into one, per module: concat, svd, linear, ties, dare_ties, dare_linear.
+
+Each method is a stateless function on one module's terms (like peft's merge_utils); the
+input factors are already scaled by alpha / rank and each term has a weight w_i. The exact
+target of "concat" and "svd" is sum_i w_i * up_i @ down_i. "ties" and "dare_*" work on dense
+(out, in) deltas per module (peft semantics) and re-factor with a truncated SVD.
+Which methods accept DenseDelta terms (LoHa, LoKr, DoRA...): svd, ties, dare_ties, dare_linear.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .lowrank import (
+    DenseDelta,
+    Factors,
+    LoraModule,
+    Term,
+    dense_svd,
+    factored_fro,
+    factored_svd,
+    split_top,
+    unflatten_conv,
+)
+
+METHODS = ("concat", "svd", "linear", "ties", "dare_ties", "dare_linear")
+DENSE_METHODS = ("svd", "ties", "dare_ties", "dare_linear")
+
+
+@dataclass(frozen=True)
+class MergeInfo:
+    """How one module merged. rel_error is ||result - target||_F / ||target||_F, where the
+    target is the weighted sum for concat/svd/linear and the dense TIES/DARE delta otherwise."""
+
+    method: str
+    rank: int
+    rel_error: float
+    energy_kept: float
+    approximate: bool
+    dense: bool
+
+
+@dataclass(frozen=True)
+class Merged:
+    up: torch.Tensor  # (out, rank)
+    down: torch.Tensor  # (rank, in)
+    info: MergeInfo
+
+    def __iter__(self) -> Iterator[object]:
+        yield self.up
+        yield self.down
+        yield self.info
+
+
+def _check_terms(terms: Sequence[Term], weights: Sequence[float]) -> None:
+    if len(terms) == 0:
+        raise ValueError("terms is empty: pass at least one LoRA term (Factors or DenseDelta) to merge")
+    if len(weights) != len(terms):
+        raise ValueError(
+            f"weights has {len(weights)} entries for {len(terms)} terms: give one weight per LoRA"
+        )
+    first = terms[0].shape
+    for index, term in enumerate(terms):
+        if not isinstance(term, (Factors, DenseDelta)):
+            raise ValueError(
+                f"term {index} is a {type(term).__name__}: wrap it as Factors(up, down) or dense_term(delta)"
+            )
+        if term.shape != first:
+            raise ValueError(
+                f"term {index} has shape (out, in) {term.shape} but term 0 has {first}: "
+                "all LoRAs merged into one module must target the same layer shape"
+            )
+        if term.kernel != terms[0].kernel:
+            raise ValueError(
+                f"term {index} has conv kernel {term.kernel} but term 0 has {terms[0].kernel}: "
+                "LoRAs merged into one module must have the same kernel"
+            )
+
+
+def _check_rank(rank: int | None) -> int:
+    if rank is None or isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}: pass e.g. rank=32")
+    return rank
+
+
+def _check_density(density: float) -> float:
+    if not 0.0 < float(density) <= 1.0:
+        raise ValueError(
+            f"density must be in (0, 1], got {density!r}: it is the fraction of entries kept, e.g. 0.5"
+        )
+    return float(density)
+
+
+def _out_dtype(terms: Sequence[Term], dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    first = terms[0]
+    return first.up.dtype if isinstance(first, Factors) else first.delta.dtype
+
+
+def _refuse_dense(terms: Sequence[Term], method: str) -> None:
+    for index, term in enumerate(terms):
+        if isinstance(term, DenseDelta):
+            raise ValueError(
+                f"term {index} is a dense delta (LoHa/LoKr/DoRA...): method '{method}' needs LoRA "
+                f"factors; use one of {', '.join(DENSE_METHODS)}"
+            )
+
+
+def _stacked(terms: Sequence[Factors], weights: Sequence[float]) -> Factors:
+    """[w1*B1 | w2*B2 | ...] and [A1; A2; ...] so that up @ down = sum w_i B_i A_i."""
+    ups = [term.up.float() * float(w) for term, w in zip(terms, weights, strict=True)]  # (out, r_i) each
+    downs = [term.down.float() for term in terms]  # (r_i, in) each
+    return Factors(up=torch.cat(ups, dim=1), down=torch.cat(downs, dim=0), kernel=terms[0].kernel)
+
+
+def _dense(term: Term) -> torch.Tensor:
+    if isinstance(term, DenseDelta):
+        return term.delta.float()
+    return term.up.float() @ term.down.float()  # (out, r) @ (r, in)
+
+
+def magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the int(density * numel) largest-magnitude entries (at least one), zero the rest."""
+    if density >= 1.0:
+        return delta
+    k = max(1, int(density * delta.numel()))
+    flat = delta.reshape(-1)
+    mask = torch.zeros_like(flat)
+    mask[torch.topk(flat.abs(), k=k, largest=True).indices] = 1.0
+    return (flat * mask).reshape(delta.shape)
+
+
+def random_prune(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """Keep each entry with probability `density` and rescale kept ones by 1 / density (DARE)."""
+    if density >= 1.0:
+        return delta
+    keep = torch.bernoulli(torch.full_like(delta, density), generator=generator)
+    return delta * keep / density
+
+
+def disjoint_merge(stack: torch.Tensor, weights: Sequence[float], majority_sign: str) -> torch.Tensor:
+    """TIES sign election on the unweighted stack (n, out, in), then the mean of the weighted
+    entries that agree with the elected sign (as peft's merge_utils)."""
+    if majority_sign == "total":
+        magnitude = stack.sum(dim=0)
+    elif majority_sign == "frequency":
+        magnitude = stack.sign().sum(dim=0)
+    else:
+        raise ValueError(f"majority_sign must be 'total' or 'frequency', got {majority_sign!r}")
+    elected = torch.where(magnitude >= 0, 1.0, -1.0)  # (out, in)
+    agree = stack.sign() == elected  # (n, out, in); pruned zeros never agree
+    scale = torch.tensor([float(w) for w in weights], dtype=stack.dtype).view(-1, 1, 1)
+    total = (stack * scale * agree).sum(dim=0)
+    return total / agree.sum(dim=0).clamp(min=1)
+
+
+def ties_delta(
+    deltas: Sequence[torch.Tensor], weights: Sequence[float], density: float, majority_sign: str = "total"
+) -> torch.Tensor:
+    """TIES on dense deltas: magnitude trim to `density`, elect sign, disjoint mean."""
+    stack = torch.stack([magnitude_prune(d.float(), density) for d in deltas])  # (n, out, in)
+    return disjoint_merge(stack, weights, majority_sign)
+
+
+def dare_delta(
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    density: float,
+    generator: torch.Generator,
+    elect_sign: bool,
+) -> torch.Tensor:
+    """DARE on dense deltas: random drop + rescale, then TIES election or a weighted sum."""
+    pruned = [random_prune(d.float(), density, generator) for d in deltas]
+    if elect_sign:
+        return disjoint_merge(torch.stack(pruned), weights, "total")
+    return sum(p * float(w) for p, w in zip(pruned, weights, strict=True))
+
+
+def concat(terms: Sequence[Factors], weights: Sequence[float], dtype: torch.dtype | None = None) -> Merged:
+    """Exact merge: rank = sum of ranks, up = [w1*B1 | w2*B2 | ...], down = [A1; A2; ...]."""
+    _check_terms(terms, weights)
+    _refuse_dense(terms, "concat")
+    out_dtype = _out_dtype(terms, dtype)
+    stacked = _stacked(terms, weights)
+    info = MergeInfo("concat", stacked.rank, rel_error=0.0, energy_kept=1.0, approximate=False, dense=False)
+    return Merged(up=stacked.up.to(out_dtype), down=stacked.down.to(out_dtype), info=info)
+
+
+def svd_merge(
+    terms: Sequence[Term], weights: Sequence[float], rank: int, dtype: torch.dtype | None = None
+) -> Merged:
+    """Best rank-`rank` approximation (Eckart-Young) of sum_i w_i B_i A_i.
+
+    All-factor input never forms the (out, in) delta (QR of the stacked factors, SVD of the
+    R x R core). A DenseDelta term makes the sum full rank, so then the dense sum is formed
+    and a thin dense SVD taken. Exact when rank >= the total rank.
+    """
+    _check_terms(terms, weights)
+    rank = _check_rank(rank)
+    out_dtype = _out_dtype(terms, dtype)
+    dense = any(isinstance(term, DenseDelta) for term in terms)
+    if dense:
+        total = sum(_dense(term) * float(w) for term, w in zip(terms, weights, strict=True))  # (out, in)
+        svd = dense_svd(total)
+    else:
+        stacked = _stacked(terms, weights)  # type: ignore[arg-type]
+        svd = factored_svd(stacked.up, stacked.down)
+    factors, cut = split_top(svd, rank, out_dtype)
+    info = MergeInfo(
+        "svd", cut.rank, cut.rel_error, cut.energy_kept, approximate=cut.rel_error > 0, dense=dense
+    )
+    return Merged(up=factors.up, down=factors.down, info=info)
+
+
+def linear(terms: Sequence[Factors], weights: Sequence[float], dtype: torch.dtype | None = None) -> Merged:
+    """Weighted average of the factors themselves (equal ranks only); approximate.
+
+    up = sum sign(w_i) sqrt|w_i| B_i, down = sum sqrt|w_i| A_i: each term's own product gets
+    weight w_i, plus cross terms B_i A_j, which is why the result differs from the weighted sum.
+    """
+    _check_terms(terms, weights)
+    _refuse_dense(terms, "linear")
+    ranks = [term.rank for term in terms]
+    if len(set(ranks)) > 1:
+        raise ValueError(
+            f"method 'linear' needs equal ranks, got ranks {ranks}; use 'concat' (exact) or 'svd' (any rank)"
+        )
+    out_dtype = _out_dtype(terms, dtype)
+    roots = [abs(float(w)) ** 0.5 for w in weights]
+    signs = [1.0 if float(w) >= 0 else -1.0 for w in weights]
+    up = sum(term.up.float() * (s * r) for term, s, r in zip(terms, signs, roots, strict=True))  # (out, r)
+    down = sum(term.down.float() * r for term, r in zip(terms, roots, strict=True))  # (r, in)
+    exact = _stacked(terms, weights)
+    error = factored_fro(torch.cat([up, -exact.up], dim=1), torch.cat([down, exact.down], dim=0))
+    norm = factored_fro(exact.up, exact.down)
+    rel = error / norm if norm > 0 else 0.0
+    info = MergeInfo("linear", ranks[0], rel, energy_kept=float("nan"), approximate=True, dense=False)
+    return Merged(up=up.to(out_dtype), down=down.to(out_dtype), info=info)
+
+
+def _refactor(target: torch.Tensor, method: str, rank: int, dtype: torch.dtype) -> Merged:
+    factors, cut = split_top(dense_svd(target), rank, dtype)
+    info = MergeInfo(method, cut.rank, cut.rel_error, cut.energy_kept, approximate=True, dense=True)
+    return Merged(up=factors.up, down=factors.down, info=info)
+
+
+def ties(
+    terms: Sequence[Term],
+    weights: Sequence[float],
+    rank: int,
+    density: float,
+    majority_sign: str = "total",
+    dtype: torch.dtype | None = None,
+) -> Merged:
+    """TIES (trim by magnitude, elect sign, disjoint mean) on dense deltas, re-factored to `rank`."""
+    _check_terms(terms, weights)
+    rank, density = _check_rank(rank), _check_density(density)
+    target = ties_delta([_dense(term) for term in terms], weights, density, majority_sign)
+    return _refactor(target, "ties", rank, _out_dtype(terms, dtype))
+
+
+def dare(
+    terms: Sequence[Term],
+    weights: Sequence[float],
+    rank: int,
+    density: float,
+    seed: int,
+    elect_sign: bool = True,
+    dtype: torch.dtype | None = None,
+) -> Merged:
+    """DARE (random drop, rescale by 1/density) on dense deltas, then TIES sign election
+    (dare_ties, elect_sign=True) or a plain weighted sum (dare_linear); re-factored to `rank`."""
+    _check_terms(terms, weights)
+    rank, density = _check_rank(rank), _check_density(density)
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    target = dare_delta([_dense(term) for term in terms], weights, density, generator, elect_sign)
+    method = "dare_ties" if elect_sign else "dare_linear"
+    return _refactor(target, method, rank, _out_dtype(terms, dtype))
+
+
+@dataclass(frozen=True)
+class ModuleReport:
+    """Per-module outcome shown to the user: how many LoRAs touched it, final rank, error."""
+
+    n_terms: int
+    rank: int
+    rel_error: float
+    energy_kept: float
+    approximate: bool
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    modules: dict[str, LoraModule]  # file-ready: conv factors reshaped back to 4-D, alpha = rank
+    reports: dict[str, ModuleReport]
+    empty: tuple[str, ...]  # modules no LoRA had (every entry None): not written
+
+
+def _merge_one(
+    terms: list[Term], weights: list[float], method: str, rank: int | None, density: float, seed: int, dtype
+) -> Merged:
+    if method == "concat":
+        return concat(terms, weights, dtype)  # type: ignore[arg-type]
+    if method == "linear":
+        return linear(terms, weights, dtype)  # type: ignore[arg-type]
+    if method == "svd":
+        return svd_merge(terms, weights, rank, dtype)  # type: ignore[arg-type]
+    if method == "ties":
+        return ties(terms, weights, rank, density, dtype=dtype)  # type: ignore[arg-type]
+    return dare(terms, weights, rank, density, seed, method == "dare_ties", dtype)  # type: ignore[arg-type]
+
+
+def _module_rank(terms: Sequence[Term], rank: int | None, conv_rank: int | None) -> int | None:
+    kernel = terms[0].kernel
+    if kernel is not None and kernel != (1, 1) and conv_rank is not None:
+        return conv_rank  # as kohya: conv_rank for 3x3 convs, rank for linear and 1x1
+    return rank
+
+
+def merge_modules(
+    per_module: Mapping[str, Sequence[Term | None]],
+    weights: Sequence[float],
+    method: str,
+    rank: int | None = None,
+    conv_rank: int | None = None,
+    density: float = 1.0,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> MergeResult:
+    """Merge every module; per_module[name][i] is LoRA i's term for that module or None.
+
+    Returns file-ready modules with alpha = rank (stored scale 1) and a report per module.
+    `rank` is required for svd/ties/dare_*; concat and linear keep their natural rank.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    if len(weights) == 0:
+        raise ValueError("weights is empty: pass one weight per LoRA")
+    if method not in ("concat", "linear"):
+        _check_rank(rank)
+        if conv_rank is not None:
+            _check_rank(conv_rank)
+    if method != "svd":
+        _check_density(density)
+    modules: dict[str, LoraModule] = {}
+    reports: dict[str, ModuleReport] = {}
+    empty: list[str] = []
+    for step, (name, entries) in enumerate(per_module.items(), start=1):
+        if len(entries) != len(weights):
+            raise ValueError(
+                f"module '{name}' has {len(entries)} entries for {len(weights)} weights: "
+                "give one entry per LoRA, None where a LoRA lacks the module"
+            )
+        terms = [t for t in entries if t is not None]
+        used = [float(w) for t, w in zip(entries, weights, strict=True) if t is not None]
+        if not terms:
+            empty.append(name)
+            if on_step is not None:
+                on_step(step, len(per_module))
+            continue
+        module_seed = (int(seed) + zlib.crc32(name.encode())) % 2**63  # stable across runs and orders
+        try:
+            merged = _merge_one(
+                terms, used, method, _module_rank(terms, rank, conv_rank), density, module_seed, dtype
+            )
+        except ValueError as error:
+            raise ValueError(f"module '{name}': {error}") from error
+        up, down = unflatten_conv(Factors(merged.up, merged.down, kernel=terms[0].kernel))
+        modules[name] = LoraModule(up=up, down=down, alpha=float(merged.info.rank))
+        info = merged.info
+        reports[name] = ModuleReport(
+            len(terms), info.rank, info.rel_error, info.energy_kept, info.approximate
+        )
+        if on_step is not None:
+            on_step(step, len(per_module))
+    return MergeResult(modules=modules, reports=reports, empty=tuple(empty))
