@@ -1,0 +1,268 @@
+"""Adapter records (LoRA, LoHa, LoKr, full diffs) and the math that turns them into weight changes.
+
+The numbers follow ComfyUI core's ``calculate_weight`` (0.3.75) for strength_model = 1, no offset
+and no extra function: a file applied here and there gives the same weights (fp32, 1e-5).
+Everything is computed in float32 and cast back to the target weight's dtype and device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class LoraAdapter:
+    """Kohya LoRA / LoCon: delta = (alpha / rank) * up @ down, with an optional Tucker ``mid``."""
+
+    up: Tensor  # (out, r) or (out, r, 1, 1)
+    down: Tensor  # (r, in) or (r, in, kh, kw); with ``mid``: (r, in, 1, 1)
+    alpha: float | None = None
+    mid: Tensor | None = None  # (r, r, kh, kw) for Tucker-decomposed convolutions
+    dora_scale: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.up.dim() < 2 or self.down.dim() < 2:
+            raise ValueError(
+                f"LoRA up/down must be at least 2-D, got {tuple(self.up.shape)} and {tuple(self.down.shape)}"
+            )
+        if self.up.shape[1] != self.down.shape[0]:
+            raise ValueError(
+                f"LoRA rank mismatch: up {tuple(self.up.shape)} has rank {self.up.shape[1]}, "
+                f"down {tuple(self.down.shape)} has rank {self.down.shape[0]}; the file is inconsistent"
+            )
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class LohaAdapter:
+    """LyCORIS LoHa: delta = (alpha / rank) * (w1_a @ w1_b) * (w2_a @ w2_b), elementwise (Hadamard)."""
+
+    w1_a: Tensor
+    w1_b: Tensor
+    w2_a: Tensor
+    w2_b: Tensor
+    alpha: float | None = None
+    t1: Tensor | None = None  # Tucker cores; with them w*_a is (r, out) and w*_b is (r, in)
+    t2: Tensor | None = None
+    dora_scale: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.t1 is None) != (self.t2 is None):
+            raise ValueError("LoHa Tucker form needs both hada_t1 and hada_t2, got only one")
+
+    @property
+    def rank(self) -> int:
+        return int(self.w1_b.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class LokrAdapter:
+    """LyCORIS LoKr: delta = scale * kron(w1, w2); w1 and w2 are full or factorised (a @ b)."""
+
+    w1: Tensor | None = None
+    w1_a: Tensor | None = None
+    w1_b: Tensor | None = None
+    w2: Tensor | None = None
+    w2_a: Tensor | None = None
+    w2_b: Tensor | None = None
+    t2: Tensor | None = None
+    alpha: float | None = None
+    dora_scale: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.w1 is None and (self.w1_a is None or self.w1_b is None):
+            raise ValueError("LoKr needs lokr_w1, or both lokr_w1_a and lokr_w1_b")
+        if self.w2 is None and (self.w2_a is None or self.w2_b is None):
+            raise ValueError("LoKr needs lokr_w2, or both lokr_w2_a and lokr_w2_b")
+
+    @property
+    def factor_rank(self) -> int | None:
+        """Rank that alpha divides, or None when both factors are full (then alpha is ignored).
+
+        ComfyUI (like LyCORIS) takes w2's rank when w2 is factorised, else w1's.
+        """
+        if self.w2 is None:
+            return int(self.w2_b.shape[0])
+        if self.w1 is None:
+            return int(self.w1_b.shape[0])
+        return None
+
+
+@dataclass(frozen=True, eq=False)
+class DiffAdapter:
+    """A full difference added as ``weight + strength * diff`` (``.diff``, ``.diff_b``, ``.w_norm``)."""
+
+    diff: Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class SetAdapter:
+    """``.set_weight``: replaces the weight; ComfyUI ignores strength for it, and so do we."""
+
+    weight: Tensor
+
+
+Adapter = LoraAdapter | LohaAdapter | LokrAdapter | DiffAdapter | SetAdapter
+
+
+def _f32(t: Tensor, device: torch.device) -> Tensor:
+    return t.to(device=device, dtype=torch.float32)
+
+
+def _reshape(diff: Tensor, shape: Shape, kind: str) -> Tensor:
+    if diff.numel() != math.prod(shape):
+        raise ValueError(
+            f"{kind} gives {tuple(diff.shape)} ({diff.numel()} values) but the target weight is {tuple(shape)}: "
+            "the LoRA was made for a different model"
+        )
+    return diff.reshape(shape)
+
+
+def _lora_raw(a: LoraAdapter, device: torch.device) -> Tensor:
+    """up @ down (after folding a Tucker mid into down), flattened to (out, in*k*k), unscaled."""
+    up = _f32(a.up, device).flatten(start_dim=1)  # (out, r)
+    down = _f32(a.down, device)
+    if a.mid is not None:
+        mid = _f32(a.mid, device)  # (r, r, kh, kw)
+        down = torch.einsum("o i h w, i n -> o n h w", mid, down.flatten(start_dim=1))
+    return up @ down.flatten(start_dim=1)  # (out, r) @ (r, in*k*k)
+
+
+def _loha_raw(a: LohaAdapter, device: torch.device) -> Tensor:
+    if a.t1 is not None:
+        rebuild = "i j k l, j r, i p -> p r k l"
+        m1 = torch.einsum(rebuild, _f32(a.t1, device), _f32(a.w1_b, device), _f32(a.w1_a, device))
+        m2 = torch.einsum(rebuild, _f32(a.t2, device), _f32(a.w2_b, device), _f32(a.w2_a, device))
+    else:
+        m1 = _f32(a.w1_a, device) @ _f32(a.w1_b, device)
+        m2 = _f32(a.w2_a, device) @ _f32(a.w2_b, device)
+    return m1 * m2
+
+
+def _lokr_raw(a: LokrAdapter, device: torch.device) -> Tensor:
+    w1 = _f32(a.w1, device) if a.w1 is not None else _f32(a.w1_a, device) @ _f32(a.w1_b, device)
+    if a.w2 is not None:
+        w2 = _f32(a.w2, device)
+    elif a.t2 is not None:
+        w2 = torch.einsum(
+            "i j k l, j r, i p -> p r k l", _f32(a.t2, device), _f32(a.w2_b, device), _f32(a.w2_a, device)
+        )
+    else:
+        w2 = _f32(a.w2_a, device) @ _f32(a.w2_b, device)
+    if w2.dim() == 4 and w1.dim() == 2:
+        w1 = w1[:, :, None, None]  # kron of a matrix with a conv kernel keeps the kernel size
+    return torch.kron(w1.contiguous(), w2.contiguous())
+
+
+def scale_of(adapter: Adapter) -> float:
+    """The alpha/rank factor ComfyUI applies (1.0 when alpha is absent or does not apply)."""
+    if isinstance(adapter, (LoraAdapter, LohaAdapter)):
+        return 1.0 if adapter.alpha is None else adapter.alpha / adapter.rank
+    if isinstance(adapter, LokrAdapter):
+        rank = adapter.factor_rank
+        return 1.0 if adapter.alpha is None or rank is None else adapter.alpha / rank
+    return 1.0
+
+
+def is_linear(adapter: Adapter) -> bool:
+    """True when ``apply`` is ``weight + strength * delta``: such adapters can be summed in one pass."""
+    if isinstance(adapter, SetAdapter):
+        return False
+    return getattr(adapter, "dora_scale", None) is None
+
+
+def delta(adapter: Adapter, shape: Shape, device: torch.device | str = "cpu") -> Tensor:
+    """Dense float32 change at strength 1, shaped like the target weight (linear adapters only)."""
+    if not is_linear(adapter):
+        raise ValueError(
+            f"{type(adapter).__name__} with DoRA or set_weight is not a plain sum; use apply() for it"
+        )
+    return _scaled_raw(adapter, tuple(shape), torch.device(device))
+
+
+def _scaled_raw(adapter: Adapter, shape: Shape, device: torch.device) -> Tensor:
+    kind = type(adapter).__name__
+    if isinstance(adapter, LoraAdapter):
+        raw = _lora_raw(adapter, device)
+    elif isinstance(adapter, LohaAdapter):
+        raw = _loha_raw(adapter, device)
+    elif isinstance(adapter, LokrAdapter):
+        raw = _lokr_raw(adapter, device)
+    elif isinstance(adapter, DiffAdapter):
+        if tuple(adapter.diff.shape) != shape:
+            raise ValueError(f"diff has shape {tuple(adapter.diff.shape)} but the target weight is {shape}")
+        return _f32(adapter.diff, device)
+    else:
+        raise TypeError(f"not an adapter record: {kind}")
+    return _reshape(raw, shape, kind) * scale_of(adapter)
+
+
+def scaled_factors(adapter: LoraAdapter) -> tuple[Tensor, Tensor]:
+    """(up * scale, down) as 2-D float32, so several LoRAs can be concatenated along the rank."""
+    if not isinstance(adapter, LoraAdapter) or not is_linear(adapter):
+        raise ValueError("scaled_factors needs a plain LoraAdapter (no DoRA)")
+    device = adapter.up.device
+    down = _f32(adapter.down, device)
+    if adapter.mid is not None:
+        down = torch.einsum("o i h w, i n -> o n h w", _f32(adapter.mid, device), down.flatten(start_dim=1))
+    up = _f32(adapter.up, device).flatten(start_dim=1) * scale_of(adapter)
+    return up, down.flatten(start_dim=1)
+
+
+def _dora(weight: Tensor, scaled: Tensor, dora_scale: Tensor, strength: float) -> Tensor:
+    """Weight decomposition as ComfyUI's ``weight_decompose`` does it, all in float32.
+
+    ComfyUI quirk kept on purpose (results must match core): when the magnitude lies on the
+    output axis the norm is taken from the ORIGINAL weight, not from weight + delta.
+    """
+    merged = weight + scaled
+    scale = _f32(dora_scale, weight.device)
+    if scale.shape[0] == merged.shape[0]:
+        norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(weight.shape[0], *[1] * (weight.dim() - 1))
+    else:
+        cols = merged.transpose(0, 1).reshape(merged.shape[1], -1)
+        norm = (
+            cols.norm(dim=1, keepdim=True).reshape(merged.shape[1], *[1] * (merged.dim() - 1)).transpose(0, 1)
+        )
+    merged = merged * (scale / (norm + torch.finfo(torch.float32).eps))
+    if strength != 1.0:
+        return weight + strength * (merged - weight)
+    return merged
+
+
+def apply(adapter: Adapter, weight: Tensor, strength: float = 1.0) -> Tensor:
+    """New weight = weight patched by ``adapter`` at ``strength``; ``weight`` is left untouched."""
+    if isinstance(adapter, SetAdapter):
+        return adapter.weight.to(device=weight.device, dtype=weight.dtype, copy=True)
+    w32 = weight.to(dtype=torch.float32, copy=True)
+    shape = tuple(weight.shape)
+    if isinstance(adapter, DiffAdapter):
+        if strength == 0.0:
+            return weight.clone()
+        return (w32 + strength * _scaled_raw(adapter, shape, weight.device)).to(weight.dtype)
+    scaled = _scaled_raw(adapter, shape, weight.device)
+    dora_scale = getattr(adapter, "dora_scale", None)
+    if dora_scale is not None:
+        out = _dora(w32, scaled, dora_scale, strength)
+    else:
+        out = w32 + strength * scaled
+    return out.to(weight.dtype)
+
+
+def rank_of(adapter: Adapter) -> int | None:
+    """The adapter's rank where the notion applies (LoRA, LoHa, factorised LoKr)."""
+    if isinstance(adapter, (LoraAdapter, LohaAdapter)):
+        return adapter.rank
+    if isinstance(adapter, LokrAdapter):
+        return adapter.factor_rank
+    return None

@@ -1,0 +1,223 @@
+"""Parsing: a flat LoRA tensor dict into one adapter record per module, with every key accounted for."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from .adapters import Adapter, DiffAdapter, LohaAdapter, LokrAdapter, LoraAdapter, SetAdapter
+
+# suffix -> (family, role). Families: "lora" (up/down pairs in several spellings), "loha", "lokr",
+# "extra" (alpha, dora_scale), "diff", "set", "bias", "unsupported". The module name is the key
+# without the suffix, so "x.to_q_lora.up.weight" gives module "x.to_q".
+_SUFFIXES: dict[str, tuple[str, str]] = {
+    ".lora_up.weight": ("lora", "up:kohya"),
+    ".lora_down.weight": ("lora", "down:kohya"),
+    ".lora_mid.weight": ("lora", "mid"),
+    ".lora_B.weight": ("lora", "up:AB"),
+    ".lora_A.weight": ("lora", "down:AB"),
+    ".lora_B.default.weight": ("lora", "up:ABdefault"),
+    ".lora_A.default.weight": ("lora", "down:ABdefault"),
+    ".lora_B": ("lora", "up:ABbare"),
+    ".lora_A": ("lora", "down:ABbare"),
+    ".lora.up.weight": ("lora", "up:dotted"),
+    ".lora.down.weight": ("lora", "down:dotted"),
+    "_lora.up.weight": ("lora", "up:processor"),
+    "_lora.down.weight": ("lora", "down:processor"),
+    ".lora_linear_layer.up.weight": ("lora", "up:linear_layer"),
+    ".lora_linear_layer.down.weight": ("lora", "down:linear_layer"),
+    ".alpha": ("extra", "alpha"),
+    ".dora_scale": ("extra", "dora_scale"),
+    ".hada_w1_a": ("loha", "hada_w1_a"),
+    ".hada_w1_b": ("loha", "hada_w1_b"),
+    ".hada_w2_a": ("loha", "hada_w2_a"),
+    ".hada_w2_b": ("loha", "hada_w2_b"),
+    ".hada_t1": ("loha", "hada_t1"),
+    ".hada_t2": ("loha", "hada_t2"),
+    ".lokr_w1": ("lokr", "lokr_w1"),
+    ".lokr_w1_a": ("lokr", "lokr_w1_a"),
+    ".lokr_w1_b": ("lokr", "lokr_w1_b"),
+    ".lokr_w2": ("lokr", "lokr_w2"),
+    ".lokr_w2_a": ("lokr", "lokr_w2_a"),
+    ".lokr_w2_b": ("lokr", "lokr_w2_b"),
+    ".lokr_t2": ("lokr", "lokr_t2"),
+    ".diff": ("diff", "diff"),
+    ".w_norm": ("diff", "w_norm"),
+    ".set_weight": ("set", "set_weight"),
+    ".diff_b": ("bias", "diff_b"),
+    ".b_norm": ("bias", "b_norm"),
+    ".lora_magnitude_vector": ("unsupported", "magnitude"),
+    ".lora_magnitude_vector.weight": ("unsupported", "magnitude"),
+    ".lora_magnitude_vector.default.weight": ("unsupported", "magnitude"),
+}
+_BY_LENGTH = sorted(_SUFFIXES, key=len, reverse=True)
+_LORA_SPELLINGS = ("kohya", "AB", "ABdefault", "ABbare", "dotted", "processor", "linear_layer")
+PEFT_PREFIXES = ("base_model.model.", "unet.base_model.model.")
+
+
+@dataclass(frozen=True)
+class ParsedLora:
+    """Adapters by module name (file spelling), bias diffs, keys nothing used, and a format label."""
+
+    modules: dict[str, Adapter]
+    unused_keys: tuple[str, ...]
+    format: str
+    bias_diffs: dict[str, DiffAdapter] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+
+def split_key(key: str) -> tuple[str, str, str] | None:
+    """(module, family, role) for a key with a known suffix, else None."""
+    for suffix in _BY_LENGTH:
+        if key.endswith(suffix) and len(key) > len(suffix):
+            family, role = _SUFFIXES[suffix]
+            return key[: -len(suffix)], family, role
+    return None
+
+
+@dataclass
+class _Module:
+    keys: dict[str, str] = field(default_factory=dict)  # role -> key
+    label: str = ""
+
+
+def _alpha(tensors: dict[str, Tensor], key: str | None, notes: list[str]) -> tuple[float | None, bool]:
+    if key is None:
+        return None, False
+    t = tensors[key]
+    if t.numel() != 1:
+        notes.append(f"{key}: alpha should be one number, got shape {tuple(t.shape)}; ignored")
+        return None, False
+    return float(t.item()), True
+
+
+def _build_lora(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] | None:
+    for spelling in _LORA_SPELLINGS:
+        up, down = m.keys.get(f"up:{spelling}"), m.keys.get(f"down:{spelling}")
+        if up and down:
+            mid = m.keys.get("mid") if spelling == "kohya" else None
+            used = [up, down] + ([mid] if mid else [])
+            m.label = "kohya LoRA" if spelling == "kohya" else "diffusers"
+            return LoraAdapter(up=t[up], down=t[down], mid=t[mid] if mid else None), used
+    return None
+
+
+def _build_loha(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] | None:
+    names = ("w1_a", "w1_b", "w2_a", "w2_b") + (
+        ("t1", "t2") if "hada_t1" in m.keys and "hada_t2" in m.keys else ()
+    )
+    if not all(f"hada_{n}" in m.keys for n in names[:4]):
+        return None
+    used = [m.keys[f"hada_{n}"] for n in names]
+    kwargs = {n: t[m.keys[f"hada_{n}"]] for n in names}
+    m.label = "LyCORIS LoHa"
+    return LohaAdapter(**kwargs), used
+
+
+def _build_lokr(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] | None:
+    k = {role[len("lokr_") :]: key for role, key in m.keys.items() if role.startswith("lokr_")}
+    w1_ok = "w1" in k or ("w1_a" in k and "w1_b" in k)
+    w2_ok = "w2" in k or ("w2_a" in k and "w2_b" in k)
+    if not (w1_ok and w2_ok):
+        return None
+    # A full factor wins over its a/b pair, as in ComfyUI; the pair is then left unused.
+    roles = ["w1"] if "w1" in k else ["w1_a", "w1_b"]
+    roles += ["w2"] if "w2" in k else ["w2_a", "w2_b"] + (["t2"] if "t2" in k else [])
+    m.label = "LyCORIS LoKr"
+    return LokrAdapter(**{r: t[k[r]] for r in roles}), [k[r] for r in roles]
+
+
+def _build(m: _Module, t: dict[str, Tensor], notes: list[str]) -> tuple[Adapter, list[str]] | None:
+    """The module's weight patch and the keys it used; precedence mirrors ComfyUI's override order."""
+    if "set_weight" in m.keys:
+        m.label = "set_weight"
+        return SetAdapter(t[m.keys["set_weight"]]), [m.keys["set_weight"]]
+    for role in ("diff", "w_norm"):
+        if role in m.keys:
+            m.label = "full diff"
+            return DiffAdapter(t[m.keys[role]]), [m.keys[role]]
+    for builder in (_build_lora, _build_loha, _build_lokr):
+        built = builder(m, t)
+        if built is None:
+            continue
+        adapter, used = built
+        alpha, alpha_used = _alpha(t, m.keys.get("alpha"), notes)
+        dora_key = m.keys.get("dora_scale")
+        adapter = _with(adapter, alpha, t[dora_key] if dora_key else None)
+        return adapter, used + ([m.keys["alpha"]] if alpha_used else []) + ([dora_key] if dora_key else [])
+    return None
+
+
+def _with(adapter: Adapter, alpha: float | None, dora_scale: Tensor | None) -> Adapter:
+    fields = {k: getattr(adapter, k) for k in adapter.__dataclass_fields__}
+    fields.update(alpha=alpha, dora_scale=dora_scale)
+    return type(adapter)(**fields)
+
+
+def _label(name: str, label: str) -> str:
+    if label == "diffusers" and name.startswith(PEFT_PREFIXES):
+        return "PEFT"
+    if name.startswith("diffusion_model.") and label in (
+        "kohya LoRA",
+        "LyCORIS LoHa",
+        "LyCORIS LoKr",
+        "full diff",
+    ):
+        return "ComfyUI trainer"
+    return label
+
+
+def _format_label(labels: Counter) -> str:
+    if not labels:
+        return "unrecognised"
+    names = [name for name, _ in labels.most_common()]
+    return names[0] if len(names) == 1 else "mixed: " + " + ".join(names)
+
+
+def parse_lora(tensors: dict[str, Tensor]) -> ParsedLora:
+    """Group keys by module and build one adapter per module; keys nothing uses go to unused_keys."""
+    groups: dict[str, _Module] = defaultdict(_Module)
+    unused: list[str] = []
+    notes: list[str] = []
+    magnitude: list[str] = []
+    for key in tensors:
+        split = split_key(key)
+        if split is None:
+            unused.append(key)
+            continue
+        module, family, role = split
+        if family == "unsupported":
+            magnitude.append(key)
+        groups[module].keys[role] = key
+    modules: dict[str, Adapter] = {}
+    bias: dict[str, DiffAdapter] = {}
+    labels: Counter = Counter()
+    for name, m in groups.items():
+        used: list[str] = []
+        built = _build(m, tensors, notes)
+        if built is not None:
+            modules[name], used = built
+            dora = getattr(modules[name], "dora_scale", None) is not None
+            labels[_label(name, m.label) + (" (DoRA)" if dora else "")] += 1
+        bias_key = m.keys.get("diff_b") or m.keys.get("b_norm")
+        if bias_key:
+            bias[name] = DiffAdapter(tensors[bias_key])
+            used.append(bias_key)
+            if built is None:
+                labels[_label(name, "full diff")] += 1
+        unused.extend(k for k in m.keys.values() if k not in used)
+    if magnitude:
+        notes.append(
+            f"{len(magnitude)} PEFT DoRA magnitude vectors (lora_magnitude_vector) are not supported; "
+            "those modules load as plain LoRA, as in ComfyUI core. Merge the DoRA into a LoRA with PEFT first"
+        )
+    used_set = set(unused)
+    return ParsedLora(
+        modules=modules,
+        unused_keys=tuple(k for k in tensors if k in used_set),
+        format=_format_label(labels),
+        bias_diffs=bias,
+        notes=tuple(notes),
+    )

@@ -1,0 +1,158 @@
+"""Adapter math against independent formulas (B @ A * alpha / r, kron, Hadamard, DoRA norms)."""
+
+import pytest
+import torch
+from lora_foundry.lora_core.adapters import (
+    DiffAdapter,
+    LohaAdapter,
+    LokrAdapter,
+    LoraAdapter,
+    SetAdapter,
+    apply,
+    delta,
+    is_linear,
+    scale_of,
+    scaled_factors,
+)
+
+torch.manual_seed(0)
+
+
+def r(*shape):
+    return torch.randn(*shape)
+
+
+def test_lora_linear_is_b_at_a_times_alpha_over_rank():
+    up, down, w = r(6, 2), r(2, 5), r(6, 5)
+    out = apply(LoraAdapter(up=up, down=down, alpha=3.0), w, 0.5)
+    torch.testing.assert_close(out, w + 0.5 * (3.0 / 2) * (up @ down))
+
+
+def test_lora_without_alpha_uses_scale_one():
+    up, down, w = r(6, 2), r(2, 5), r(6, 5)
+    assert scale_of(LoraAdapter(up=up, down=down)) == 1.0
+    torch.testing.assert_close(apply(LoraAdapter(up=up, down=down), w, 1.0), w + up @ down)
+
+
+def test_conv3x3_locon_and_1x1():
+    up, down = r(6, 2, 1, 1), r(2, 4, 3, 3)
+    expected = (up.reshape(6, 2) @ down.reshape(2, 36)).reshape(6, 4, 3, 3)
+    torch.testing.assert_close(delta(LoraAdapter(up=up, down=down, alpha=2.0), (6, 4, 3, 3)), expected)
+    up1, down1 = r(6, 2, 1, 1), r(2, 4, 1, 1)
+    expected1 = (up1[:, :, 0, 0] @ down1[:, :, 0, 0]).reshape(6, 4, 1, 1)
+    torch.testing.assert_close(delta(LoraAdapter(up=up1, down=down1), (6, 4, 1, 1)), expected1)
+
+
+def test_tucker_mid():
+    up, down, mid = r(6, 2, 1, 1), r(2, 4, 1, 1), r(2, 2, 3, 3)
+    expected = torch.zeros(6, 4, 3, 3)
+    for h in range(3):
+        for k in range(3):
+            expected[:, :, h, k] = up[:, :, 0, 0] @ mid[:, :, h, k] @ down[:, :, 0, 0]
+    torch.testing.assert_close(
+        delta(LoraAdapter(up=up, down=down, mid=mid, alpha=2.0), (6, 4, 3, 3)), expected
+    )
+
+
+def test_loha_is_hadamard_of_two_products():
+    w1a, w1b, w2a, w2b = r(6, 2), r(2, 5), r(6, 2), r(2, 5)
+    d = delta(LohaAdapter(w1a, w1b, w2a, w2b, alpha=1.0), (6, 5))
+    torch.testing.assert_close(d, 0.5 * (w1a @ w1b) * (w2a @ w2b))
+
+
+def test_loha_tucker():
+    w1a, w1b, w2a, w2b, t1, t2 = r(2, 6), r(2, 4), r(2, 6), r(2, 4), r(2, 2, 3, 3), r(2, 2, 3, 3)
+    m1 = torch.zeros(6, 4, 3, 3)
+    m2 = torch.zeros(6, 4, 3, 3)
+    for h in range(3):
+        for k in range(3):
+            m1[:, :, h, k] = w1a.T @ t1[:, :, h, k] @ w1b
+            m2[:, :, h, k] = w2a.T @ t2[:, :, h, k] @ w2b
+    d = delta(LohaAdapter(w1a, w1b, w2a, w2b, alpha=4.0, t1=t1, t2=t2), (6, 4, 3, 3))
+    torch.testing.assert_close(d, 2.0 * m1 * m2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected_scale",
+    [
+        ({"w1": "full", "w2": "full"}, 1.0),  # no factorised factor: alpha ignored
+        ({"w1": "full", "w2": "fact"}, 5.0 / 2),  # rank of w2
+        ({"w1": "fact", "w2": "full"}, 5.0 / 1),  # rank of w1
+        ({"w1": "fact", "w2": "fact"}, 5.0 / 2),  # w2 wins
+    ],
+)
+def test_lokr_alpha_rule_and_kron(kwargs, expected_scale):
+    w1, w1a, w1b = r(2, 3), r(2, 1), r(1, 3)
+    w2, w2a, w2b = r(4, 2), r(4, 2), r(2, 2)
+    a = {}
+    if kwargs["w1"] == "full":
+        a["w1"], m1 = w1, w1
+    else:
+        a["w1_a"], a["w1_b"], m1 = w1a, w1b, w1a @ w1b
+    if kwargs["w2"] == "full":
+        a["w2"], m2 = w2, w2
+    else:
+        a["w2_a"], a["w2_b"], m2 = w2a, w2b, w2a @ w2b
+    adapter = LokrAdapter(alpha=5.0, **a)
+    assert scale_of(adapter) == expected_scale
+    torch.testing.assert_close(delta(adapter, (8, 6)), expected_scale * torch.kron(m1, m2))
+
+
+def test_lokr_conv_tucker():
+    w1, w2a, w2b, t2 = r(2, 2), r(2, 3), r(2, 2), r(2, 2, 3, 3)
+    w2 = torch.zeros(3, 2, 3, 3)
+    for h in range(3):
+        for k in range(3):
+            w2[:, :, h, k] = w2a.T @ t2[:, :, h, k] @ w2b
+    d = delta(LokrAdapter(w1=w1, w2_a=w2a, w2_b=w2b, t2=t2, alpha=1.0), (6, 4, 3, 3))
+    torch.testing.assert_close(d, 0.5 * torch.kron(w1[:, :, None, None], w2))
+
+
+def _dora_reference(w, diff, m, strength, out_axis):
+    merged = w + diff
+    if out_axis:  # ComfyUI: norm of the original weight's rows
+        norm = torch.stack([w[i].norm() for i in range(w.shape[0])]).reshape(-1, 1)
+    else:
+        norm = torch.stack([merged[:, j].norm() for j in range(w.shape[1])]).reshape(1, -1)
+    new = merged * m / (norm + torch.finfo(torch.float32).eps)
+    return w + strength * (new - w)
+
+
+@pytest.mark.parametrize("out_axis", [True, False])
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_dora(out_axis, strength):
+    up, down, w = r(6, 2), r(2, 5), r(6, 5)
+    m = (r(6, 1) if out_axis else r(1, 5)).abs()
+    adapter = LoraAdapter(up=up, down=down, alpha=1.0, dora_scale=m)
+    assert not is_linear(adapter)
+    expected = _dora_reference(w, 0.5 * up @ down, m, strength, out_axis)
+    torch.testing.assert_close(apply(adapter, w, strength), expected)
+    with pytest.raises(ValueError, match="apply"):
+        delta(adapter, (6, 5))
+
+
+def test_diff_set_and_dtype_preserved_and_input_untouched():
+    w = r(3, 4).half()
+    before = w.clone()
+    d = r(3, 4)
+    out = apply(DiffAdapter(d), w, 2.0)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, (w.float() + 2.0 * d).half())
+    assert torch.equal(w, before)
+    s = r(3, 4)
+    torch.testing.assert_close(apply(SetAdapter(s), w, 0.3), s.half())
+
+
+def test_shape_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match="different model"):
+        apply(LoraAdapter(up=r(6, 2), down=r(2, 5)), r(7, 5), 1.0)
+    with pytest.raises(ValueError, match="rank mismatch"):
+        LoraAdapter(up=r(6, 3), down=r(2, 5))
+
+
+def test_scaled_factors_concatenate_to_sum_of_deltas():
+    a = LoraAdapter(up=r(6, 2), down=r(2, 5), alpha=1.0)
+    b = LoraAdapter(up=r(6, 3), down=r(3, 5), alpha=6.0)
+    (ua, da), (ub, db) = scaled_factors(a), scaled_factors(b)
+    fused = torch.cat([ua, ub], dim=1) @ torch.cat([da, db], dim=0)
+    torch.testing.assert_close(fused, delta(a, (6, 5)) + delta(b, (6, 5)))
