@@ -1,0 +1,112 @@
+"""Resolving LoRA module names against a model's key map, trying the many spellings trainers use.
+
+The key map comes from the caller (ComfyUI's ``model_lora_keys_unet`` / ``model_lora_keys_clip``):
+it maps names such as ``lora_unet_...``, ``unet.<diffusers path>`` or ``diffusion_model.<path>``
+to model weight keys. Targets are opaque here (a key, or a (key, offset) tuple).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+# Prefixes that tell which part of the model a module belongs to, longest first.
+_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("unet.base_model.model.", "unet"),
+    ("base_model.model.", "any"),  # PEFT: the part is not named, so every part is tried
+    ("text_encoder_2.", "te2"),
+    ("text_encoder.", "te1"),
+    ("model.diffusion_model.", "unet"),
+    ("diffusion_model.", "unet"),
+    ("transformer.", "unet"),
+    ("unet.", "unet"),
+)
+_UNDERSCORED = {
+    "unet": ("lora_unet_", "lora_transformer_", "lycoris_"),
+    "te1": ("lora_te_", "lora_te1_"),
+    "te2": ("lora_te2_",),
+}
+_DOTTED = {
+    "unet": ("unet.", "diffusion_model.", "transformer.", ""),
+    "te1": ("text_encoder.", "text_encoders."),
+    "te2": ("text_encoder_2.",),
+}
+
+
+@dataclass(frozen=True)
+class Resolution:
+    matched: dict[str, object]  # module name (file spelling) -> key-map target
+    unmatched: tuple[str, ...]
+
+
+def _split_prefix(name: str) -> tuple[str, str] | None:
+    for prefix, part in _PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix) :], part
+    return None
+
+
+def _plain_path(rest: str) -> str:
+    """Old diffusers attention-processor names back to module paths (``processor.to_out`` is to_out.0)."""
+    rest = rest.replace(".processor.", ".")
+    if rest.endswith(".to_out"):
+        rest += ".0"
+    return rest
+
+
+def _processor_path(path: str) -> str:
+    """The spelling ComfyUI's key map uses for diffusers UNet attention (``attn1.processor.to_q``)."""
+    path = path.replace(".to_", ".processor.to_")
+    return path[:-2] if path.endswith(".to_out.0") else path
+
+
+def candidates(name: str) -> Iterator[str]:
+    """Spellings to try for one module name, the name itself first."""
+    yield name
+    if name.startswith("lycoris_"):  # SimpleTuner's spelling of lora_unet_
+        yield "lora_unet_" + name[len("lycoris_") :]
+    split = _split_prefix(name)
+    if split is None:
+        return
+    rest, part = split
+    path = _plain_path(rest)
+    parts = ("unet", "te1", "te2") if part == "any" else (part,)
+    for p in parts:
+        for prefix in _DOTTED[p]:
+            yield prefix + path
+            if p == "unet":
+                yield prefix + _processor_path(path)
+        for prefix in _UNDERSCORED[p]:
+            yield prefix + path.replace(".", "_")
+
+
+def resolve(modules: Iterable[str] | Mapping[str, object], key_map: Mapping[str, object]) -> Resolution:
+    """Match each module name (the keys of ``modules``) to a key-map target; the rest are unmatched."""
+    matched: dict[str, object] = {}
+    unmatched: list[str] = []
+    for name in modules:
+        target = next((key_map[c] for c in candidates(name) if c in key_map), None)
+        if target is None:
+            unmatched.append(name)
+        else:
+            matched[name] = target
+    return Resolution(matched=matched, unmatched=tuple(unmatched))
+
+
+_NUMBERED = re.compile(r"^(.*?[._])\d+(?=[._]|$)")
+
+
+def summarize_unmatched(names: Iterable[str], max_lines: int = 8) -> list[str]:
+    """Collapse names by the prefix before their first index: 'lora_unet_up_blocks_* (24 modules)'."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in names:
+        m = _NUMBERED.match(name)
+        groups[m.group(1) + "*" if m else name].append(name)
+    counts = Counter({k: len(v) for k, v in groups.items()})
+    lines = [f"{key} ({n} modules)" if n > 1 else groups[key][0] for key, n in counts.most_common(max_lines)]
+    if len(counts) > max_lines:
+        rest = sum(n for _, n in counts.most_common()[max_lines:])
+        lines.append(f"... and {rest} more modules in {len(counts) - max_lines} other groups")
+    return lines
