@@ -1,0 +1,209 @@
+"""Loading a LoRA for a model: parse once (cached), resolve against the model's key maps, check
+the base family, and plan the per-weight patches with strengths and block weights, plus the
+report the user sees."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .adapters import Adapter, rank_of
+from .block_weights import BlockWeights, parse_block_weights
+from .detect import FamilyGuess, detect_family
+from .formats import ParsedLora, parse_lora
+from .keymap import resolve, summarize_unmatched
+from .lorafile import read_lora_file
+from .metadata import trigger_words
+from .patching import Term
+
+log = logging.getLogger("lora_foundry")
+PARTS = ("unet", "clip")
+
+
+class LoraMismatchError(ValueError):
+    """The LoRA was made for another base model than the one it is applied to."""
+
+
+@dataclass(frozen=True)
+class LoadedLora:
+    """A parsed LoRA file with what was read from its header."""
+
+    path: str
+    parsed: ParsedLora
+    metadata: Mapping[str, str]
+    family: FamilyGuess
+    triggers: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+class _LoraCache:
+    """Parsed files by (path, size, mtime): a strength change reads nothing from disk."""
+
+    def __init__(self, max_entries: int = 16):
+        self.max_entries = max_entries
+        self._items: OrderedDict[tuple, LoadedLora] = OrderedDict()
+        self._lock = threading.Lock()
+        self.reads = 0  # files actually read, for tests and benchmarks
+
+    def get(self, path: str) -> LoadedLora:
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        loaded = _load(path)
+        with self._lock:
+            self.reads += 1
+            self._items[key] = loaded
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+        return loaded
+
+
+def _load(path: str) -> LoadedLora:
+    f = read_lora_file(path)
+    parsed = parse_lora(f.tensors)
+    return LoadedLora(
+        path=path,
+        parsed=parsed,
+        metadata=dict(f.metadata),
+        family=detect_family(f.tensors, f.metadata),
+        triggers=tuple(trigger_words(f.metadata)),
+    )
+
+
+CACHE = _LoraCache()
+
+
+def load_lora(path: str) -> LoadedLora:
+    return CACHE.get(path)
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    file: str
+    format: str
+    lora_family: str
+    model_family: str
+    matched: Mapping[str, int]  # part -> modules matched
+    unmatched: tuple[str, ...]
+    unused_keys: tuple[str, ...]
+    ranks: tuple[int, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def total_matched(self) -> int:
+        return sum(self.matched.values())
+
+    def text(self) -> str:
+        rank = f"rank {min(self.ranks)}" if self.ranks and min(self.ranks) == max(self.ranks) else (
+            f"ranks {min(self.ranks)}-{max(self.ranks)}" if self.ranks else "rank n/a")  # fmt: skip
+        lines = [
+            f"{self.file}: {self.format}, {rank}",
+            f"base: LoRA {self.lora_family}, model {self.model_family}",
+            "matched: " + ", ".join(f"{part} {n}" for part, n in self.matched.items()),
+        ]
+        if self.unmatched:
+            lines.append(f"NOT applied: {len(self.unmatched)} modules")
+            lines += [f"  - {g}" for g in summarize_unmatched(self.unmatched)]
+        if self.unused_keys:
+            lines.append(f"unknown keys ignored: {len(self.unused_keys)} (e.g. {self.unused_keys[0]})")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class LoraPlan:
+    """Per-target patch terms for each part (unet, clip), and the report."""
+
+    patches: Mapping[str, Mapping[object, tuple[Term, ...]]] = field(default_factory=dict)
+    report: LoadReport | None = None
+
+
+def _bias_target(target):
+    """The bias key next to a weight key target (str or (key, offset) tuple)."""
+    key = target if isinstance(target, str) else target[0]
+    if not key.endswith(".weight"):
+        return None
+    bias = key[: -len(".weight")] + ".bias"
+    return bias if isinstance(target, str) else (bias, *target[1:])
+
+
+def _target_key(target) -> str:
+    return target if isinstance(target, str) else target[0]
+
+
+def plan_lora(
+    lora: LoadedLora,
+    key_maps: Mapping[str, Mapping[str, object]],
+    strengths: Mapping[str, float],
+    model_family: FamilyGuess,
+    block_weights: str = "",
+) -> LoraPlan:
+    """Resolve the LoRA against each part's key map and build its patch terms.
+
+    Raises LoraMismatchError when nothing matches or the LoRA's base family differs from the
+    model's; a partial match is reported (report.unmatched), not raised.
+    """
+    _check_family(lora, model_family)
+    bw: BlockWeights | None = parse_block_weights(block_weights, model_family.family) if block_weights.strip() else None
+    modules: dict[str, Adapter] = dict(lora.parsed.modules)
+    remaining = set(modules) | set(lora.parsed.bias_diffs)
+    patches: dict[str, dict[object, tuple[Term, ...]]] = {}
+    matched: dict[str, int] = {}
+    for part, key_map in key_maps.items():
+        res = resolve({n: modules.get(n) for n in remaining}, key_map)
+        part_patches: dict[object, tuple[Term, ...]] = {}
+        strength = strengths.get(part, 1.0)
+        for name, target in res.matched.items():
+            s = strength * (bw.weight_for(_target_key(target)) if bw else 1.0)
+            if name in modules:
+                part_patches[target] = (Term(modules[name], s),)
+            if name in lora.parsed.bias_diffs and (bias := _bias_target(target)) is not None:
+                part_patches[bias] = (Term(lora.parsed.bias_diffs[name], s),)
+        remaining -= set(res.matched)
+        patches[part] = part_patches
+        matched[part] = len(res.matched)
+    report = LoadReport(
+        file=lora.name,
+        format=lora.parsed.format,
+        lora_family=lora.family.family,
+        model_family=model_family.family,
+        matched=matched,
+        unmatched=tuple(sorted(remaining)),
+        unused_keys=lora.parsed.unused_keys,
+        ranks=tuple(sorted({r for a in modules.values() if (r := rank_of(a)) is not None})),
+        notes=lora.parsed.notes,
+    )
+    if report.total_matched == 0:
+        raise LoraMismatchError(
+            f"{lora.name} ({lora.parsed.format}, base {lora.family.family}) matched none of the "
+            f"{model_family.family} model's layers: it was made for another model. "
+            "Pick a LoRA trained for this checkpoint's base model."
+        )
+    if report.unmatched:
+        log.warning(
+            "[LoRA Foundry] %s: %d of %d modules did not match the model and were skipped (%s)",
+            lora.name, len(report.unmatched), len(report.unmatched) + report.total_matched,
+            "; ".join(summarize_unmatched(report.unmatched)[:4]),
+        )  # fmt: skip
+    return LoraPlan(patches=patches, report=report)
+
+
+def _check_family(lora: LoadedLora, model: FamilyGuess) -> None:
+    lf, mf = lora.family.family, model.family
+    if "unknown" in (lf, mf) or lf == mf:
+        return
+    raise LoraMismatchError(
+        f"{lora.name} is a {lf} LoRA ({lora.family.evidence}) but the model is {mf} "
+        f"({model.evidence}). LoRAs only work on the base model family they were trained for: "
+        f"pick a {mf} LoRA or a {lf} checkpoint."
+    )

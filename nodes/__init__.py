@@ -1,0 +1,11 @@
+"""The pack's node table: stable, namespaced ids (never renamed after release) -> class, display name."""
+
+from .load_lora import LoadLora, LoadLoraModelOnly
+
+NODES = [
+    ("LoraFoundry_LoadLora", LoadLora, "Load LoRA (Foundry)"),
+    ("LoraFoundry_LoadLoraModelOnly", LoadLoraModelOnly, "Load LoRA, model only (Foundry)"),
+]
+
+NODE_CLASS_MAPPINGS = {node_id: cls for node_id, cls, _ in NODES}
+NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, _, name in NODES}

@@ -1,0 +1,228 @@
+"""Dataset nodes: Caption Dataset (WD14-style tagging of a folder) and Prepare Images."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from ..lora_core.caption import (
+    CaptionOptions,
+    ImageLoadError,
+    PrepareOptions,
+    RunOptions,
+    TaggerError,
+    caption_folder,
+    find_taggers,
+    parse_replacements,
+    parse_tag_list,
+    prepare_images,
+)
+
+CATEGORY = "LoRA Foundry/dataset"
+TAGGERS = "taggers"
+NO_TAGGER = "(no tagger installed: see models/taggers)"
+THRESHOLD = {"min": 0.0, "max": 1.0, "step": 0.01}
+CAPTION_NODE, PREPARE_NODE = "Caption Dataset", "Prepare Images"
+
+
+def _register_taggers_folder() -> None:
+    """models/taggers, unless the user already set a 'taggers' path (e.g. in extra_model_paths.yaml)."""
+    try:
+        import folder_paths
+    except ImportError:  # imported outside ComfyUI (tests, tools)
+        return
+    if TAGGERS not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(TAGGERS, os.path.join(folder_paths.models_dir, TAGGERS))
+
+
+_register_taggers_folder()
+
+
+def _tagger_folders() -> list[Path]:
+    import folder_paths
+
+    return [Path(p) for p in folder_paths.get_folder_paths(TAGGERS)]
+
+
+def tagger_names() -> list[str]:
+    found, _ = find_taggers(_tagger_folders())
+    return [t.name for t in found] or [NO_TAGGER]
+
+
+def _tagger_files(name: str):
+    found, problems = find_taggers(_tagger_folders())
+    for tagger in found:
+        if tagger.name == name:
+            return tagger
+    where = " or ".join(str(f) for f in _tagger_folders())
+    hint = f" ({'; '.join(problems)})" if problems else ""
+    raise FileNotFoundError(
+        f"tagger '{name}' is not installed{hint}. Put a WD14 tagger in {where}: either "
+        "<name>/model.onnx with <name>/selected_tags.csv (as SmilingWolf publishes them), or <name>.onnx "
+        "with <name>.csv; then refresh the node list (press R)"
+    )
+
+
+def _folder(text: str, must_exist: bool = True) -> Path:
+    """An absolute path, or one relative to ComfyUI's input directory."""
+    import folder_paths
+
+    text = text.strip().strip('"').strip("'")
+    if not text:
+        raise ValueError(
+            "no folder given: type a folder inside ComfyUI's input directory or an absolute path"
+        )
+    path = Path(os.path.expanduser(text))
+    if not path.is_absolute():
+        path = Path(folder_paths.get_input_directory()) / path
+    if must_exist and not path.is_dir():
+        raise NotADirectoryError(
+            f"folder {path} does not exist (relative folders start in ComfyUI's input directory)"
+        )
+    return path
+
+
+def _callbacks(total_hint: int = 1) -> tuple[Callable[[int, int], None], Callable[[], bool]]:
+    """ComfyUI's progress bar and Cancel button as the library's on_progress / should_stop callbacks."""
+    import comfy.model_management
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(total_hint)
+
+    def on_progress(done: int, total: int) -> None:
+        bar.update_absolute(done, total)
+
+    def should_stop() -> bool:
+        comfy.model_management.throw_exception_if_processing_interrupted()  # raises on Cancel
+        return False
+
+    return on_progress, should_stop
+
+
+def _previews(report):
+    import numpy as np
+    import torch
+
+    if not report.previews:
+        return torch.zeros((1, 64, 64, 3), dtype=torch.float32)
+    return torch.from_numpy(np.stack(report.previews)).float() / 255.0  # (B, H, W, 3) in 0..1
+
+
+class CaptionDataset:
+    DESCRIPTION = (
+        "Tags every image in a folder with a WD14-style ONNX tagger and writes training captions "
+        "(<image name>.txt). Bad files are reported and skipped; existing captions are kept unless you choose "
+        "overwrite or append."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "execute"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING", "STRING", "IMAGE")
+    RETURN_NAMES = ("captions", "summary", "previews")
+    OUTPUT_TOOLTIPS = (
+        "One line per tagged image: 'file: caption'.",
+        "Counts of tagged, skipped and failed images with reasons, and a tag-frequency table.",
+        "Small square thumbnails of the tagged images.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "folder": ("STRING", {"default": "dataset", "tooltip": "Image folder: relative to ComfyUI's input directory, or an absolute path."}),
+                "tagger": (tagger_names(), {"tooltip": "A WD14 tagger from models/taggers (<name>/model.onnx + selected_tags.csv)."}),
+                "general_threshold": ("FLOAT", {"default": 0.35, **THRESHOLD, "tooltip": "General tags scoring above this are kept. Lower: more tags."}),
+                "character_threshold": ("FLOAT", {"default": 0.85, **THRESHOLD, "tooltip": "Character tags scoring above this are kept."}),
+                "trigger_word": ("STRING", {"default": "", "tooltip": "Written first in every caption (your LoRA's activation word). Empty: none."}),
+                "mode": (["skip", "overwrite", "append"], {"default": "skip", "tooltip": "Images that already have a caption: skip them, overwrite the caption, or append new tags to it without duplicates."}),
+            },
+            "optional": {
+                "always_first": ("STRING", {"default": "", "tooltip": "Comma-separated tags moved to the front when the tagger finds them (e.g. 1girl, 1boy)."}),
+                "exclude_tags": ("STRING", {"default": "", "multiline": True, "tooltip": "Comma-separated tags never written (e.g. features every image shares)."}),
+                "tag_replacements": ("STRING", {"default": "", "multiline": True, "tooltip": "'old -> new' pairs, comma or line separated; 'old ->' removes the tag."}),
+                "replace_underscores": ("BOOLEAN", {"default": True, "tooltip": "long_hair -> long hair (kaomoji such as ^_^ are kept)."}),
+                "escape_brackets": ("BOOLEAN", {"default": True, "tooltip": "Write ( ) as \\( \\) so prompts do not read them as weights."}),
+                "max_tags": ("INT", {"default": 0, "min": 0, "max": 500, "tooltip": "Keep at most this many tagger tags (highest scores first); 0: no limit."}),
+                "output_folder": ("STRING", {"default": "", "tooltip": "Write captions here instead of beside the images (same relative layout). Empty: beside the images."}),
+                "include_subfolders": ("BOOLEAN", {"default": False, "tooltip": "Also caption images in subfolders."}),
+                "batch_size": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "Images per model call. Larger helps on GPU; on CPU 1-4 is as fast."}),
+            },
+        }  # fmt: skip
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")  # the folder's contents can change between runs with the same inputs
+
+    def execute(self, folder, tagger, general_threshold, character_threshold, trigger_word, mode, always_first="",
+                exclude_tags="", tag_replacements="", replace_underscores=True, escape_brackets=True, max_tags=0,
+                output_folder="", include_subfolders=False, batch_size=4):  # fmt: skip
+        try:
+            options = CaptionOptions(
+                general_threshold, character_threshold, trigger_word.strip(), parse_tag_list(always_first),
+                parse_tag_list(exclude_tags), parse_replacements(tag_replacements), replace_underscores,
+                escape_brackets, max_tags,
+            )  # fmt: skip
+            out = _folder(output_folder, must_exist=False) if output_folder.strip() else None
+            run = RunOptions(mode=mode, output_dir=out, recursive=include_subfolders, batch_size=batch_size)
+            source, model = _folder(folder), _tagger_files(tagger).model
+            on_progress, should_stop = _callbacks()
+            report = caption_folder(source, model, options, run, on_progress, should_stop)
+        except (TaggerError, ImageLoadError, OSError, ValueError) as e:
+            raise RuntimeError(f"[{CAPTION_NODE}] {e}") from e
+        summary = report.summary()
+        return {"ui": {"text": [summary]}, "result": (report.captions_text(), summary, _previews(report))}
+
+
+class PrepareImages:
+    DESCRIPTION = (
+        "Crops or resizes a folder of images to aspect-ratio buckets or a fixed size, applies EXIF rotation and "
+        "converts to RGB, writing into a new folder. The originals are never changed."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "execute"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING", "STRING")
+    RETURN_NAMES = ("output_folder", "summary")
+    OUTPUT_TOOLTIPS = (
+        "Absolute path of the prepared folder (connect it to Caption Dataset's folder).",
+        "What was written and skipped.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "source_folder": ("STRING", {"default": "dataset", "tooltip": "Images to prepare: relative to ComfyUI's input directory, or absolute. Never modified."}),
+                "output_folder": ("STRING", {"default": "dataset_prepared", "tooltip": "A new folder for the results (relative to the input directory, or absolute). Must not be the source folder."}),
+                "target": (["buckets", "fixed"], {"default": "buckets", "tooltip": "buckets: the aspect-ratio bucket nearest each image (area resolution x resolution, sides multiples of 64). fixed: width x height."}),
+                "resolution": ("INT", {"default": 1024, "min": 256, "max": 4096, "step": 64, "tooltip": "Bucket resolution (512 for SD1.5, 1024 for SDXL)."}),
+                "width": ("INT", {"default": 1024, "min": 64, "max": 8192, "step": 8, "tooltip": "Width for target 'fixed'."}),
+                "height": ("INT", {"default": 1024, "min": 64, "max": 8192, "step": 8, "tooltip": "Height for target 'fixed'."}),
+                "fit": (["crop", "resize"], {"default": "crop", "tooltip": "crop: fill the target exactly and cut the overflow (centred). resize: fit inside, keep everything and the aspect ratio."}),
+            },
+            "optional": {
+                "output_format": (["png", "jpg", "webp"], {"default": "png", "tooltip": "png is lossless; jpg and webp are written at quality 95."}),
+                "allow_upscale": ("BOOLEAN", {"default": True, "tooltip": "Off: images smaller than their target are skipped instead of enlarged."}),
+                "include_subfolders": ("BOOLEAN", {"default": False, "tooltip": "Also prepare subfolders, keeping their layout."}),
+                "copy_captions": ("BOOLEAN", {"default": True, "tooltip": "Copy each image's existing .txt caption next to the prepared image."}),
+            },
+        }  # fmt: skip
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")
+
+    def execute(self, source_folder, output_folder, target, resolution, width, height, fit, output_format="png",
+                allow_upscale=True, include_subfolders=False, copy_captions=True):  # fmt: skip
+        try:
+            options = PrepareOptions(target=target, resolution=resolution, width=width, height=height, fit=fit,
+                                     allow_upscale=allow_upscale, output_format=output_format,
+                                     recursive=include_subfolders, copy_captions=copy_captions)  # fmt: skip
+            source, out = _folder(source_folder), _folder(output_folder, must_exist=False)
+            on_progress, should_stop = _callbacks()
+            report = prepare_images(source, out, options, on_progress, should_stop)
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"[{PREPARE_NODE}] {e}") from e
+        summary = report.summary()
+        return {"ui": {"text": [summary]}, "result": (str(report.output), summary)}

@@ -1,0 +1,88 @@
+"""Load LoRA nodes: one LoRA onto MODEL (and CLIP), with a report of what matched."""
+
+from __future__ import annotations
+
+from ..lora_core.detect import model_family_from_unet_config
+from ..lora_core.loader import LoraMismatchError, load_lora, plan_lora
+from ..lora_core.lorafile import LoraFileError
+from . import comfy_bridge as bridge
+
+CATEGORY = "LoRA Foundry"
+STRENGTH = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
+BLOCK_WEIGHTS_TIP = (
+    "Optional per-block weights. A preset (e.g. ALL, INALL, MIDD, OUTALL), the numeric vector the "
+    "Inspire pack's LoRA Block Weight node uses (17 numbers for SD1.x, 12 for SDXL), or a readable "
+    "form like 'in=0.5, mid=1, out=0.8'. Empty: every block at full strength."
+)
+
+
+def lora_inputs(with_clip: bool) -> dict:
+    required = {
+        "model": ("MODEL", {"tooltip": "The diffusion model (UNet) to apply the LoRA to."}),
+        "lora_name": (bridge.lora_names(), {"tooltip": "A LoRA file from models/loras (subfolders included)."}),
+        "strength_model": ("FLOAT", {**STRENGTH, "tooltip": "How strongly the LoRA changes the model; 0 disables it, negative inverts it."}),
+    }  # fmt: skip
+    optional = {"block_weights": ("STRING", {"default": "", "tooltip": BLOCK_WEIGHTS_TIP})}
+    if with_clip:
+        required["strength_clip"] = ("FLOAT", {**STRENGTH, "tooltip": "How strongly the LoRA changes the text encoder."})
+        optional = {"clip": ("CLIP", {"tooltip": "The text encoder; leave unconnected to patch the model only."}), **optional}
+    return {"required": required, "optional": optional}
+
+
+def apply_lora(node: str, model, clip, lora_name: str, strength_model: float, strength_clip: float, block_weights: str):
+    """Shared by both nodes: returns (model, clip, trigger words, report text)."""
+    try:
+        lora = load_lora(bridge.lora_path(lora_name))
+        key_maps = {"unet": bridge.unet_key_map(model)}
+        if clip is not None:
+            key_maps["clip"] = bridge.clip_key_map(clip)
+        family = model_family_from_unet_config(bridge.model_unet_config(model), bridge.model_family(model))
+        plan = plan_lora(lora, key_maps, {"unet": strength_model, "clip": strength_clip}, family, block_weights)
+    except (LoraFileError, LoraMismatchError, FileNotFoundError, ValueError) as e:
+        raise RuntimeError(f"[{node}] {e}") from e
+    new_model = model.clone()
+    bridge.add_patches(new_model, plan.patches["unet"])
+    new_clip = None
+    if clip is not None:
+        new_clip = clip.clone()
+        bridge.add_patches(new_clip, plan.patches["clip"])
+    return new_model, new_clip, ", ".join(lora.triggers), plan.report.text()
+
+
+class LoadLora:
+    DESCRIPTION = "Applies a LoRA file (kohya, LyCORIS, diffusers, PEFT) to MODEL and CLIP and reports what matched."
+    CATEGORY = CATEGORY
+    FUNCTION = "execute"
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "STRING")
+    RETURN_NAMES = ("MODEL", "CLIP", "trigger_words", "report")
+    OUTPUT_TOOLTIPS = (
+        "The model with the LoRA applied.",
+        "The text encoder with the LoRA applied (None when no CLIP was connected).",
+        "Trigger words the LoRA was trained with, from its metadata; put them in your prompt.",
+        "What was loaded: format, base model, layers matched per part and anything skipped.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return lora_inputs(with_clip=True)
+
+    def execute(self, model, lora_name, strength_model, strength_clip, clip=None, block_weights=""):
+        out = apply_lora("Load LoRA", model, clip, lora_name, strength_model, strength_clip, block_weights)
+        return {"ui": {"text": [out[3]], "trigger_words": [out[2]]}, "result": out}
+
+
+class LoadLoraModelOnly:
+    DESCRIPTION = "Applies a LoRA file to the diffusion model only (no text encoder)."
+    CATEGORY = CATEGORY
+    FUNCTION = "execute"
+    RETURN_TYPES = ("MODEL", "STRING", "STRING")
+    RETURN_NAMES = ("MODEL", "trigger_words", "report")
+    OUTPUT_TOOLTIPS = LoadLora.OUTPUT_TOOLTIPS[:1] + LoadLora.OUTPUT_TOOLTIPS[2:]
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return lora_inputs(with_clip=False)
+
+    def execute(self, model, lora_name, strength_model, block_weights=""):
+        m, _, triggers, report = apply_lora("Load LoRA (model only)", model, None, lora_name, strength_model, 0.0, block_weights)
+        return {"ui": {"text": [report], "trigger_words": [triggers]}, "result": (m, triggers, report)}
