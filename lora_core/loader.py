@@ -154,7 +154,9 @@ def plan_lora(
     model's; a partial match is reported (report.unmatched), not raised.
     """
     _check_family(lora, model_family)
-    bw: BlockWeights | None = parse_block_weights(block_weights, model_family.family) if block_weights.strip() else None
+    bw: BlockWeights | None = (
+        parse_block_weights(block_weights, model_family.family) if block_weights.strip() else None
+    )
     modules: dict[str, Adapter] = dict(lora.parsed.modules)
     remaining = set(modules) | set(lora.parsed.bias_diffs)
     patches: dict[str, dict[object, tuple[Term, ...]]] = {}

@@ -9,13 +9,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
-import torch
-
 import comfy.lora
 import comfy.model_management
 import comfy.utils
 import comfy.weight_adapter
 import folder_paths
+import torch
 
 from ..lora_core.patching import Term, apply_terms
 

@@ -24,12 +24,20 @@ def lora_inputs(with_clip: bool) -> dict:
     }  # fmt: skip
     optional = {"block_weights": ("STRING", {"default": "", "tooltip": BLOCK_WEIGHTS_TIP})}
     if with_clip:
-        required["strength_clip"] = ("FLOAT", {**STRENGTH, "tooltip": "How strongly the LoRA changes the text encoder."})
-        optional = {"clip": ("CLIP", {"tooltip": "The text encoder; leave unconnected to patch the model only."}), **optional}
+        required["strength_clip"] = (
+            "FLOAT",
+            {**STRENGTH, "tooltip": "How strongly the LoRA changes the text encoder."},
+        )
+        optional = {
+            "clip": ("CLIP", {"tooltip": "The text encoder; leave unconnected to patch the model only."}),
+            **optional,
+        }
     return {"required": required, "optional": optional}
 
 
-def apply_lora(node: str, model, clip, lora_name: str, strength_model: float, strength_clip: float, block_weights: str):
+def apply_lora(
+    node: str, model, clip, lora_name: str, strength_model: float, strength_clip: float, block_weights: str
+):
     """Shared by both nodes: returns (model, clip, trigger words, report text)."""
     try:
         lora = load_lora(bridge.lora_path(lora_name))
@@ -37,7 +45,9 @@ def apply_lora(node: str, model, clip, lora_name: str, strength_model: float, st
         if clip is not None:
             key_maps["clip"] = bridge.clip_key_map(clip)
         family = model_family_from_unet_config(bridge.model_unet_config(model), bridge.model_family(model))
-        plan = plan_lora(lora, key_maps, {"unet": strength_model, "clip": strength_clip}, family, block_weights)
+        plan = plan_lora(
+            lora, key_maps, {"unet": strength_model, "clip": strength_clip}, family, block_weights
+        )
     except (LoraFileError, LoraMismatchError, FileNotFoundError, ValueError) as e:
         raise RuntimeError(f"[{node}] {e}") from e
     new_model = model.clone()
@@ -50,7 +60,9 @@ def apply_lora(node: str, model, clip, lora_name: str, strength_model: float, st
 
 
 class LoadLora:
-    DESCRIPTION = "Applies a LoRA file (kohya, LyCORIS, diffusers, PEFT) to MODEL and CLIP and reports what matched."
+    DESCRIPTION = (
+        "Applies a LoRA file (kohya, LyCORIS, diffusers, PEFT) to MODEL and CLIP and reports what matched."
+    )
     CATEGORY = CATEGORY
     FUNCTION = "execute"
     RETURN_TYPES = ("MODEL", "CLIP", "STRING", "STRING")
@@ -84,5 +96,7 @@ class LoadLoraModelOnly:
         return lora_inputs(with_clip=False)
 
     def execute(self, model, lora_name, strength_model, block_weights=""):
-        m, _, triggers, report = apply_lora("Load LoRA (model only)", model, None, lora_name, strength_model, 0.0, block_weights)
+        m, _, triggers, report = apply_lora(
+            "Load LoRA (model only)", model, None, lora_name, strength_model, 0.0, block_weights
+        )
         return {"ui": {"text": [report], "trigger_words": [triggers]}, "result": (m, triggers, report)}

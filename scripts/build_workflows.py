@@ -118,7 +118,9 @@ WORKFLOWS = {"load_lora.json": load_lora_workflow}
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--check", action="store_true", help="fail if a committed workflow differs from the builder")
+    ap.add_argument(
+        "--check", action="store_true", help="fail if a committed workflow differs from the builder"
+    )
     args = ap.parse_args()
     stale = []
     for name, make in WORKFLOWS.items():

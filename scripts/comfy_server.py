@@ -117,7 +117,9 @@ class ComfyServer:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 return json.loads(r.read() or b"{}")
         except urllib.error.HTTPError as e:
-            raise RuntimeError(f"POST {path} failed with {e.code}: {e.read().decode(errors='replace')}") from e
+            raise RuntimeError(
+                f"POST {path} failed with {e.code}: {e.read().decode(errors='replace')}"
+            ) from e
 
     def queue(self, prompt: dict) -> str:
         return self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})["prompt_id"]
@@ -200,11 +202,10 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
         values = list(node.get("widgets_values", []))
         inputs: dict = {}
         for name, spec in specs.items():
-            if _is_widget(spec):
-                if values:
-                    inputs[name] = values.pop(0)
-                    if _has_control_widget(name, spec) and values:
-                        values.pop(0)
+            if _is_widget(spec) and values:
+                inputs[name] = values.pop(0)
+                if _has_control_widget(name, spec) and values:
+                    values.pop(0)
             if name in linked:
                 link = linked[name]
                 inputs[name] = [str(link[1]), link[2]]

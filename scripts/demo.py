@@ -12,11 +12,10 @@ import argparse
 import json
 import sys
 import time
+import urllib.error
 from pathlib import Path
 
 from comfy_server import REPO, ComfyServer, PromptFailed, output_files, ui_to_api
-
-import urllib.error
 
 
 def run_workflows(server: ComfyServer, workflows: list[Path]) -> int:
@@ -42,7 +41,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--port", type=int, default=8188)
     ap.add_argument("--stop", action="store_true", help="stop the server after the run")
-    ap.add_argument("--comfyui", type=Path, default=REPO / ".comfyui", help="ComfyUI folder (also the base directory)")
+    ap.add_argument(
+        "--comfyui", type=Path, default=REPO / ".comfyui", help="ComfyUI folder (also the base directory)"
+    )
     args = ap.parse_args()
     comfy_dir = args.comfyui.resolve()
     server = ComfyServer(comfy_dir=comfy_dir, base_dir=comfy_dir, python=sys.executable, port=args.port)
@@ -60,7 +61,9 @@ def main() -> int:
         server.stop()
         print("[demo] server stopped", flush=True)
     elif not reused:
-        print(f"[demo] ComfyUI keeps running at {server.url} (pid {server.proc.pid}); stop it with: kill {server.proc.pid}")
+        print(
+            f"[demo] ComfyUI keeps running at {server.url} (pid {server.proc.pid}); stop it with: kill {server.proc.pid}"
+        )
     print(f"[demo] {len(workflows) - failures} of {len(workflows)} workflows succeeded", flush=True)
     return 1 if failures else 0
 

@@ -98,7 +98,9 @@ def demo_lora_tensors(rank: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
 
     to_ldm = comfy.utils.unet_to_diffusers(sd15_unet_config(SD15_FULL))
     for diffusers_key, ldm_key in sorted(to_ldm.items()):
-        if ".attn" in diffusers_key and diffusers_key.endswith((".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")):
+        if ".attn" in diffusers_key and diffusers_key.endswith(
+            (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")
+        ):
             name = "lora_unet_" + diffusers_key[: -len(".weight")].replace(".", "_")
             add(name, shapes["model.diffusion_model." + ldm_key])
     prefix = "cond_stage_model.transformer.text_model.encoder.layers."
@@ -127,15 +129,19 @@ def write_demo_lora(path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--comfyui", required=True, type=Path, help="ComfyUI folder (models/ is written inside it)")
+    ap.add_argument(
+        "--comfyui", required=True, type=Path, help="ComfyUI folder (models/ is written inside it)"
+    )
     ap.add_argument("--force", action="store_true", help="write the files again even if present")
     args = ap.parse_args()
     comfy_dir = args.comfyui.resolve()
     _setup_comfy(comfy_dir)
     ckpt = comfy_dir / "models" / "checkpoints" / DEMO_CHECKPOINT
     lora = comfy_dir / "models" / "loras" / DEMO_LORA
-    for path, writer, what in ((ckpt, write_checkpoint, "demo SD1.5 checkpoint (random weights, 2.1 GB)"),
-                               (lora, write_demo_lora, "demo LoRA")):
+    for path, writer, what in (
+        (ckpt, write_checkpoint, "demo SD1.5 checkpoint (random weights, 2.1 GB)"),
+        (lora, write_demo_lora, "demo LoRA"),
+    ):
         if path.exists() and not args.force:
             continue
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,15 @@ class Sizes:
 
 SD15_FULL = Sizes(model_channels=320, heads=8, clip_l_hidden=768, clip_l_layers=12)
 SD15_TINY = Sizes(model_channels=32, heads=2, clip_l_hidden=64, clip_l_layers=2, vae_ch=32)
-SDXL_TINY = Sizes(model_channels=32, heads=2, clip_l_hidden=32, clip_l_layers=3, clip_g_hidden=64, clip_g_layers=3, vae_ch=32)
+SDXL_TINY = Sizes(
+    model_channels=32,
+    heads=2,
+    clip_l_hidden=32,
+    clip_l_layers=3,
+    clip_g_hidden=64,
+    clip_g_layers=3,
+    vae_ch=32,
+)
 
 
 def sd15_unet_config(s: Sizes) -> dict:
@@ -136,7 +144,9 @@ def randomize_(module: torch.nn.Module, seed: int) -> None:
                 fan_in = max(1, p[0].numel())
                 if "embedding" in name:
                     fan_in = 1
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in) * (0.02 if fan_in == 1 else 1.0))
+                p.copy_(
+                    torch.randn(p.shape, generator=g) / math.sqrt(fan_in) * (0.02 if fan_in == 1 else 1.0)
+                )
 
 
 # --- ComfyUI objects ---------------------------------------------------------------------
@@ -151,13 +161,21 @@ def _clip_classes(s: Sizes, sdxl: bool):
         def __init__(self, device="cpu", dtype=None, model_options=None, **kw):
             if sdxl:
                 kw.update(layer="hidden", layer_idx=-2, layer_norm_hidden_state=False)
-            super().__init__(device=device, dtype=dtype, textmodel_json_config=l_cfg, model_options=model_options or {}, **kw)
+            super().__init__(
+                device=device,
+                dtype=dtype,
+                textmodel_json_config=l_cfg,
+                model_options=model_options or {},
+                **kw,
+            )
 
     if not sdxl:
 
         class TinySD1Clip(sd1.SD1ClipModel):
             def __init__(self, device="cpu", dtype=None, model_options=None, **kw):
-                super().__init__(device=device, dtype=dtype, model_options=model_options or {}, clip_model=TinyClipL, **kw)
+                super().__init__(
+                    device=device, dtype=dtype, model_options=model_options or {}, clip_model=TinyClipL, **kw
+                )
 
         return TinySD1Clip, sd1.SD1Tokenizer
 
@@ -215,7 +233,9 @@ def build(family: str = "sd15", s: Sizes | None = None, seed: int = 0) -> ComfyM
     model = config.get_model({})
     randomize_(model.diffusion_model, seed)
     model.eval()
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    patcher = comfy.model_patcher.ModelPatcher(
+        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
 
     clip_cls, tok_cls = _clip_classes(s, sdxl)
     target = smb.ClipTarget(tok_cls, clip_cls)

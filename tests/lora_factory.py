@@ -37,7 +37,9 @@ def unet_modules(models, attn_only: bool = True, convs: bool = False) -> list[Mo
             continue
         shape = tuple(sd[ldm_key].shape)
         is_attn = ".attentions." in diff_key and diff_key.endswith(ATTN_SUFFIXES)
-        is_ff = ".attentions." in diff_key and (".ff.net." in diff_key or diff_key.endswith(("proj_in.weight", "proj_out.weight")))
+        is_ff = ".attentions." in diff_key and (
+            ".ff.net." in diff_key or diff_key.endswith(("proj_in.weight", "proj_out.weight"))
+        )
         is_conv = convs and len(shape) == 4 and ".resnets." in diff_key
         if is_attn or (not attn_only and len(shape) >= 2 and is_ff) or is_conv:
             out.append(Module("unet", diff_key[: -len(".weight")], "diffusion_model." + ldm_key, shape))
@@ -51,7 +53,9 @@ def clip_modules(models) -> list[Module]:
         for enc, part in (("clip_l.", "te1"), ("clip_g.", "te2")):
             prefix = enc + "transformer.text_model.encoder.layers."
             if key.startswith(prefix) and key.endswith(CLIP_SUFFIXES):
-                out.append(Module(part, key[len(enc + "transformer.") : -len(".weight")], key, tuple(t.shape)))
+                out.append(
+                    Module(part, key[len(enc + "transformer.") : -len(".weight")], key, tuple(t.shape))
+                )
     return out
 
 
@@ -89,7 +93,11 @@ def kohya_lora(factors: dict, sdxl: bool = False) -> dict[str, torch.Tensor]:
     sd = {}
     for m, (up, down, alpha) in factors.items():
         n = kohya_name(m, sdxl)
-        sd[f"{n}.lora_up.weight"], sd[f"{n}.lora_down.weight"], sd[f"{n}.alpha"] = up, down, torch.tensor(alpha)
+        sd[f"{n}.lora_up.weight"], sd[f"{n}.lora_down.weight"], sd[f"{n}.alpha"] = (
+            up,
+            down,
+            torch.tensor(alpha),
+        )
     return sd
 
 
@@ -111,7 +119,9 @@ def diffusers_lora(factors: dict, style: str = "AB") -> dict[str, torch.Tensor]:
     return sd
 
 
-def loha_lora(modules: list[Module], sdxl: bool = False, rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+def loha_lora(
+    modules: list[Module], sdxl: bool = False, rank: int = 4, seed: int = 0
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for m in modules:
@@ -125,7 +135,9 @@ def loha_lora(modules: list[Module], sdxl: bool = False, rank: int = 4, seed: in
     return sd
 
 
-def lokr_lora(modules: list[Module], sdxl: bool = False, factor: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+def lokr_lora(
+    modules: list[Module], sdxl: bool = False, factor: int = 4, seed: int = 0
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for m in modules:

@@ -3,9 +3,8 @@ folder_paths pointed at a temporary base directory so nodes read and write there
 
 from __future__ import annotations
 
-import pytest
-
 import comfy.cli_args
+import pytest
 
 comfy.cli_args.args.cpu = True  # before comfy.model_management is imported anywhere
 

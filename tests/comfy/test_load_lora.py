@@ -7,13 +7,13 @@ the same factors written with kohya names.
 
 from __future__ import annotations
 
+import comfy.lora
+import comfy.sd
+import lora_factory as lf
 import pytest
 import torch
 from safetensors.torch import save_file
 
-import comfy.lora
-import comfy.sd
-import lora_factory as lf
 from lora_foundry.lora_core import loader
 from lora_foundry.nodes.load_lora import LoadLora, LoadLoraModelOnly
 
@@ -27,7 +27,9 @@ def patched(patcher) -> dict[str, torch.Tensor]:
 
 
 def assert_same(ours: dict, core: dict) -> None:
-    assert set(ours) == set(core), f"only ours: {sorted(set(ours) - set(core))[:5]}, only core: {sorted(set(core) - set(ours))[:5]}"
+    assert set(ours) == set(core), (
+        f"only ours: {sorted(set(ours) - set(core))[:5]}, only core: {sorted(set(core) - set(ours))[:5]}"
+    )
     assert ours, "nothing was patched"
     for k in core:
         diff = (ours[k] - core[k]).abs().max().item()
@@ -40,7 +42,9 @@ def write(loras_dir, name: str, sd: dict, metadata: dict | None = None) -> str:
 
 
 def run_ours(models, name, sm=0.8, sc=-0.6, block_weights=""):
-    model, clip, triggers, report = LoadLora().execute(models.model, name, sm, sc, clip=models.clip, block_weights=block_weights)["result"]
+    model, clip, triggers, report = LoadLora().execute(
+        models.model, name, sm, sc, clip=models.clip, block_weights=block_weights
+    )["result"]
     return model, clip, triggers, report
 
 
@@ -135,7 +139,9 @@ def test_strength_change_reads_nothing_from_disk(sd15, loras_dir):
 
 def test_trigger_words_and_report(sd15, loras_dir):
     meta = {"ss_tag_frequency": '{"set": {"zxq style": 9, "cat": 3}}', "ss_base_model_version": "sd_v1"}
-    name = write(loras_dir, "triggers.safetensors", lf.kohya_lora(lf.random_factors(modules(sd15), seed=11)), meta)
+    name = write(
+        loras_dir, "triggers.safetensors", lf.kohya_lora(lf.random_factors(modules(sd15), seed=11)), meta
+    )
     _, _, triggers, report = run_ours(sd15, name)
     assert triggers.split(", ")[0] == "zxq style"
     assert "kohya" in report.lower() and "unet" in report and "clip" in report

@@ -31,7 +31,11 @@ def test_every_node_is_registered(server, object_info):
 
 def test_pack_imported_without_errors(server, object_info):
     log = server.log_text()
-    bad = [line for line in log.splitlines() if PACK_LINK_NAME in line and ("IMPORT FAILED" in line or "Cannot import" in line)]
+    bad = [
+        line
+        for line in log.splitlines()
+        if PACK_LINK_NAME in line and ("IMPORT FAILED" in line or "Cannot import" in line)
+    ]
     assert not bad, "\n".join(bad)
     assert re.search(rf"\d+\.\d+ seconds: .*{PACK_LINK_NAME}", log), "the pack is not in the import summary"
 

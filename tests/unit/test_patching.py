@@ -24,7 +24,11 @@ def _sequential(terms, w):
 
 def test_plain_loras_fuse_into_one_product():
     w = torch.randn(12, 10)
-    terms = [Term(_lora(12, 10, 4, 1, alpha=2.0), 0.7), Term(_lora(12, 10, 8, 2), -0.3), Term(_lora(12, 10, 2, 3, 1.0), 1.5)]
+    terms = [
+        Term(_lora(12, 10, 4, 1, alpha=2.0), 0.7),
+        Term(_lora(12, 10, 8, 2), -0.3),
+        Term(_lora(12, 10, 2, 3, 1.0), 1.5),
+    ]
     expected = w.clone()
     for t in terms:  # independent: (alpha / r) * B @ A per term
         a = t.adapter
