@@ -1,0 +1,61 @@
+"""Header metadata: trigger words, rank/alpha and training info; malformed JSON never raises."""
+
+import json
+
+import pytest
+import torch
+
+from lora_foundry.lora_core.adapters import LoraAdapter
+from lora_foundry.lora_core.metadata import describe, tag_frequency, trigger_words
+
+FREQ = json.dumps({"10_alice": {"alice": 20, " red hair": 12, "smile": 3}, "5_bg": {"smile": 15, "1girl": 2}})
+
+
+def test_triggers_phrase_first_then_most_frequent_tags():
+    meta = {"ss_tag_frequency": FREQ, "modelspec.trigger_phrase": "alicestyle, Alice"}
+    assert trigger_words(meta) == ["alicestyle", "Alice", "smile", "red hair", "1girl"]
+    assert trigger_words(meta, limit=2) == ["alicestyle", "Alice"]
+    assert tag_frequency(meta)["smile"] == 18
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "{not json",
+        "[1, 2]",
+        json.dumps({"d": [1, 2]}),
+        json.dumps({"d": {"t": "x", "": 3, "u": True}}),
+        "null",
+    ],
+)
+def test_malformed_tag_frequency_gives_no_triggers(bad):
+    assert trigger_words({"ss_tag_frequency": bad}) == []
+    assert describe({"ss_tag_frequency": bad, "ss_network_dim": "oops"}).rank is None
+
+
+def test_describe_prefers_module_ranks_and_alphas():
+    mods = {
+        "a": LoraAdapter(up=torch.zeros(4, 8), down=torch.zeros(8, 3), alpha=4.0),
+        "b": LoraAdapter(up=torch.zeros(4, 8), down=torch.zeros(8, 3), alpha=4.0),
+        "c": LoraAdapter(up=torch.zeros(4, 2), down=torch.zeros(2, 3), alpha=1.0),
+    }
+    meta = {
+        "ss_output_name": "alice_v2",
+        "ss_network_dim": "32",
+        "ss_network_alpha": "16",
+        "ss_network_module": "networks.lora",
+        "ss_learning_rate": "0.0001",
+        "ss_max_train_steps": "1500",
+        "ss_resolution": "(512, 512)",
+        "ss_optimizer": "None",
+    }
+    info = describe(meta, mods)
+    assert (info.name, info.rank, info.alpha) == ("alice_v2", 8, 4.0)
+    assert info.training == {
+        "network_module": "networks.lora",
+        "learning_rate": "0.0001",
+        "max_train_steps": "1500",
+        "resolution": "(512, 512)",
+    }
+    header_only = describe(meta)
+    assert (header_only.rank, header_only.alpha) == (32, 16.0)
