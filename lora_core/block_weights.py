@@ -1,0 +1,220 @@
+"""Per-block LoRA weights ("LoRA Block Weight"), with the vector layout of the Inspire pack's node.
+
+Three spellings of a spec:
+- a numeric vector, 17 numbers for SD1.x/SD2.x (BASE, IN01, IN02, IN04, IN05, IN07, IN08, MID,
+  OUT03..OUT11) or 12 for SDXL (BASE, IN04, IN05, IN07, IN08, MID, OUT00..OUT05); the LyCORIS
+  layouts with 27 / 21 numbers cover every block. ``NAME:1,0,...`` lines from Inspire preset files
+  work too. Inspire's letters (A, B, R, U: random or node-input values) are not supported.
+- a preset name: NONE, ALL, INS, IND, INALL, MIDD, MIDD0.2, MIDD0.8, MOUT, OUTD, OUTS, OUTALL, ALL0.5
+  (SD) and NONE, ALL, INALL, MIDALL, OUTALL (SDXL), with or without Inspire's ``SD-``/``SDXL-`` prefix.
+- a readable list: ``in=0.5, mid=1, out=0.8, base=1, IN04=0.2, default=1``; a single block beats
+  its group whatever the order.
+BASE covers the text encoders and UNet weights outside the three block groups (as in Inspire).
+Blocks a vector does not list (e.g. IN03 in a 17-number vector, only present in LoCon files) keep
+the ``default`` weight, 1.0 unless the readable form sets it.
+Unlike Inspire, a vector position means a fixed block, not "the k-th block this LoRA happens to have".
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_SD = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID") + tuple(
+    f"OUT{i:02d}" for i in range(3, 12)
+)
+_SDXL = ("BASE", "IN04", "IN05", "IN07", "IN08", "MID") + tuple(f"OUT{i:02d}" for i in range(6))
+_SD_LYC = (
+    ("BASE",)
+    + tuple(f"IN{i:02d}" for i in range(1, 12))
+    + ("MID00", "MID01", "MID02")
+    + tuple(f"OUT{i:02d}" for i in range(12))
+)
+_SDXL_LYC = (
+    ("BASE",)
+    + tuple(f"IN{i:02d}" for i in range(1, 9))
+    + ("MID00", "MID01", "MID02")
+    + tuple(f"OUT{i:02d}" for i in range(9))
+)
+LAYOUTS = {
+    17: ("SD1.x", _SD),
+    12: ("SDXL", _SDXL),
+    27: ("SD1.x LyCORIS", _SD_LYC),
+    21: ("SDXL LyCORIS", _SDXL_LYC),
+}
+_FAMILY_LENGTHS = {"SD1.x": (17, 27), "SD2.x": (17, 27), "SDXL": (12, 21)}
+
+# Inspire-pack preset vectors (resources/lbw-preset.txt), as data.
+PRESETS = {
+    "SD-NONE": "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0",
+    "SD-ALL": "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1",
+    "SD-INS": "1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0",
+    "SD-IND": "1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0",
+    "SD-INALL": "1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0",
+    "SD-MIDD": "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0",
+    "SD-MIDD0.2": "1,0,0,0,0,0,0.2,0.4,0.4,0.2,0,0,0,0,0,0,0",
+    "SD-MIDD0.8": "1,0,0,0,0,0.5,0.8,0.8,0.4,0,0,0,0,0,0,0,0",
+    "SD-MOUT": "1,0,0,0,0,0,1,1,1,1,1,1,1,1,0.5,0,0",
+    "SD-OUTD": "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0",
+    "SD-OUTS": "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1",
+    "SD-OUTALL": "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1",
+    "SD-ALL0.5": ",".join(["0.5"] * 17),
+    "SD-LYC-NONE": ",".join(["0"] * 27),
+    "SD-LYC-ALL": ",".join(["1"] * 27),
+    "SD-LYC-INALL": ",".join(["1"] * 12 + ["0"] * 15),
+    "SD-LYC-MIDALL": ",".join(["1"] + ["0"] * 11 + ["1"] * 3 + ["0"] * 12),
+    "SD-LYC-OUTALL": ",".join(["1"] + ["0"] * 14 + ["1"] * 12),
+    "SDXL-NONE": "0,0,0,0,0,0,0,0,0,0,0,0",
+    "SDXL-ALL": "1,1,1,1,1,1,1,1,1,1,1,1",
+    "SDXL-INALL": "1,1,1,1,1,0,0,0,0,0,0,0",
+    "SDXL-MIDALL": "1,0,0,0,0,1,0,0,0,0,0,0",
+    "SDXL-OUTALL": "1,0,0,0,0,0,1,1,1,1,1,1",
+    "SDXL-LYC-NONE": ",".join(["0"] * 21),
+    "SDXL-LYC-ALL": ",".join(["1"] * 21),
+    "SDXL-LYC-INALL": ",".join(["1"] * 9 + ["0"] * 12),
+    "SDXL-LYC-MIDALL": ",".join(["1"] + ["0"] * 8 + ["1"] * 3 + ["0"] * 9),
+    "SDXL-LYC-OUTALL": ",".join(["1"] + ["0"] * 11 + ["1"] * 9),
+}
+_GROUPS = {"in": "IN", "mid": "MID", "out": "OUT"}
+_ITEM = re.compile(r"^(?P<name>[a-z]+)(?P<num>\d*)\s*=\s*(?P<value>[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?)$")
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """Weights by block id ("BASE", "IN04", "MID", "MID01", "OUT03"...) and by group ("IN", "MID", "OUT")."""
+
+    blocks: dict[str, float]
+    groups: dict[str, float] = field(default_factory=dict)
+    default: float = 1.0
+    layout: str = "readable"
+
+    def weight_for(self, key: str) -> float:
+        """The weight for a model key or LoRA module name (any spelling block_of understands)."""
+        block = block_of(key)
+        if block == "BASE":
+            return self.blocks.get("BASE", self.default)
+        group, index = block
+        for candidate in (f"{group}{index:02d}", group):
+            if candidate in self.blocks:
+                return self.blocks[candidate]
+        return self.groups.get(group, self.default)
+
+
+_NATIVE = re.compile(r"(input_blocks|middle_block|output_blocks)[._](\d+)(?:[._]|$)")
+_DIFFUSERS = re.compile(
+    r"(down_blocks|up_blocks)[._](\d+)[._](attentions|resnets|downsamplers|upsamplers)[._](\d+)"
+)
+
+
+def block_of(key: str) -> str | tuple[str, int]:
+    """("IN"|"MID"|"OUT", index) of the ComfyUI UNet block a key belongs to, else "BASE"."""
+    if m := _NATIVE.search(key):
+        return {"input_blocks": "IN", "middle_block": "MID", "output_blocks": "OUT"}[m[1]], int(m[2])
+    if m := re.search(r"mid_block[._](attentions|resnets)[._](\d+)", key):
+        # diffusers mid block: attentions.0 is middle_block.1, resnets 0/1 are middle_block.0/2
+        return "MID", 1 if m[1] == "attentions" else 2 * min(int(m[2]), 1)
+    if m := _DIFFUSERS.search(key):
+        # Two res blocks per level (SD1.x, SD2.x, SDXL): down i/j -> input 1+3i+j, up i/j -> output 3i+j.
+        i, j = int(m[2]), int(m[4])
+        if m[1] == "down_blocks":
+            return "IN", 1 + 3 * i + (2 if m[3] == "downsamplers" else j)
+        return "OUT", 3 * i + (2 if m[3] == "upsamplers" else j)
+    return "BASE"
+
+
+def _parse_vector(text: str, family: str | None) -> BlockWeights:
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        bad = next(p for p in parts if not _is_float(p))
+        raise ValueError(
+            f"block weight vector: '{bad}' is not a number; use numbers only (Inspire's A/B/R/U letters "
+            f"are not supported), a preset name, or the form 'in=0.5, mid=1, out=0.8'. Got: {text}"
+        ) from None
+    lengths = _FAMILY_LENGTHS.get(family or "", tuple(LAYOUTS))
+    if len(values) not in lengths:
+        want = " or ".join(str(n) for n in lengths)
+        raise ValueError(
+            f"{family or 'SD1.x/SDXL'} block weights need {want} numbers "
+            f"(SD1.x: 17, or 27 LyCORIS; SDXL: 12, or 21 LyCORIS), got {len(values)}: {text}"
+        )
+    layout, names = LAYOUTS[len(values)]
+    return BlockWeights(blocks=dict(zip(names, values, strict=True)), layout=layout)
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _parse_readable(text: str) -> BlockWeights:
+    blocks: dict[str, float] = {}
+    groups: dict[str, float] = {}
+    default = 1.0
+    for item in (p.strip() for p in text.lstrip("%").split(",")):
+        m = _ITEM.match(item.lower())
+        if not m:
+            raise ValueError(
+                f"block weights: cannot read '{item}'; expected items like in=0.5, mid=1, out=0.8, base=1, "
+                "IN04=0.2, OUT03=0, default=1"
+            )
+        name, num, value = m["name"], m["num"], float(m["value"])
+        if name in ("base", "default") and not num:
+            if name == "base":
+                blocks["BASE"] = value
+            else:
+                default = value
+        elif name in _GROUPS and not num:
+            groups[_GROUPS[name]] = value
+        elif name in _GROUPS and len(num) == 2:
+            blocks[f"{_GROUPS[name]}{num}"] = value
+        else:
+            raise ValueError(
+                f"block weights: '{item}' is not a block; name blocks with two digits as in IN04=0.2 or "
+                "OUT03=0 (input_blocks.4, output_blocks.3), or use in=, mid=, out=, base=, default="
+            )
+    return BlockWeights(blocks=blocks, groups=groups, default=default)
+
+
+def _preset(name: str, family: str | None) -> str | None:
+    key = name.strip().upper()
+    prefixes = (
+        ("SDXL-",) if family == "SDXL" else ("SD-",) if family in ("SD1.x", "SD2.x") else ("SD-", "SDXL-")
+    )
+    for candidate in (key, *(p + key for p in prefixes)):
+        if candidate in PRESETS:
+            return PRESETS[candidate]
+    return None
+
+
+def parse_block_weights(spec: str, family: str | None = None) -> BlockWeights:
+    """Parse a vector, preset or readable spec; ``family`` ("SD1.x", "SDXL"...) checks the vector length."""
+    text = spec.strip()
+    if family not in (None, "unknown", *_FAMILY_LENGTHS):
+        raise ValueError(
+            f"block weights work on SD1.x, SD2.x and SDXL UNets; this model is {family}: clear the block weights"
+        )
+    if not text:
+        raise ValueError(
+            "block weights: empty spec; give a vector (17 numbers for SD1.x, 12 for SDXL) or a preset"
+        )
+    if "=" in text:
+        return _parse_readable(text)
+    if (preset := _preset(text, family)) is not None:
+        return _parse_vector(preset, family)
+    if ":" in text:  # an Inspire preset line "NAME:1,0,..."
+        return _parse_vector(text.partition(":")[2], family)
+    if "," not in text and not _is_float(text):
+        names = sorted(n for n in PRESETS if family is None or n.startswith("SDXL-") == (family == "SDXL"))
+        raise ValueError(f"block weights: unknown preset '{text}'; known presets: {', '.join(names)}")
+    return _parse_vector(text, family)
+
+
+def block_weight_for(key: str, spec: str | BlockWeights, family: str | None = None) -> float:
+    """The weight a spec gives the block of ``key`` (a ComfyUI model key or a LoRA module name)."""
+    weights = spec if isinstance(spec, BlockWeights) else parse_block_weights(spec, family)
+    return weights.weight_for(key)
