@@ -301,9 +301,36 @@ class MergeResult:
     empty: tuple[str, ...]  # modules no LoRA had (every entry None): not written
 
 
-def _merge_one(
-    terms: list[Term], weights: list[float], method: str, rank: int | None, density: float, seed: int, dtype
-) -> Merged:
+@dataclass(frozen=True)
+class MergeSpec:
+    """The method and its parameters, checked once for a whole file (peft-style config)."""
+
+    method: str
+    rank: int | None = None
+    conv_rank: int | None = None  # for 3x3 (non-1x1) conv modules, as kohya; None: use rank
+    density: float = 1.0
+    seed: int = 0
+    dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if self.method not in ("concat", "linear"):
+            _check_rank(self.rank)
+            if self.conv_rank is not None:
+                _check_rank(self.conv_rank)
+        if self.method != "svd":
+            _check_density(self.density)
+
+    def rank_for(self, kernel: tuple[int, int] | None) -> int | None:
+        if kernel is not None and kernel != (1, 1) and self.conv_rank is not None:
+            return self.conv_rank
+        return self.rank
+
+
+def merge_terms(terms: Sequence[Term], weights: Sequence[float], spec: MergeSpec, seed: int) -> Merged:
+    """One module's terms (no None) merged with `spec`; seed is this module's DARE seed."""
+    method, rank, dtype = spec.method, spec.rank_for(terms[0].kernel), spec.dtype
     if method == "concat":
         return concat(terms, weights, dtype)  # type: ignore[arg-type]
     if method == "linear":
@@ -311,15 +338,29 @@ def _merge_one(
     if method == "svd":
         return svd_merge(terms, weights, rank, dtype)  # type: ignore[arg-type]
     if method == "ties":
-        return ties(terms, weights, rank, density, dtype=dtype)  # type: ignore[arg-type]
-    return dare(terms, weights, rank, density, seed, method == "dare_ties", dtype)  # type: ignore[arg-type]
+        return ties(terms, weights, rank, spec.density, dtype=dtype)  # type: ignore[arg-type]
+    return dare(terms, weights, rank, spec.density, seed, method == "dare_ties", dtype)  # type: ignore[arg-type]
 
 
-def _module_rank(terms: Sequence[Term], rank: int | None, conv_rank: int | None) -> int | None:
-    kernel = terms[0].kernel
-    if kernel is not None and kernel != (1, 1) and conv_rank is not None:
-        return conv_rank  # as kohya: conv_rank for 3x3 convs, rank for linear and 1x1
-    return rank
+def _merge_entry(name: str, entries: Sequence[Term | None], weights: Sequence[float], spec: MergeSpec):
+    if len(entries) != len(weights):
+        raise ValueError(
+            f"module '{name}' has {len(entries)} entries for {len(weights)} weights: "
+            "give one entry per LoRA, None where a LoRA lacks the module"
+        )
+    terms = [t for t in entries if t is not None]
+    used = [float(w) for t, w in zip(entries, weights, strict=True) if t is not None]
+    if not terms:
+        return None
+    module_seed = (int(spec.seed) + zlib.crc32(name.encode())) % 2**63  # stable across runs and orders
+    try:
+        merged = merge_terms(terms, used, spec, module_seed)
+    except ValueError as error:
+        raise ValueError(f"module '{name}': {error}") from error
+    up, down = unflatten_conv(Factors(merged.up, merged.down, kernel=terms[0].kernel))
+    info = merged.info
+    report = ModuleReport(len(terms), info.rank, info.rel_error, info.energy_kept, info.approximate)
+    return LoraModule(up=up, down=down, alpha=float(info.rank)), report
 
 
 def merge_modules(
@@ -335,48 +376,22 @@ def merge_modules(
 ) -> MergeResult:
     """Merge every module; per_module[name][i] is LoRA i's term for that module or None.
 
-    Returns file-ready modules with alpha = rank (stored scale 1) and a report per module.
-    `rank` is required for svd/ties/dare_*; concat and linear keep their natural rank.
+    Returns file-ready modules (conv back to 4-D) with alpha = rank, i.e. stored scale 1,
+    and a report per module. `rank` is required for svd/ties/dare_*; concat and linear keep
+    their natural rank. DARE draws from a per-module seed derived from `seed` and the name.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    spec = MergeSpec(method, rank, conv_rank, density, seed, dtype)
     if len(weights) == 0:
         raise ValueError("weights is empty: pass one weight per LoRA")
-    if method not in ("concat", "linear"):
-        _check_rank(rank)
-        if conv_rank is not None:
-            _check_rank(conv_rank)
-    if method != "svd":
-        _check_density(density)
     modules: dict[str, LoraModule] = {}
     reports: dict[str, ModuleReport] = {}
     empty: list[str] = []
     for step, (name, entries) in enumerate(per_module.items(), start=1):
-        if len(entries) != len(weights):
-            raise ValueError(
-                f"module '{name}' has {len(entries)} entries for {len(weights)} weights: "
-                "give one entry per LoRA, None where a LoRA lacks the module"
-            )
-        terms = [t for t in entries if t is not None]
-        used = [float(w) for t, w in zip(entries, weights, strict=True) if t is not None]
-        if not terms:
+        outcome = _merge_entry(name, entries, weights, spec)
+        if outcome is None:
             empty.append(name)
-            if on_step is not None:
-                on_step(step, len(per_module))
-            continue
-        module_seed = (int(seed) + zlib.crc32(name.encode())) % 2**63  # stable across runs and orders
-        try:
-            merged = _merge_one(
-                terms, used, method, _module_rank(terms, rank, conv_rank), density, module_seed, dtype
-            )
-        except ValueError as error:
-            raise ValueError(f"module '{name}': {error}") from error
-        up, down = unflatten_conv(Factors(merged.up, merged.down, kernel=terms[0].kernel))
-        modules[name] = LoraModule(up=up, down=down, alpha=float(merged.info.rank))
-        info = merged.info
-        reports[name] = ModuleReport(
-            len(terms), info.rank, info.rel_error, info.energy_kept, info.approximate
-        )
+        else:
+            modules[name], reports[name] = outcome
         if on_step is not None:
             on_step(step, len(per_module))
     return MergeResult(modules=modules, reports=reports, empty=tuple(empty))
