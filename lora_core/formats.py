@@ -182,6 +182,7 @@ def parse_lora(tensors: dict[str, Tensor]) -> ParsedLora:
     unused: list[str] = []
     notes: list[str] = []
     magnitude: list[str] = []
+    incomplete: list[str] = []
     for key in tensors:
         split = split_key(key)
         if split is None:
@@ -207,7 +208,15 @@ def parse_lora(tensors: dict[str, Tensor]) -> ParsedLora:
             used.append(bias_key)
             if built is None:
                 labels[_label(name, "full diff")] += 1
-        unused.extend(k for k in m.keys.values() if k not in used)
+        left = [k for k in m.keys.values() if k not in used]
+        if built is None and any(not k.endswith((".alpha", ".dora_scale")) for k in left):
+            incomplete.append(name)
+        unused.extend(left)
+    if incomplete:
+        notes.append(
+            f"{len(incomplete)} modules have an incomplete set of weights (e.g. {incomplete[0]}: "
+            f"{', '.join(sorted(groups[incomplete[0]].keys.values()))}) and were skipped; the file may be damaged"
+        )
     if magnitude:
         notes.append(
             f"{len(magnitude)} PEFT DoRA magnitude vectors (lora_magnitude_vector) are not supported; "

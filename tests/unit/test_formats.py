@@ -1,6 +1,7 @@
 """Parsing tiny hand-made dicts: exact modules, exact unused keys, format labels."""
 
 import torch
+
 from lora_foundry.lora_core.adapters import DiffAdapter, LohaAdapter, LokrAdapter, LoraAdapter, SetAdapter
 from lora_foundry.lora_core.formats import parse_lora
 
@@ -120,3 +121,6 @@ def test_incomplete_pairs_and_unknown_keys_are_unused():
     assert p.modules == {}
     assert p.unused_keys == tuple(sd)
     assert p.format == "unrecognised"
+    assert len(p.notes) == 1 and p.notes[0].startswith(
+        "3 modules have an incomplete set of weights (e.g. lora_unet_a: lora_unet_a.lora_up.weight)"
+    )
