@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from lora_foundry.lora_core.adapters import (
     DiffAdapter,
     LohaAdapter,

@@ -6,8 +6,9 @@ import struct
 
 import pytest
 import torch
-from lora_foundry.lora_core.lorafile import LoraFileError, read_lora_file
 from safetensors.torch import save_file
+
+from lora_foundry.lora_core.lorafile import LoraFileError, read_lora_file
 
 SD = {"lora_unet_a.lora_up.weight": torch.ones(4, 2), "lora_unet_a.lora_down.weight": torch.ones(2, 3)}
 
