@@ -117,7 +117,7 @@ def load_image(
         with image:
             if getattr(image, "is_animated", False):
                 image.seek(0)
-            if draft_size and image.format == "JPEG":
+            if draft_size and image.format in ("JPEG", "MPO"):
                 image.draft("RGB", _draft_request(image.size, draft_size))
             image.load()
             try:

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from lora_foundry.lora_core.caption.captions import (
     CaptionOptions,
     build_caption,

@@ -6,11 +6,12 @@ import threading
 import numpy as np
 import pytest
 from caption_helpers import build_tiny_tagger
+from PIL import Image
+
 from lora_foundry.lora_core.caption import captions as captions_mod
 from lora_foundry.lora_core.caption.captions import CaptionOptions
 from lora_foundry.lora_core.caption.dataset import RunOptions, caption_folder
 from lora_foundry.lora_core.caption.tagger import clear_tagger_cache, get_tagger
-from PIL import Image
 
 TAGS = [("general", 9), ("1girl", 0), ("long_hair", 0), ("hat_(object)", 0), ("blurry", 0), ("miku", 4)]
 PROBS = [0.9, 0.95, 0.8, 0.7, 0.2, 0.9]

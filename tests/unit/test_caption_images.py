@@ -6,8 +6,9 @@ import zlib
 
 import numpy as np
 import pytest
-from lora_foundry.lora_core.caption.images import ImageLoadError, load_image, scan_folder
 from PIL import Image
+
+from lora_foundry.lora_core.caption.images import ImageLoadError, load_image, scan_folder
 
 
 def _png_header_only(path, width, height):

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from lora_foundry.lora_core.caption.prepare import (
     PrepareOptions,
     fit_image,
@@ -9,7 +11,6 @@ from lora_foundry.lora_core.caption.prepare import (
     nearest_bucket,
     prepare_images,
 )
-from PIL import Image
 
 
 def _source(tmp_path):

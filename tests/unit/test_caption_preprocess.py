@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
-from lora_foundry.lora_core.caption.preprocess import pad_to_square, tagger_input, to_rgb
 from PIL import Image
+
+from lora_foundry.lora_core.caption.preprocess import pad_to_square, tagger_input, to_rgb
 
 
 def _numpy_pad_bgr(rgb: np.ndarray) -> np.ndarray:
