@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from .adapters import Adapter, rank_of
 from .block_weights import BlockWeights, parse_block_weights
-from .detect import FamilyGuess, detect_family
+from .detect import FamilyGuess, detect_family, model_family_from_unet_config
 from .formats import ParsedLora, parse_lora
 from .keymap import resolve, summarize_unmatched
 from .lorafile import read_lora_file
@@ -22,6 +22,22 @@ from .patching import Term
 
 log = logging.getLogger("lora_foundry")
 PARTS = ("unet", "clip")
+
+
+# ComfyUI's model classes (comfy.supported_models), as the caller names them, to family labels.
+_COMFY_MODEL_FAMILIES = {
+    "SD15": "SD1.x", "SD15_instructpix2pix": "SD1.x",
+    "SD20": "SD2.x", "SD21UnclipL": "SD2.x", "SD21UnclipH": "SD2.x",
+    "SDXL": "SDXL", "SDXL_instructpix2pix": "SDXL", "SDXLRefiner": "SDXL Refiner",
+    "SD3": "SD3", "Flux": "Flux", "FluxInpaint": "Flux", "FluxSchnell": "Flux",
+}  # fmt: skip
+
+
+def model_family(model_class: str, unet_config: Mapping[str, object]) -> FamilyGuess:
+    """The model's family from the name of ComfyUI's model class, else from its unet_config."""
+    if model_class in _COMFY_MODEL_FAMILIES:
+        return FamilyGuess(_COMFY_MODEL_FAMILIES[model_class], f"ComfyUI detected {model_class}")
+    return model_family_from_unet_config(unet_config)
 
 
 class LoraMismatchError(ValueError):

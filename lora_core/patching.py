@@ -25,27 +25,30 @@ class Term:
     strength: float
 
 
-def _linear_sum(terms: Sequence[Term], shape: tuple[int, ...], device: torch.device) -> Tensor:
+def _add_linear_(terms: Sequence[Term], work: Tensor) -> None:
+    """work += sum of the terms' changes; all plain LoRAs go through one GEMM."""
     ups, downs = [], []
-    total = None
     for t in terms:
         if isinstance(t.adapter, LoraAdapter):
             up, down = scaled_factors(t.adapter)
-            ups.append(up.to(device) * t.strength)  # (out, r_i)
-            downs.append(down.to(device))  # (r_i, in)
+            ups.append(up.to(work.device) * t.strength)  # (out, r_i)
+            downs.append(down.to(work.device))  # (r_i, in)
         else:
-            d = delta(t.adapter, shape, device) * t.strength
-            total = d if total is None else total + d
-    if ups:
-        fused = (torch.cat(ups, dim=1) @ torch.cat(downs, dim=0)).reshape(shape)  # (out, R) @ (R, in)
-        total = fused if total is None else total + fused
-    return total
+            work += delta(t.adapter, tuple(work.shape), work.device) * t.strength
+    if not ups:
+        return
+    up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)  # (out, R), (R, in)
+    if work.is_contiguous():
+        work.view(work.shape[0], -1).addmm_(up, down)
+    else:
+        work += (up @ down).reshape(work.shape)
 
 
-def apply_terms(terms: Sequence[Term], weight: Tensor) -> Tensor:
-    """New weight with every term applied in order; ``weight`` itself is not modified."""
-    shape = tuple(weight.shape)
-    out = weight.to(torch.float32, copy=True)
+def apply_terms_(terms: Sequence[Term], work: Tensor) -> Tensor:
+    """Applies every term in order to ``work`` (float32), in place where the math allows.
+
+    Returns the result, which is ``work`` itself unless a non-linear term replaced it.
+    """
     run: list[Term] = []
     for term in [*terms, None]:
         if term is not None and is_linear(term.adapter):
@@ -53,8 +56,13 @@ def apply_terms(terms: Sequence[Term], weight: Tensor) -> Tensor:
                 run.append(term)
             continue
         if run:
-            out += _linear_sum(run, shape, out.device)
+            _add_linear_(run, work)
             run = []
         if term is not None:
-            out = apply(term.adapter, out, term.strength)
-    return out.to(weight.dtype)
+            work = apply(term.adapter, work, term.strength)
+    return work
+
+
+def apply_terms(terms: Sequence[Term], weight: Tensor) -> Tensor:
+    """New weight with every term applied in order; ``weight`` itself is not modified."""
+    return apply_terms_(terms, weight.to(torch.float32, copy=True)).to(weight.dtype)

@@ -1,10 +1,13 @@
 """The pack's node table: stable, namespaced ids (never renamed after release) -> class, display name."""
 
 from .load_lora import LoadLora, LoadLoraModelOnly
+from .stack import ApplyLoraStack, LoraStack
 
 NODES = [
     ("LoraFoundry_LoadLora", LoadLora, "Load LoRA (Foundry)"),
     ("LoraFoundry_LoadLoraModelOnly", LoadLoraModelOnly, "Load LoRA, model only (Foundry)"),
+    ("LoraFoundry_LoraStack", LoraStack, "LoRA Stack (Foundry)"),
+    ("LoraFoundry_ApplyLoraStack", ApplyLoraStack, "Apply LoRA Stack (Foundry)"),
 ]
 
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, cls, _ in NODES}

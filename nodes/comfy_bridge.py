@@ -16,7 +16,7 @@ import comfy.weight_adapter
 import folder_paths
 import torch
 
-from ..lora_core.patching import Term, apply_terms
+from ..lora_core.patching import Term, apply_terms, apply_terms_
 
 log = logging.getLogger("lora_foundry")
 
@@ -40,6 +40,12 @@ class FoundryPatch(comfy.weight_adapter.WeightAdapterBase):
         terms = self.terms
         if strength != 1.0:
             terms = tuple(Term(t.adapter, t.strength * strength) for t in terms)
+        if function is None and weight.dtype == torch.float32:
+            # The usual case: ModelPatcher hands over a float32 working copy; patch it in place.
+            new = apply_terms_(terms, weight)
+            if new is not weight:
+                weight.copy_(new)
+            return weight
         new = apply_terms(terms, weight)
         if function is not None:
             # ComfyUI's convention: ``function`` maps the change before it is added.
@@ -65,7 +71,7 @@ def add_patches(patcher, patches: Mapping[object, Sequence[Term]]) -> int:
     return len(applied)
 
 
-def model_family(model) -> str:
+def model_class_name(model) -> str:
     """ComfyUI's name for the model's architecture (its supported_models class), e.g. 'SD15', 'SDXL'."""
     return type(model.model.model_config).__name__
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from ..lora_core.detect import model_family_from_unet_config
-from ..lora_core.loader import LoraMismatchError, load_lora, plan_lora
-from ..lora_core.lorafile import LoraFileError
+from ..lora_core.stack import StackEntry
 from . import comfy_bridge as bridge
+from .lora_apply import apply_entries
 
 CATEGORY = "LoRA Foundry"
 STRENGTH = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
@@ -38,25 +37,10 @@ def lora_inputs(with_clip: bool) -> dict:
 def apply_lora(
     node: str, model, clip, lora_name: str, strength_model: float, strength_clip: float, block_weights: str
 ):
-    """Shared by both nodes: returns (model, clip, trigger words, report text)."""
-    try:
-        lora = load_lora(bridge.lora_path(lora_name))
-        key_maps = {"unet": bridge.unet_key_map(model)}
-        if clip is not None:
-            key_maps["clip"] = bridge.clip_key_map(clip)
-        family = model_family_from_unet_config(bridge.model_unet_config(model), bridge.model_family(model))
-        plan = plan_lora(
-            lora, key_maps, {"unet": strength_model, "clip": strength_clip}, family, block_weights
-        )
-    except (LoraFileError, LoraMismatchError, FileNotFoundError, ValueError) as e:
-        raise RuntimeError(f"[{node}] {e}") from e
-    new_model = model.clone()
-    bridge.add_patches(new_model, plan.patches["unet"])
-    new_clip = None
-    if clip is not None:
-        new_clip = clip.clone()
-        bridge.add_patches(new_clip, plan.patches["clip"])
-    return new_model, new_clip, ", ".join(lora.triggers), plan.report.text()
+    """Returns (model, clip, trigger words, report text)."""
+    return apply_entries(
+        node, model, clip, [StackEntry(lora_name, strength_model, strength_clip, block_weights)]
+    )
 
 
 class LoadLora:

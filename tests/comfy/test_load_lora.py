@@ -12,33 +12,10 @@ import comfy.sd
 import lora_factory as lf
 import pytest
 import torch
-from safetensors.torch import save_file
+from patch_compare import assert_same, modules, patched, write
 
 from lora_foundry.lora_core import loader
 from lora_foundry.nodes.load_lora import LoadLora, LoadLoraModelOnly
-
-TOL = 1e-5
-
-
-def patched(patcher) -> dict[str, torch.Tensor]:
-    """The weights a ModelPatcher would load, computed from its pending patches."""
-    sd = patcher.model.state_dict()
-    return {k: comfy.lora.calculate_weight(v, sd[k].float().clone(), k) for k, v in patcher.patches.items()}
-
-
-def assert_same(ours: dict, core: dict) -> None:
-    assert set(ours) == set(core), (
-        f"only ours: {sorted(set(ours) - set(core))[:5]}, only core: {sorted(set(core) - set(ours))[:5]}"
-    )
-    assert ours, "nothing was patched"
-    for k in core:
-        diff = (ours[k] - core[k]).abs().max().item()
-        assert diff <= TOL, f"{k}: max abs diff {diff}"
-
-
-def write(loras_dir, name: str, sd: dict, metadata: dict | None = None) -> str:
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(loras_dir / name), metadata=metadata)
-    return name
 
 
 def run_ours(models, name, sm=0.8, sc=-0.6, block_weights=""):
@@ -50,10 +27,6 @@ def run_ours(models, name, sm=0.8, sc=-0.6, block_weights=""):
 
 def run_core(models, sd, sm=0.8, sc=-0.6):
     return comfy.sd.load_lora_for_models(models.model, models.clip, sd, sm, sc)
-
-
-def modules(models, convs=False):
-    return lf.unet_modules(models, attn_only=False, convs=convs) + lf.clip_modules(models)
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])

@@ -1,0 +1,107 @@
+"""LoRA Stack and Apply LoRA Stack: one fused patch per weight, equal to chaining core's loader."""
+
+from __future__ import annotations
+
+import comfy.sd
+import lora_factory as lf
+import pytest
+from patch_compare import assert_same, modules, patched, write
+
+from lora_foundry.lora_core.adapters import LoraAdapter
+from lora_foundry.nodes.comfy_bridge import FoundryPatch
+from lora_foundry.nodes.stack import ApplyLoraStack, LoraStack
+
+
+@pytest.fixture(scope="module")
+def three_loras(sd15, loras_dir):
+    mods = modules(sd15)
+    files = {
+        "stack_a.safetensors": lf.kohya_lora(lf.random_factors(mods, rank=4, seed=21)),
+        "stack_b.safetensors": lf.loha_lora(mods, seed=22),
+        "stack_c.safetensors": lf.with_dora(
+            lf.kohya_lora(lf.random_factors(mods, rank=2, seed=23)), mods, seed=24
+        ),
+        "stack_d.safetensors": lf.kohya_lora(lf.random_factors(mods, rank=8, seed=25)),
+    }
+    for name, sd in files.items():
+        write(loras_dir, name, sd)
+    return files
+
+
+def slots(*entries):
+    kw = {}
+    for i, (name, sm, sc, on) in enumerate(entries, start=1):
+        kw.update({f"lora_{i}": name, f"strength_model_{i}": sm, f"strength_clip_{i}": sc, f"on_{i}": on})
+    return kw
+
+
+def core_chain(models, files, entries):
+    m, c = models.model, models.clip
+    for name, sm, sc in entries:
+        m, c = comfy.sd.load_lora_for_models(m, c, files[name], sm, sc)
+    return m, c
+
+
+def test_stack_equals_chained_core_loaders(sd15, three_loras):
+    entries = [("stack_a.safetensors", 0.8, 0.5), ("stack_b.safetensors", -0.4, 1.0), ("stack_c.safetensors", 0.6, 0.3),
+               ("stack_d.safetensors", 1.2, -0.7)]  # fmt: skip
+    (stack,) = LoraStack().execute(**slots(*[(*e, True) for e in entries[:3]]))
+    (stack,) = LoraStack().execute(lora_stack=stack, **slots((*entries[3], True)))
+    m, c, _, report = ApplyLoraStack().execute(sd15.model, stack, clip=sd15.clip)["result"]
+    cm, cc = core_chain(sd15, three_loras, entries)
+    assert_same(patched(m), patched(cm))
+    assert_same(patched(c), patched(cc))
+    assert report.count("matched:") == 4
+
+
+def test_one_patch_per_weight_with_fused_lora_terms(sd15, three_loras):
+    entries = [("stack_a.safetensors", 1.0, 1.0, True), ("stack_d.safetensors", 0.5, 0.5, True)]
+    (stack,) = LoraStack().execute(**slots(*entries))
+    m, *_ = ApplyLoraStack().execute(sd15.model, stack, clip=sd15.clip)["result"]
+    for key, patches in m.patches.items():
+        assert len(patches) == 1, key
+        patch = patches[0][1]
+        assert isinstance(patch, FoundryPatch) and len(patch.terms) == 2
+        assert all(isinstance(t.adapter, LoraAdapter) for t in patch.terms)
+
+
+def test_switched_off_entries_are_left_out(sd15, three_loras):
+    (stack,) = LoraStack().execute(
+        **slots(("stack_a.safetensors", 1.0, 1.0, False), ("stack_d.safetensors", 0.5, 0.2, True))
+    )
+    assert [tuple(e) for e in stack] == [("stack_d.safetensors", 0.5, 0.2)]
+    m, c, *_ = ApplyLoraStack().execute(sd15.model, stack, clip=sd15.clip)["result"]
+    cm, cc = core_chain(sd15, three_loras, [("stack_d.safetensors", 0.5, 0.2)])
+    assert_same(patched(m), patched(cm))
+
+
+def test_all_off_is_a_documented_no_op(sd15, three_loras):
+    (stack,) = LoraStack().execute(**slots(("stack_a.safetensors", 1.0, 1.0, False)))
+    assert stack == []
+    m, c, triggers, report = ApplyLoraStack().execute(sd15.model, stack, clip=sd15.clip)["result"]
+    assert m is sd15.model and c is sd15.clip and triggers == ""
+    assert "unchanged" in report
+
+
+def test_other_packs_stacks_in_and_out(sd15, three_loras):
+    foreign = [("stack_a.safetensors", 0.7, 0.1), ("None", 1.0, 1.0)]  # as Efficiency / Comfyroll pass them
+    (stack,) = LoraStack().execute(lora_stack=foreign, **slots(("stack_d.safetensors", 0.3, 0.3, True)))
+    for name, sm, sc in stack:  # how other packs read it
+        assert isinstance(name, str) and isinstance(sm, float) and isinstance(sc, float)
+    m, *_ = ApplyLoraStack().execute(sd15.model, foreign, clip=sd15.clip)["result"]
+    cm, _ = core_chain(sd15, three_loras, [("stack_a.safetensors", 0.7, 0.1)])
+    assert_same(patched(m), patched(cm))
+
+
+def test_bad_stack_entry_is_named(sd15):
+    with pytest.raises(RuntimeError, match=r"\[Apply LoRA Stack\] LORA_STACK entry 0"):
+        ApplyLoraStack().execute(sd15.model, [("only-a-name",)], clip=sd15.clip)
+
+
+def test_stack_keeps_block_weights_through_copies(three_loras):
+    import copy
+
+    (stack,) = LoraStack().execute(
+        **{**slots(("stack_a.safetensors", 1.0, 1.0, True)), "block_weights_1": "MIDD"}
+    )
+    assert copy.deepcopy(stack)[0].block_weights == "MIDD"
