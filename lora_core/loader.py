@@ -9,9 +9,9 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from .adapters import Adapter, rank_of
+from .adapters import Adapter, LoraAdapter, SetAdapter, delta, rank_of
 from .block_weights import BlockWeights, parse_block_weights
 from .detect import FamilyGuess, detect_family, model_family_from_unet_config
 from .formats import ParsedLora, parse_lora
@@ -144,6 +144,21 @@ class LoraPlan:
     report: LoadReport | None = None
 
 
+def _shape_error(adapter: Adapter, shape: tuple[int, ...]) -> str | None:
+    """Why ``adapter`` cannot patch a weight of ``shape``, or None. Shapes only: runs on 'meta'."""
+    if isinstance(adapter, SetAdapter):
+        ok = tuple(adapter.weight.shape) == shape
+        return None if ok else f"set_weight {tuple(adapter.weight.shape)} vs weight {shape}"
+    if isinstance(adapter, LoraAdapter) and adapter.up.shape[0] != shape[0]:
+        return f"LoRA up {tuple(adapter.up.shape)} has {adapter.up.shape[0]} outputs, the weight {shape} has {shape[0]}"
+    plain = replace(adapter, dora_scale=None) if getattr(adapter, "dora_scale", None) is not None else adapter
+    try:
+        delta(plain, shape, "meta")
+    except (ValueError, RuntimeError) as e:
+        return str(e)
+    return None
+
+
 def _bias_target(target):
     """The bias key next to a weight key target (str or (key, offset) tuple)."""
     key = target if isinstance(target, str) else target[0]
@@ -163,11 +178,13 @@ def plan_lora(
     strengths: Mapping[str, float],
     model_family: FamilyGuess,
     block_weights: str = "",
+    weight_shapes: Mapping[str, Mapping[str, tuple[int, ...]]] | None = None,
 ) -> LoraPlan:
     """Resolve the LoRA against each part's key map and build its patch terms.
 
-    Raises LoraMismatchError when nothing matches or the LoRA's base family differs from the
-    model's; a partial match is reported (report.unmatched), not raised.
+    Raises LoraMismatchError when nothing matches, the LoRA's base family differs from the
+    model's, or a tensor's shape does not fit its weight (``weight_shapes``: part -> key ->
+    shape); a partial match is reported (report.unmatched), not raised.
     """
     _check_family(lora, model_family)
     bw: BlockWeights | None = (
@@ -184,6 +201,7 @@ def plan_lora(
         for name, target in res.matched.items():
             s = strength * (bw.weight_for(_target_key(target)) if bw else 1.0)
             if name in modules:
+                _check_shape(lora, name, modules[name], target, (weight_shapes or {}).get(part))
                 part_patches[target] = (Term(modules[name], s),)
             if name in lora.parsed.bias_diffs and (bias := _bias_target(target)) is not None:
                 part_patches[bias] = (Term(lora.parsed.bias_diffs[name], s),)
@@ -214,6 +232,18 @@ def plan_lora(
             "; ".join(summarize_unmatched(report.unmatched)[:4]),
         )  # fmt: skip
     return LoraPlan(patches=patches, report=report)
+
+
+def _check_shape(lora: LoadedLora, name: str, adapter: Adapter, target, shapes) -> None:
+    key = _target_key(target)
+    if shapes is None or key not in shapes or not isinstance(target, str):
+        return  # offset targets patch a slice whose shape ComfyUI works out
+    problem = _shape_error(adapter, tuple(shapes[key]))
+    if problem:
+        raise LoraMismatchError(
+            f"{lora.name}: module {name} does not fit {key}: {problem}. "
+            "The file was made for another model (or is damaged)."
+        )
 
 
 def _check_family(lora: LoadedLora, model: FamilyGuess) -> None:

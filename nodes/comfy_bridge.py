@@ -65,6 +65,11 @@ def clip_key_map(clip) -> dict:
     return comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
 
 
+def weight_shapes(patcher) -> dict[str, tuple[int, ...]]:
+    """Shapes of a ModelPatcher's weights by key (no data is copied)."""
+    return {k: tuple(v.shape) for k, v in patcher.model.state_dict().items()}
+
+
 def add_patches(patcher, patches: Mapping[object, Sequence[Term]]) -> int:
     """Adds one FoundryPatch per weight to a (cloned) ModelPatcher; returns how many took."""
     applied = patcher.add_patches({target: FoundryPatch(terms) for target, terms in patches.items()}, 1.0)

@@ -19,15 +19,17 @@ def apply_entries(node: str, model, clip, entries: Sequence[StackEntry]):
     if not entries:
         return model, clip, "", "no LoRA enabled: MODEL and CLIP pass through unchanged"
     key_maps = {"unet": bridge.unet_key_map(model)}
+    shapes = {"unet": bridge.weight_shapes(model)}
     if clip is not None:
         key_maps["clip"] = bridge.clip_key_map(clip)
+        shapes["clip"] = bridge.weight_shapes(clip.patcher)
     family = model_family(bridge.model_class_name(model), bridge.model_unet_config(model))
     plans, triggers = [], []
     for e in entries:
         try:
             lora = load_lora(bridge.lora_path(e.lora_name))
             strengths = {"unet": e.strength_model, "clip": e.strength_clip}
-            plans.append(plan_lora(lora, key_maps, strengths, family, e.block_weights))
+            plans.append(plan_lora(lora, key_maps, strengths, family, e.block_weights, shapes))
         except (LoraFileError, LoraMismatchError, FileNotFoundError, ValueError) as err:
             raise RuntimeError(f"[{node}] {err}") from err
         triggers += [t for t in lora.triggers if t not in triggers]
