@@ -139,7 +139,8 @@ def random_prune(delta: torch.Tensor, density: float, generator: torch.Generator
     """Keep each entry with probability `density` and rescale kept ones by 1 / density (DARE)."""
     if density >= 1.0:
         return delta
-    keep = torch.bernoulli(torch.full_like(delta, density), generator=generator)
+    # The mask is drawn on the CPU so a seed gives the same mask on any device.
+    keep = torch.bernoulli(torch.full(delta.shape, density), generator=generator).to(delta.device)
     return delta * keep / density
 
 
@@ -154,7 +155,7 @@ def disjoint_merge(stack: torch.Tensor, weights: Sequence[float], majority_sign:
         raise ValueError(f"majority_sign must be 'total' or 'frequency', got {majority_sign!r}")
     elected = torch.where(magnitude >= 0, 1.0, -1.0)  # (out, in)
     agree = stack.sign() == elected  # (n, out, in); pruned zeros never agree
-    scale = torch.tensor([float(w) for w in weights], dtype=stack.dtype).view(-1, 1, 1)
+    scale = torch.tensor([float(w) for w in weights], dtype=stack.dtype, device=stack.device).view(-1, 1, 1)
     total = (stack * scale * agree).sum(dim=0)
     return total / agree.sum(dim=0).clamp(min=1)
 
