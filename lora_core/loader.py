@@ -142,6 +142,7 @@ class LoraPlan:
 
     patches: Mapping[str, Mapping[object, tuple[Term, ...]]] = field(default_factory=dict)
     report: LoadReport | None = None
+    strengths: Mapping[str, float] = field(default_factory=dict)
 
 
 def _shape_error(adapter: Adapter, shape: tuple[int, ...]) -> str | None:
@@ -231,7 +232,7 @@ def plan_lora(
             lora.name, len(report.unmatched), len(report.unmatched) + report.total_matched,
             "; ".join(summarize_unmatched(report.unmatched)[:4]),
         )  # fmt: skip
-    return LoraPlan(patches=patches, report=report)
+    return LoraPlan(patches=patches, report=report, strengths=dict(strengths))
 
 
 def _check_shape(lora: LoadedLora, name: str, adapter: Adapter, target, shapes) -> None:

@@ -1,6 +1,7 @@
 """The pack's node table: stable, namespaced ids (never renamed after release) -> class, display name."""
 
 from .load_lora import LoadLora, LoadLoraModelOnly
+from .merge import MergeLoras, ResizeLora
 from .stack import ApplyLoraStack, LoraStack
 
 NODES = [
@@ -8,6 +9,8 @@ NODES = [
     ("LoraFoundry_LoadLoraModelOnly", LoadLoraModelOnly, "Load LoRA, model only (Foundry)"),
     ("LoraFoundry_LoraStack", LoraStack, "LoRA Stack (Foundry)"),
     ("LoraFoundry_ApplyLoraStack", ApplyLoraStack, "Apply LoRA Stack (Foundry)"),
+    ("LoraFoundry_MergeLoras", MergeLoras, "Merge LoRAs (Foundry)"),
+    ("LoraFoundry_ResizeLora", ResizeLora, "Resize LoRA (Foundry)"),
 ]
 
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, cls, _ in NODES}

@@ -7,6 +7,7 @@ is mended here alone.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 
 import comfy.lora
@@ -99,11 +100,25 @@ def lora_path(name: str) -> str:
     return path
 
 
-def progress(total: int) -> Callable[[int], None]:
+def loras_dir() -> str:
+    """The first models/loras folder: where new LoRA files are written."""
+    return folder_paths.get_folder_paths("loras")[0]
+
+
+def register_new_lora(path: str) -> str:
+    """The name under which a file just written into a loras folder shows in the LoRA lists."""
+    for base in folder_paths.get_folder_paths("loras"):
+        rel = os.path.relpath(path, base)
+        if not rel.startswith(".."):
+            return rel.replace(os.sep, "/")
+    return os.path.basename(path)
+
+
+def progress(total: int) -> Callable[..., None]:
     """A step callback driving ComfyUI's progress bar, raising if the user pressed Cancel."""
     bar = comfy.utils.ProgressBar(total)
 
-    def step(done: int) -> None:
+    def step(done: int, _total: int | None = None) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
         bar.update_absolute(done, total)
 

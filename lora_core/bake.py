@@ -1,0 +1,164 @@
+"""Baking a planned LoRA stack into one new kohya LoRA file: merge per weight, name modules with
+kohya names taken from the model's own key map, and record where it came from in ss_* metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from .adapters import Adapter, LoraAdapter, delta, is_linear, scaled_factors
+from .loader import LoadedLora, LoraPlan
+from .lowrank import DenseDelta, Factors, LoraModule
+from .merge import MergeSpec, ModuleReport, merge_modules
+from .metadata import tag_frequency
+from .savefile import MergeSource, kohya_metadata, resolve_dtype, safe_output_name, save_lora
+
+_BASE_VERSIONS = {"SD1.x": "sd_v1", "SD2.x": "sd_v2", "SDXL": "sdxl_base_v1-0", "SD3": "sd3", "Flux": "flux"}
+_ARCHITECTURES = {"SD1.x": "stable-diffusion-v1/lora", "SD2.x": "stable-diffusion-v2/lora",
+                  "SDXL": "stable-diffusion-xl-v1-base/lora"}  # fmt: skip
+
+
+def kohya_names(key_map: Mapping[str, object]) -> dict[str, str]:
+    """Model weight key -> the kohya module name for it (diffusers-style path preferred, as kohya writes)."""
+    best: dict[str, str] = {}
+    for name, target in key_map.items():
+        if not isinstance(target, str) or not name.startswith(("lora_unet_", "lora_te")):
+            continue
+        diffusers_style = any(s in name for s in ("down_blocks", "up_blocks", "mid_block", "text_model"))
+        current = best.get(target)
+        if current is None or (
+            diffusers_style
+            and not any(s in current for s in ("down_blocks", "up_blocks", "mid_block", "text_model"))
+        ):
+            best[target] = name
+    return best
+
+
+def _merge_term(lora: LoadedLora, adapter: Adapter, shape: tuple[int, ...], key: str):
+    kernel = tuple(shape[2:]) if len(shape) == 4 else None
+    if not is_linear(adapter):
+        raise ValueError(
+            f"{lora.name} uses DoRA (or set_weight) on {key}: that is not a sum of low-rank terms and cannot "
+            "be merged into a LoRA file; apply it with Load LoRA / Apply LoRA Stack instead"
+        )
+    if isinstance(adapter, LoraAdapter):
+        up, down = scaled_factors(adapter)
+        return Factors(up, down, kernel)
+    return DenseDelta(delta(adapter, shape).reshape(shape[0], -1), kernel)
+
+
+@dataclass(frozen=True)
+class BakeResult:
+    path: str
+    reports: Mapping[str, ModuleReport]
+    notes: tuple[str, ...]
+
+    def text(self, method: str) -> str:
+        r = list(self.reports.values())
+        ranks = sorted({x.rank for x in r})
+        worst = max((x.rel_error for x in r), default=0.0)
+        mean = sum(x.rel_error for x in r) / max(1, len(r))
+        exact = worst < 1e-6 and not any(x.approximate for x in r)
+        lines = [
+            f"wrote {os.path.basename(self.path)}: {len(r)} modules, method {method}, "
+            f"rank {ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}",
+            "exact: equals the stack" if exact else
+            f"approximate: relative error per module mean {mean:.2e}, worst {worst:.2e} (Frobenius, vs the stack)",
+        ]  # fmt: skip
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+def bake_stack(
+    loras: Sequence[LoadedLora],
+    plans: Sequence[LoraPlan],
+    names: Mapping[str, Mapping[str, str]],
+    shapes: Mapping[str, Mapping[str, tuple[int, ...]]],
+    out_dir: str,
+    output_name: str,
+    spec: MergeSpec,
+    family: str,
+    dtype: str = "fp16",
+    overwrite: bool = False,
+    on_step: Callable[[int, int], None] | None = None,
+) -> BakeResult:
+    """Merge the planned entries weight by weight (their strengths and block weights are the merge
+    weights) and write a kohya LoRA atomically into ``out_dir``; returns the path and per-module report.
+
+    names: part -> model key -> kohya module name; shapes: part -> model key -> weight shape.
+    """
+    path = os.path.join(out_dir, safe_output_name(output_name))
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another output_name or switch overwrite on")
+    per_module, weights, notes = _collect(loras, plans, names, shapes)
+    modules: dict[str, LoraModule] = {}
+    reports: dict[str, ModuleReport] = {}
+    for step, (name, terms) in enumerate(per_module.items(), start=1):
+        result = merge_modules({name: terms}, weights[name], spec.method, spec.rank, spec.conv_rank,
+                               spec.density, spec.seed)  # fmt: skip
+        modules.update(result.modules)
+        reports.update(result.reports)
+        if on_step:
+            on_step(step, len(per_module))
+    if not modules:
+        raise ValueError("nothing to merge: no entry touched any weight of the model")
+    meta = _metadata(loras, plans, modules, spec, family, output_name)
+    save_lora(path, modules, meta, resolve_dtype(dtype), overwrite=overwrite)
+    return BakeResult(path=path, reports=reports, notes=tuple(notes))
+
+
+def _collect(loras, plans, names, shapes):
+    per_module: dict[str, list] = {}
+    weights: dict[str, list[float]] = {}
+    notes: list[str] = []
+    for part, part_names in names.items():
+        targets = sorted({t for p in plans for t in p.patches.get(part, {})}, key=str)
+        for target in targets:
+            if isinstance(target, str) and target.endswith(".bias"):
+                notes.append(f"bias change on {target} dropped: kohya LoRA files hold no bias")
+                continue
+            if not isinstance(target, str) or target not in part_names:
+                raise ValueError(
+                    f"{target} has no kohya name in this model's key map: cannot be written as kohya LoRA"
+                )
+            name, shape = part_names[target], tuple(shapes[part][target])
+            terms, ws = [], []
+            for lora, plan in zip(loras, plans, strict=True):
+                entry = plan.patches.get(part, {}).get(target)
+                if entry is None:
+                    terms.append(None)
+                    ws.append(0.0)
+                    continue
+                (term,) = entry
+                terms.append(_merge_term(lora, term.adapter, shape, name))
+                ws.append(term.strength)
+            per_module[name], weights[name] = terms, ws
+    return per_module, weights, notes
+
+
+def _metadata(loras, plans, modules, spec: MergeSpec, family: str, output_name: str) -> dict[str, str]:
+    ranks = {m.rank for m in modules.values()}
+    dim = next(iter(ranks)) if len(ranks) == 1 else "Dynamic"  # alpha = rank: stored scale 1
+    freq: dict[str, dict[str, int]] = {}
+    for lora in loras:
+        counts = tag_frequency(lora.metadata)
+        if counts:
+            freq[lora.name] = dict(counts)
+    sources = [
+        MergeSource(lora.name, p.strengths.get("unet", 1.0)) for lora, p in zip(loras, plans, strict=True)
+    ]
+    meta = kohya_metadata(
+        network_dim=dim,
+        network_alpha=dim,
+        base_model_version=_BASE_VERSIONS.get(family),
+        output_name=output_name,
+        tag_frequency=freq or None,
+        merged_from=sources,
+        merge_method=spec.method,
+        merge_rank=spec.rank,
+        merge_conv_rank=spec.conv_rank,
+        modelspec_architecture=_ARCHITECTURES.get(family),
+    )
+    meta["lora_foundry.strengths"] = json.dumps([p.strengths for p in plans])
+    return meta

@@ -1,0 +1,84 @@
+"""Resizing a whole LoRA file: lower every module's rank and write a new kohya file with the
+source's metadata carried over and the per-module energy kept reported."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from .adapters import LoraAdapter
+from .formats import parse_lora
+from .lorafile import read_lora_file
+from .lowrank import LoraModule
+from .resize import ResizeReport, resize_modules
+from .savefile import resolve_dtype, safe_output_name, save_lora
+
+
+@dataclass(frozen=True)
+class ResizeFileResult:
+    path: str
+    reports: dict[str, ResizeReport]
+
+    def text(self) -> str:
+        r = list(self.reports.values())
+        before = sorted({x.old_rank for x in r})
+        after = sorted({x.new_rank for x in r})
+        energy = [x.energy_kept for x in r]
+        lines = [
+            f"wrote {os.path.basename(self.path)}: {len(r)} modules",
+            f"rank {_span(before)} -> {_span(after)}",
+            f"energy kept: mean {sum(energy) / len(energy):.4f}, lowest {min(energy):.4f}",
+        ]
+        worst = sorted(self.reports.items(), key=lambda kv: kv[1].energy_kept)[:5]
+        lines += [
+            f"  {name}: rank {rep.old_rank} -> {rep.new_rank}, energy {rep.energy_kept:.4f}"
+            for name, rep in worst
+        ]
+        return "\n".join(lines)
+
+
+def _span(values: list[int]) -> str:
+    return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
+
+
+def _kohya_modules(path: str) -> dict[str, LoraModule]:
+    parsed = parse_lora(read_lora_file(path).tensors)
+    name = os.path.basename(path)
+    modules = {}
+    for module, adapter in parsed.modules.items():
+        if not isinstance(adapter, LoraAdapter) or adapter.dora_scale is not None or adapter.mid is not None:
+            raise ValueError(
+                f"{name}: module {module} is {type(adapter).__name__}"
+                f"{' with DoRA' if getattr(adapter, 'dora_scale', None) is not None else ''}"
+                f"{' (Tucker)' if getattr(adapter, 'mid', None) is not None else ''}; Resize LoRA handles plain "
+                "LoRA/LoCon modules only"
+            )
+        if not module.startswith("lora_"):
+            raise ValueError(
+                f"{name} is not in kohya layout (module {module}); merge it once with Merge LoRAs (method concat) "
+                "to get a kohya file, then resize that"
+            )
+        alpha = adapter.alpha if adapter.alpha is not None else float(adapter.rank)
+        modules[module] = LoraModule(adapter.up, adapter.down, float(alpha))
+    if not modules:
+        raise ValueError(f"{name} holds no LoRA modules to resize")
+    return modules
+
+
+def resize_file(src: str, out_dir: str, output_name: str, mode: str, value: float, dtype: str = "fp16",
+                overwrite: bool = False) -> ResizeFileResult:  # fmt: skip
+    path = os.path.join(out_dir, safe_output_name(output_name))
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another output_name or switch overwrite on")
+    if os.path.realpath(path) == os.path.realpath(src):
+        raise ValueError("output_name is the source file itself; choose a new name (the original is kept)")
+    result = resize_modules(_kohya_modules(src), mode, value)
+    meta = dict(read_lora_file(src).metadata)
+    ranks = {m.rank for m in result.modules.values()}
+    meta["ss_network_dim"] = str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic"
+    meta["ss_network_alpha"] = meta["ss_network_dim"]
+    meta["ss_output_name"] = output_name
+    meta["lora_foundry.resize"] = json.dumps({"source": os.path.basename(src), "mode": mode, "value": value})
+    save_lora(path, result.modules, meta, resolve_dtype(dtype), overwrite=overwrite)
+    return ResizeFileResult(path=path, reports=dict(result.reports))
