@@ -22,6 +22,14 @@ from ..lora_core.patching import Term, apply_terms, apply_terms_
 log = logging.getLogger("lora_foundry")
 
 
+_PROBE = torch.zeros(1)
+
+
+def _is_identity(function) -> bool:
+    # ComfyUI passes ``lambda a: a`` when a patch has no function; it returns its argument itself.
+    return function is None or function(_PROBE) is _PROBE
+
+
 class FoundryPatch(comfy.weight_adapter.WeightAdapterBase):
     """All of a LoRA stack's terms for one weight, applied in one pass when the model loads.
 
@@ -41,14 +49,14 @@ class FoundryPatch(comfy.weight_adapter.WeightAdapterBase):
         terms = self.terms
         if strength != 1.0:
             terms = tuple(Term(t.adapter, t.strength * strength) for t in terms)
-        if function is None and weight.dtype == torch.float32:
+        if _is_identity(function) and weight.dtype == torch.float32:
             # The usual case: ModelPatcher hands over a float32 working copy; patch it in place.
             new = apply_terms_(terms, weight)
             if new is not weight:
                 weight.copy_(new)
             return weight
         new = apply_terms(terms, weight)
-        if function is not None:
+        if not _is_identity(function):
             # ComfyUI's convention: ``function`` maps the change before it is added.
             new = weight + function(new - weight)
         # In place: with an offset, ComfyUI hands over a narrowed view and keeps the full tensor.
@@ -123,3 +131,220 @@ def progress(total: int) -> Callable[..., None]:
         bar.update_absolute(done, total)
 
     return step
+
+
+# --- training ---
+# What Train LoRA needs from ComfyUI, handed to lora_core.train as plain modules and callables.
+
+TRAIN_EVENT = "lora_foundry.train"  # live training progress; the frontend listens for this name
+
+
+def _kohya_name(names, ldm_name: str, prefer: str) -> str | None:
+    """The spelling kohya's trainers write: diffusers-style (``lora_unet_down_blocks_...``) over
+    the ComfyUI/LDM-style alias (``lora_unet_input_blocks_...``) when ComfyUI knows both."""
+    kohya = [n for n in names if isinstance(n, str) and n.startswith(prefer)]
+    if not kohya:
+        return None
+    other = [n for n in kohya if n != ldm_name]
+    return sorted(other or kohya, key=len)[0]
+
+
+def unet_train_targets(model) -> list:
+    """Every weight of the MODEL a LoRA file can address, as lora_core Targets (kohya names)."""
+    from ..lora_core.train.network import Target
+
+    by_key: dict[str, list[str]] = {}
+    present = set(model.model.state_dict())  # ComfyUI's map also names weights a model may lack
+    for name, key in unet_key_map(model).items():
+        if isinstance(key, str) and key.endswith(".weight") and key in present:
+            by_key.setdefault(key, []).append(name)
+    out = []
+    for key, names in by_key.items():
+        path = key[: -len(".weight")]
+        ldm = "lora_unet_" + path[len("diffusion_model.") :].replace(".", "_")
+        name = _kohya_name(names, ldm, "lora_unet_")
+        if name is not None:
+            out.append(Target(name, path, model.model.get_submodule(path)))
+    return out
+
+
+def clip_train_targets(clip) -> list:
+    """The text encoder's weights as Targets: lora_te_ (one encoder) or lora_te1_/lora_te2_ (SDXL)."""
+    from ..lora_core.train.network import Target
+
+    encoder = clip.cond_stage_model
+    by_key: dict[str, list[str]] = {}
+    present = set(encoder.state_dict())
+    for name, key in clip_key_map(clip).items():
+        if isinstance(key, str) and key.endswith(".weight") and key in present:
+            by_key.setdefault(key, []).append(name)
+    two = any(k.startswith("clip_g.") for k in by_key)
+    out = []
+    for key, names in by_key.items():
+        prefixes = ("lora_te1_", "lora_te2_") if two else ("lora_te_", "lora_te1_")
+        name = next((n for p in prefixes for n in sorted(names) if n.startswith(p)), None)
+        if name is not None:
+            path = key[: -len(".weight")]
+            out.append(Target(name, path, encoder.get_submodule(path)))
+    return out
+
+
+def _trainable_weights(module) -> None:
+    # Weights loaded while ComfyUI runs a graph are inference tensors, which autograd cannot save
+    # for backward; a plain copy (same values, same Parameter object) can be.
+    with torch.inference_mode(False):
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.is_inference():
+                tensor.data = tensor.data.clone()
+
+
+def prepare_for_training(model, clip=None) -> torch.device:
+    """Loads MODEL (and CLIP) with their patches, weights usable by autograd; returns the device."""
+    comfy.model_management.load_models_gpu([model], force_full_load=True)
+    model.model.requires_grad_(False)
+    _trainable_weights(model.model)
+    if clip is not None:
+        clip.load_model()
+        clip.cond_stage_model.requires_grad_(False)
+        _trainable_weights(clip.cond_stage_model)
+    return model.load_device
+
+
+def noise_schedule(model):
+    """The MODEL's discrete noise schedule and prediction type, for lora_core.train."""
+    import comfy.model_base
+    import comfy.model_sampling
+
+    from ..lora_core.train.loss import NoiseSchedule
+
+    sampling = model.model.model_sampling
+    kinds = {comfy.model_base.ModelType.EPS: "eps", comfy.model_base.ModelType.V_PREDICTION: "v"}
+    kind = kinds.get(model.model.model_type)
+    if kind is None or not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
+        raise ValueError(
+            f"training supports discrete-schedule eps / v-prediction models (SD1.x, SD2.x, SDXL); "
+            f"this model is {model_class_name(model)} with {model.model.model_type.name}"
+        )
+    return NoiseSchedule.from_sigmas(sampling.sigmas.detach().cpu(), kind)
+
+
+def noise_predictor(model) -> Callable:
+    """predict(x_t, timesteps, cond) -> the UNet's raw output (eps or v), for lora_core.train.
+
+    Calls the diffusion model directly (no sampler, no CFG); SDXL's size vector is built from the
+    batch's pixel size (bucket), the pooled text embedding from cond["pooled"].
+    """
+    base = model.model
+    unet = base.diffusion_model
+    dtype = base.manual_cast_dtype or base.get_dtype()
+    device = model.load_device
+
+    def predict(x, timesteps, cond):
+        context = cond["context"].to(device, dtype)
+        extra = {}
+        if base.adm_channels:
+            h, w = x.shape[-2] * 8, x.shape[-1] * 8
+            y = base.encode_adm(pooled_output=cond["pooled"].to(device), width=w, height=h, crop_w=0, crop_h=0,
+                                target_width=w, target_height=h, device=device)  # fmt: skip
+            extra["y"] = y.to(device, dtype)
+        return unet(x.to(device, dtype), timesteps.to(device).float(), context=context,
+                    transformer_options={}, **extra)  # fmt: skip
+
+    return predict
+
+
+def checkpoint_blocks(model) -> list:
+    """The UNet blocks gradient checkpointing wraps: each input, middle and output block."""
+    unet = model.model.diffusion_model
+    return [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+
+
+def latent_transform(model) -> Callable:
+    """Raw VAE latents -> the model's latent space (SD's 0.18215 scale and the like)."""
+    return model.model.process_latent_in
+
+
+def image_encoder(vae) -> Callable:
+    """(B, H, W, 3) 0..1 pixels -> raw VAE latents."""
+
+    def encode(pixels):
+        with torch.inference_mode(False), torch.no_grad():
+            return vae.encode(pixels[..., :3]).float().clone()
+
+    return encode
+
+
+def text_encoder(clip) -> Callable:
+    """captions -> {"context": (B, L, D), "pooled": (B, P)}; differentiable through CLIP LoRA hooks."""
+
+    def encode(captions):
+        conds, pooled = [], []
+        for caption in captions:
+            cond, pool = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
+            conds.append(cond)
+            pooled.append(pool if pool is not None else torch.zeros(1, 1))
+        from ..lora_core.train.dataset import stack_conds
+
+        return stack_conds([{"context": c, "pooled": p} for c, p in zip(conds, pooled, strict=True)])
+
+    return encode
+
+
+def input_directory() -> str:
+    return folder_paths.get_input_directory()
+
+
+def cache_directory() -> str:
+    return os.path.join(folder_paths.get_output_directory(), "lora_foundry_cache")
+
+
+def send_event(data: dict) -> None:
+    """A training progress event to the browser (nothing when no server runs, e.g. in tests)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if instance is not None:
+        instance.send_sync(TRAIN_EVENT, data)
+
+
+def base_model_version(model) -> str:
+    """kohya's ss_base_model_version for the MODEL's family."""
+    return {"SD15": "sd_v1", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SDXL": "sdxl_base_v1-0"}.get(
+        model_class_name(model), model_class_name(model).lower()
+    )
+
+
+def weights_fingerprint(obj) -> str:
+    """A stable identity of a VAE / CLIP's weights for the disk cache (same weights, same id)."""
+    import hashlib
+
+    module = getattr(obj, "first_stage_model", None) or getattr(obj, "cond_stage_model", None) or obj
+    items = list(module.state_dict().items())
+    digest = hashlib.sha1(type(module).__name__.encode())
+    for name, tensor in items[:8] + items[-8:]:
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().flatten()[:32].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def text_encoder_grad_safe(clip) -> Callable[[], None]:
+    """Lets gradients flow through ComfyUI's CLIP layers; returns the undo function.
+
+    CLIPLayer adds its residuals in place (``x += attn(norm(x))``), which overwrites the input the
+    norm saved for backward once LoRA makes x require grad; the norms get a copy instead.
+    """
+    import comfy.clip_model
+
+    handles = []
+    for module in clip.cond_stage_model.modules():
+        if isinstance(module, comfy.clip_model.CLIPLayer):
+            for norm in (module.layer_norm1, module.layer_norm2):
+                handles.append(norm.register_forward_pre_hook(lambda _m, args: (args[0].clone(), *args[1:])))
+
+    def undo() -> None:
+        for handle in handles:
+            handle.remove()
+
+    return undo

@@ -206,7 +206,7 @@ class Trainer:
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"the loss became {loss.item()} at step {self.step + 1}: training stopped. Lower the learning "
-                f"rate (now {self.cfg.lr:g}), use fp32 or bf16 instead of fp16, or enable gradient clipping"
+                f"rate (now {self.cfg.lr:g}), or use fp32 or bf16 instead of fp16"
             )
         self.scaler.scale(loss / self.cfg.grad_accum).backward()
         return float(loss.detach())

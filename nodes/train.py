@@ -1,0 +1,263 @@
+"""Training nodes: LoRA Training Dataset (a folder read into cached latents and caption embeddings)
+and Train LoRA (the run, its checkpoints, live loss, and the result applied to MODEL and CLIP)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..lora_core.savefile import safe_output_name
+from ..lora_core.train.dataset import Batches, DatasetOptions, build_dataset, scan_dataset, tag_frequency
+from ..lora_core.train.network import TARGET_HELP, TARGETS, LoraNetwork, checkpoint_forward, select_targets
+from ..lora_core.train.optim import OPTIMIZERS, MissingPackageError
+from ..lora_core.train.plot import loss_curve
+from ..lora_core.train.run import RunInfo, RunResult, fit
+from ..lora_core.train.schedule import SCHEDULERS
+from ..lora_core.train.state import STATE_SUFFIX, CheckpointPlan
+from ..lora_core.train.trainer import PRECISIONS, NonFiniteLossError, TrainConfig, Trainer
+from . import comfy_bridge as bridge
+from .load_lora import apply_lora
+
+CATEGORY = "LoRA Foundry/training"
+DATASET_TYPE = "LORA_TRAINING_DATASET"
+EXISTING = ("resume", "overwrite", "error")
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, MissingPackageError, NonFiniteLossError)
+
+
+def _tip(spec: tuple, tooltip: str) -> tuple:
+    kind, options = spec if len(spec) == 2 else (spec[0], {})
+    return (kind, {**options, "tooltip": tooltip})
+
+
+class LoraTrainingDataset:
+    DESCRIPTION = (
+        "Reads a folder of images with same-name .txt captions (kohya N_name repeat folders too) and "
+        "caches their latents and caption embeddings for Train LoRA. The folder is never changed."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "execute"
+    RETURN_TYPES = (DATASET_TYPE, "STRING")
+    RETURN_NAMES = ("dataset", "summary")
+    OUTPUT_TOOLTIPS = ("Cached training data for Train LoRA.", "Images, buckets and anything skipped.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "folder": _tip(("STRING", {"default": "lora_dataset"}), "Folder of images and .txt captions: relative to ComfyUI's input folder, or an absolute path."),
+                "vae": _tip(("VAE",), "Encodes the images to latents once, before training."),
+                "clip": _tip(("CLIP",), "Encodes the captions once (unless tags are shuffled)."),
+                "resolution": _tip(("INT", {"default": 512, "min": 64, "max": 2048, "step": 64}), "Training resolution: images go to buckets of about this many pixels squared."),
+                "trigger_word": _tip(("STRING", {"default": ""}), "Put first in every caption (and recorded in the file so loaders can show it)."),
+                "buckets": _tip(("BOOLEAN", {"default": True}), "Aspect-ratio buckets; off: every image is cropped square."),
+                "crop": _tip((["center", "random"],), "Where an image is cropped to its bucket: the centre, or a new random window each step."),
+                "flip": _tip(("BOOLEAN", {"default": False}), "Randomly mirror images left-right (not for asymmetric subjects or text)."),
+                "shuffle_tags": _tip(("BOOLEAN", {"default": False}), "Shuffle caption tags each step (captions are then encoded every step)."),
+                "keep_tags": _tip(("INT", {"default": 0, "min": 0, "max": 64}), "Tags after the trigger word that keep their place when shuffling."),
+                "caption_dropout": _tip(("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}), "Chance of training a step with an empty caption."),
+                "repeats": _tip(("INT", {"default": 1, "min": 1, "max": 1000}), "Repeats per epoch for images directly in the folder (N_name subfolders use N)."),
+                "cache": _tip((["memory", "disk"],), "Keep cached latents in memory only, or also on disk (output/lora_foundry_cache, safetensors) to reuse them next time."),
+            }
+        }  # fmt: skip
+
+    def execute(self, folder, vae, clip, resolution, trigger_word, buckets, crop, flip, shuffle_tags, keep_tags,
+                caption_dropout, repeats, cache):  # fmt: skip
+        node = "LoRA Training Dataset"
+        try:
+            options = DatasetOptions(resolution, buckets, crop, flip, trigger_word, shuffle_tags, keep_tags,
+                                     caption_dropout, repeats)  # fmt: skip
+            scan = scan_dataset(_dataset_folder(folder), options)
+            cache_dir = Path(bridge.cache_directory()) if cache == "disk" else None
+            bar = bridge.progress(len(scan.entries))
+            dataset = build_dataset(scan, options, bridge.image_encoder(vae), bridge.text_encoder(clip),
+                                    cache_dir, _encoder_id(vae, clip, cache), on_item=bar)  # fmt: skip
+        except USER_ERRORS as e:
+            raise RuntimeError(f"[{node}] {e}") from e
+        return (dataset, dataset.summary())
+
+
+def _encoder_id(vae, clip, cache: str) -> str:
+    return f"{bridge.weights_fingerprint(vae)}:{bridge.weights_fingerprint(clip)}" if cache == "disk" else ""
+
+
+def _dataset_folder(folder: str) -> Path:
+    text = folder.strip()
+    if not text:
+        raise ValueError("`folder` is empty: give a folder inside ComfyUI's input folder or an absolute path")
+    path = Path(os.path.expanduser(text))
+    path = path if path.is_absolute() else Path(bridge.input_directory()) / path
+    if not path.is_dir():
+        raise NotADirectoryError(
+            f"`folder` {path} is not a folder: give a path relative to ComfyUI's input folder "
+            f"({bridge.input_directory()}) or an absolute path"
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    rank: int
+    alpha: float
+    targets: str
+    blocks: str
+    dora: bool
+    gradient_checkpointing: bool
+
+
+class TrainLora:
+    DESCRIPTION = (
+        "Trains a LoRA on a LoRA Training Dataset: saves it into models/loras/<name>/ (kohya format with "
+        "training metadata) every N steps and at the end, resumes exactly after a stop, and outputs MODEL "
+        "and CLIP with the LoRA applied and the loss curve. Live loss is sent to the browser."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "execute"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "IMAGE")
+    RETURN_NAMES = ("MODEL", "CLIP", "lora_name", "loss_curve")
+    OUTPUT_TOOLTIPS = (
+        "The model with the trained LoRA applied (through Load LoRA's path).",
+        "The text encoder with the trained LoRA applied.",
+        "The saved file's name as Load LoRA lists it (<name>/<name>.safetensors).",
+        "Loss per step (raw and smoothed) with the learning rate on a second axis.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        targets = "; ".join(f"{k}: {v}" for k, v in TARGET_HELP.items())
+        return {
+            "required": {
+                "model": _tip(("MODEL",), "The base model to train on (SD1.x, SD2.x or SDXL)."),
+                "clip": _tip(("CLIP",), "Its text encoder: trained when te_lr > 0, and used when tags are shuffled."),
+                "dataset": _tip((DATASET_TYPE,), "From LoRA Training Dataset."),
+                "output_name": _tip(("STRING", {"default": "my_lora"}), "Saved as models/loras/<name>/<name>.safetensors, with <name>-stepNNNNNN checkpoints."),
+                "steps": _tip(("INT", {"default": 500, "min": 1, "max": 1000000}), "Optimizer steps (ignored when epochs > 0)."),
+                "epochs": _tip(("INT", {"default": 0, "min": 0, "max": 10000}), "Passes over the data set (with repeats); 0: use steps."),
+                "batch_size": _tip(("INT", {"default": 1, "min": 1, "max": 256}), "Images per batch (one bucket per batch)."),
+                "grad_accum": _tip(("INT", {"default": 1, "min": 1, "max": 256}), "Batches accumulated per optimizer step."),
+                "rank": _tip(("INT", {"default": 16, "min": 1, "max": 1024}), "LoRA rank (dim): 4-8 simple, 16-32 styles, 64-128 detailed subjects."),
+                "alpha": _tip(("FLOAT", {"default": 16.0, "min": 0.01, "max": 1024.0, "step": 0.01}), "Network alpha: the LoRA is scaled by alpha / rank (alpha = rank: scale 1)."),
+                "targets": _tip((list(TARGETS),), f"Layers to adapt. {targets}."),
+                "blocks": _tip(("STRING", {"default": ""}), "Optional UNet blocks to train, e.g. 'in4-8, mid, out0-5'; empty: all."),
+                "lr": _tip(("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 10.0, "step": 1e-6}), "UNet learning rate (Prodigy: use 1.0)."),
+                "te_lr": _tip(("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 1e-6}), "Text-encoder learning rate; 0 keeps the text encoder frozen (and its embeddings cached)."),
+                "optimizer": _tip((list(OPTIMIZERS),), "AdamW8bit needs bitsandbytes, Prodigy needs prodigyopt installed."),
+                "scheduler": _tip((list(SCHEDULERS),), "Learning-rate schedule over the whole run."),
+                "warmup_steps": _tip(("INT", {"default": 0, "min": 0, "max": 100000}), "Linear warm-up steps (wins over warmup_ratio)."),
+                "warmup_ratio": _tip(("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.01}), "Warm-up as a fraction of the run, e.g. 0.05."),
+                "min_snr_gamma": _tip(("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.5}), "Min-SNR loss weighting; 5 is usual, 0 off."),
+                "noise_offset": _tip(("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}), "Offset noise for darker/brighter images; 0.05-0.1 typical, 0 off."),
+                "loss": _tip((["MSE", "Huber"],), "MSE on the predicted noise, or Huber (robust to outliers)."),
+                "precision": _tip((list(PRECISIONS),), "Compute precision: fp32, bf16, or fp16 with loss scaling. LoRA weights stay fp32."),
+                "gradient_checkpointing": _tip(("BOOLEAN", {"default": True}), "Recompute UNet blocks in backward: much less memory, a little slower."),
+                "seed": _tip(("INT", {"default": 0, "min": 0, "max": 2**31 - 1}), "Seed for LoRA init, data order, noise and timesteps."),
+                "loraplus_ratio": _tip(("FLOAT", {"default": 1.0, "min": 0.01, "max": 64.0, "step": 0.5}), "LoRA+: the up (B) matrices learn this many times faster; 16 typical, 1 off."),
+                "dora": _tip(("BOOLEAN", {"default": False}), "DoRA: also learn a per-column magnitude (saved as dora_scale)."),
+                "save_every": _tip(("INT", {"default": 0, "min": 0, "max": 1000000}), "Save a checkpoint every N steps (0: only at the end)."),
+                "keep_last": _tip(("INT", {"default": 3, "min": 0, "max": 1000}), "Step checkpoints kept (older ones are deleted); 0 keeps all."),
+                "save_dtype": _tip((["fp16", "bf16", "fp32"],), "Precision of the saved LoRA file."),
+                "existing": _tip((list(EXISTING),), "If the run folder has files: resume from the newest state, overwrite them, or stop with an error."),
+            },
+            "optional": {
+                "cycles": _tip(("INT", {"default": 3, "min": 1, "max": 100}), "Restarts for cosine_with_restarts."),
+                "power": _tip(("FLOAT", {"default": 1.0, "min": 0.1, "max": 10.0, "step": 0.1}), "Exponent for the polynomial schedule."),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }  # fmt: skip
+
+    def execute(self, model, clip, dataset, output_name, rank, alpha, targets, blocks, dora, gradient_checkpointing,
+                save_every, keep_last, save_dtype, existing, cycles=3, power=1.0, unique_id=None, **train):  # fmt: skip
+        node = "Train LoRA"
+        try:
+            cfg = TrainConfig(**train, cycles=cycles, power=power)
+            name = safe_output_name(output_name)[: -len(".safetensors")]
+            plan = CheckpointPlan(Path(bridge.loras_dir()) / name, name, save_every, keep_last, save_dtype)
+            net = NetworkSettings(rank, alpha, targets, blocks, dora, gradient_checkpointing)
+            _handle_existing(plan, existing)
+            with torch.inference_mode(False), torch.enable_grad():
+                result = run_training(model, clip, dataset, cfg, net, plan, unique_id)
+        except USER_ERRORS as e:
+            raise RuntimeError(f"[{node}] {e}") from e
+        lora_name = bridge.register_new_lora(str(result.path))
+        new_model, new_clip, _, _ = apply_lora(node, model, clip, lora_name, 1.0, 1.0, "")
+        curve = torch.from_numpy(loss_curve(result.losses, result.lrs))[None]
+        text = (
+            f"{lora_name}: {result.step} steps, final loss {result.losses[-1]:.4f}"
+            if result.losses
+            else lora_name
+        )
+        return {"ui": {"text": [text]}, "result": (new_model, new_clip, lora_name, curve)}
+
+
+def _our_files(plan: CheckpointPlan) -> list[Path]:
+    if not plan.folder.is_dir():
+        return []
+    names = (f"{plan.name}.safetensors", f"{plan.name}{STATE_SUFFIX}", f"{plan.name}{STATE_SUFFIX}.json")
+    return [p for p in plan.folder.iterdir() if p.name in names or p.name.startswith(f"{plan.name}-step")]
+
+
+def _handle_existing(plan: CheckpointPlan, existing: str) -> None:
+    files = _our_files(plan)
+    if not files or existing == "resume":
+        return
+    if existing == "error":
+        raise ValueError(
+            f"{plan.folder} already has {len(files)} files of a run named '{plan.name}': choose another "
+            "output_name, or set `existing` to 'resume' or 'overwrite'"
+        )
+    for path in files:
+        path.unlink()
+
+
+def run_training(
+    model, clip, dataset, cfg: TrainConfig, net: NetworkSettings, plan: CheckpointPlan, unique_id
+) -> RunResult:
+    """Builds the networks and the trainer from ComfyUI's objects and runs it with checkpoints."""
+    train_te = cfg.te_lr > 0
+    needs_clip = train_te or dataset.options.captions_vary
+    if needs_clip and clip is None:
+        raise ValueError("`clip` is needed to train the text encoder (te_lr > 0) or to shuffle tags")
+    device = bridge.prepare_for_training(model, clip if needs_clip else None)
+    unet = LoraNetwork(select_targets(bridge.unet_train_targets(model), net.targets, net.blocks),
+                       net.rank, net.alpha, net.dora, cfg.seed).to(device)  # fmt: skip
+    te = None
+    if train_te:
+        te_targets = select_targets(bridge.clip_train_targets(clip), net.targets)
+        te = LoraNetwork(te_targets, net.rank, net.alpha, net.dora, cfg.seed + 1).to(device)
+    data = Batches(dataset, cfg.batch_size, bridge.latent_transform(model))
+    encode = bridge.text_encoder(clip) if needs_clip else None
+    trainer = Trainer(
+        cfg, data, bridge.noise_predictor(model), bridge.noise_schedule(model), unet, te, encode, device
+    )
+    run = RunInfo(
+        base_model=bridge.model_class_name(model),
+        base_model_version=bridge.base_model_version(model),
+        resolution=dataset.options.resolution,
+        num_images=dataset.num_images,
+        dataset_dirs=dataset.dataset_dirs(),
+        tag_frequency=tag_frequency(dataset.scan.entries, dataset.options.trigger_word),
+        targets=net.targets,
+    )
+    bar = bridge.progress(trainer.total_steps)
+
+    def on_step(report) -> None:
+        bridge.send_event({"node": unique_id, "step": report.step, "total": report.total,
+                           "loss": report.loss, "lr": report.lr, "eta_s": report.eta_s})  # fmt: skip
+        bar(report.step)
+
+    undo = [checkpoint_forward(bridge.checkpoint_blocks(model))] if net.gradient_checkpointing else []
+    if train_te:
+        undo.append(bridge.text_encoder_grad_safe(clip))
+    networks = [n for n in (unet, te) if n is not None]
+    for n in networks:
+        n.attach()
+    try:
+        return fit(trainer, plan, run, on_step, resume_existing=True)
+    finally:
+        for n in networks:
+            n.detach()
+        for fn in undo:
+            fn()
