@@ -5,6 +5,7 @@ report the user sees."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -150,8 +151,14 @@ def _shape_error(adapter: Adapter, shape: tuple[int, ...]) -> str | None:
     if isinstance(adapter, SetAdapter):
         ok = tuple(adapter.weight.shape) == shape
         return None if ok else f"set_weight {tuple(adapter.weight.shape)} vs weight {shape}"
-    if isinstance(adapter, LoraAdapter) and adapter.up.shape[0] != shape[0]:
-        return f"LoRA up {tuple(adapter.up.shape)} has {adapter.up.shape[0]} outputs, the weight {shape} has {shape[0]}"
+    if isinstance(adapter, LoraAdapter):
+        if adapter.up.shape[0] != shape[0]:
+            return f"LoRA up {tuple(adapter.up.shape)} has {adapter.up.shape[0]} outputs, the weight {shape} has {shape[0]}"
+        if adapter.mid is None and adapter.dora_scale is None:  # the common case, without a dry run
+            inputs = math.prod(adapter.down.shape[1:])
+            if inputs != math.prod(shape[1:]):
+                return f"LoRA down {tuple(adapter.down.shape)} takes {inputs} inputs, the weight {shape} has {math.prod(shape[1:])}"
+            return None
     plain = replace(adapter, dora_scale=None) if getattr(adapter, "dora_scale", None) is not None else adapter
     try:
         delta(plain, shape, "meta")

@@ -1,0 +1,174 @@
+"""Benchmark: loading and applying LoRAs on the full-size demo SD1.5, against ComfyUI core's LoraLoader.
+
+Both sides run in this process on the same model and the same files, and the script prints
+ratios (core time / ours). Phases:
+  load   : read + parse the file(s) and build the patches (what the loader node does)
+  patch  : ModelPatcher.patch_model for MODEL and CLIP, i.e. computing every patched weight
+  strength change : the loader run again with another strength (file reads counted)
+Stack: 5 rank-32 LoRAs on every attention, feed-forward and proj_in/proj_out layer of the UNet and
+every attention / MLP layer of the text encoder (264 modules): 5 chained core loaders against one
+Apply LoRA Stack (one fused patch per weight). The patched weights of both are compared.
+
+    .venv/bin/python bench/bench_lora_apply.py [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+COMFY = Path(os.environ.get("COMFYUI_PATH") or REPO / ".comfyui").resolve()
+sys.path[:0] = [str(COMFY), str(REPO / "scripts")]
+import comfy.cli_args  # noqa: E402
+
+comfy.cli_args.args.cpu = True
+import comfy.sd  # noqa: E402
+import comfy.utils  # noqa: E402
+import folder_paths  # noqa: E402
+import nodes as comfy_nodes  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+_pkg = types.ModuleType("lora_foundry")
+_pkg.__path__ = [str(REPO)]
+sys.modules["lora_foundry"] = _pkg
+from lora_foundry.lora_core import loader  # noqa: E402
+from lora_foundry.nodes.load_lora import LoadLora  # noqa: E402
+from lora_foundry.nodes.stack import ApplyLoraStack  # noqa: E402
+
+CKPT = COMFY / "models" / "checkpoints" / "lora_foundry_demo_sd15.safetensors"
+UNET_SUFFIXES = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight", ".ff.net.0.proj.weight",
+                 ".ff.net.2.weight", ".proj_in.weight", ".proj_out.weight")  # fmt: skip
+CLIP_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "out_proj.weight", "fc1.weight", "fc2.weight")
+
+
+def make_lora(model, clip, rank: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    unet_sd = model.model.diffusion_model.state_dict()
+    out = {}
+
+    def add(name, shape):
+        d_in = int(torch.Size(shape[1:]).numel())
+        extra = (1, 1) if len(shape) == 4 else ()
+        out[f"{name}.lora_down.weight"] = (torch.randn(rank, d_in, generator=g) * d_in**-0.5).reshape(rank, shape[1], *extra).half()
+        out[f"{name}.lora_up.weight"] = (torch.randn(shape[0], rank, generator=g) * 0.1).reshape(shape[0], rank, *extra).half()
+        out[f"{name}.alpha"] = torch.tensor(float(rank))
+
+    for diff_key, ldm_key in comfy.utils.unet_to_diffusers(model.model.model_config.unet_config).items():
+        if ".attentions." in diff_key and diff_key.endswith(UNET_SUFFIXES):
+            add("lora_unet_" + diff_key[: -len(".weight")].replace(".", "_"), unet_sd[ldm_key].shape)
+    for key, t in clip.cond_stage_model.state_dict().items():
+        if ".encoder.layers." in key and key.endswith(CLIP_SUFFIXES):
+            add("lora_te_" + key[len("clip_l.transformer.") : -len(".weight")].replace(".", "_"), t.shape)
+    return out
+
+
+def timed(fn, repeat: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), result
+
+
+def patch_time(model, clip, repeat: int) -> tuple[float, dict[str, torch.Tensor]]:
+    """Median time of computing every patched weight (MODEL and CLIP), and the weights themselves."""
+    weights = {}
+
+    def run():
+        model.patch_model()
+        clip.patcher.patch_model()
+        weights.clear()
+        for k in model.patches:
+            weights["m." + k] = comfy.utils.get_attr(model.model, k).detach().clone()
+        for k in clip.patcher.patches:
+            weights["c." + k] = comfy.utils.get_attr(clip.patcher.model, k).detach().clone()
+        model.unpatch_model()
+        clip.patcher.unpatch_model()
+
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        model.patch_model()
+        clip.patcher.patch_model()
+        times.append(time.perf_counter() - t)
+        model.unpatch_model()
+        clip.patcher.unpatch_model()
+    run()
+    return statistics.median(times), weights
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b), "different sets of patched weights"
+    return max(((a[k].float() - b[k].float()).abs().max() / b[k].float().abs().max()).item() for k in a)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(f"checkpoint: {CKPT.name}; torch {torch.__version__}; threads {torch.get_num_threads()}")
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(CKPT), output_vae=False, output_clip=True)
+    tmp = Path(tempfile.mkdtemp(prefix="lf_bench_"))
+    folder_paths.folder_names_and_paths["loras"] = ([str(tmp)], folder_paths.supported_pt_extensions)
+    names = []
+    for i in range(5):
+        sd = make_lora(model, clip, 32, seed=i)
+        names.append(f"bench_{i}.safetensors")
+        save_file(sd, str(tmp / names[-1]))
+    n_modules = sum(1 for k in sd if k.endswith(".alpha"))
+    print(f"5 LoRAs of rank 32 on {n_modules} modules each, {os.path.getsize(tmp / names[0]) / 2**20:.0f} MiB per file\n")
+
+    core = comfy_nodes.LoraLoader()
+    rows = []
+
+    def core_chain(entries):
+        m, c = model, clip
+        for name, s in entries:
+            core.loaded_lora = None  # a fresh node per entry, as in a graph of chained loaders
+            m, c = core.load_lora(m, c, name, s, s)
+        return m, c
+
+    def ours_stack(entries):
+        stack = [(n, s, s) for n, s in entries]
+        return ApplyLoraStack().execute(model, stack, clip=clip)["result"][:2]
+
+    def ours_one(name, s):
+        return LoadLora().execute(model, name, s, s, clip=clip)["result"][:2]
+
+    for label, entries in (("1 LoRA", [(names[0], 0.8)]), ("5 LoRAs", [(n, 0.5) for n in names])):
+        loader.CACHE._items.clear()
+        t_core_load, (cm, cc) = timed(lambda e=entries: core_chain(e), 1)
+        loader.CACHE._items.clear()
+        run = (lambda e=entries: ours_one(*e[0])) if len(entries) == 1 else (lambda e=entries: ours_stack(e))
+        t_ours_load, (om, oc) = timed(run, 1)
+        t_core_patch, w_core = patch_time(cm, cc, args.repeat)
+        t_ours_patch, w_ours = patch_time(om, oc, args.repeat)
+        rows.append((label, "load (first, from disk)", t_core_load, t_ours_load))
+        rows.append((label, "patch MODEL+CLIP", t_core_patch, t_ours_patch))
+        print(f"{label}: max relative difference of patched weights ours vs core: {max_rel_diff(w_ours, w_core):.2e}")
+
+    reads = loader.CACHE.reads
+    t_core_again, _ = timed(lambda: core.load_lora(model, clip, names[0], 0.3, 0.3), args.repeat)
+    t_ours_again, _ = timed(lambda: ours_one(names[0], 0.3), args.repeat)
+    rows.append(("1 LoRA", "strength change (node re-run)", t_core_again, t_ours_again))
+    print(f"strength change: file reads by ours: {loader.CACHE.reads - reads}; no checkpoint reload on either side\n")
+
+    print(f"{'case':10} {'phase':32} {'core s':>9} {'ours s':>9} {'core/ours':>10}")
+    for label, phase, tc, to in rows:
+        print(f"{label:10} {phase:32} {tc:9.3f} {to:9.3f} {tc / to:9.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
