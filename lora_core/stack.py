@@ -3,6 +3,7 @@ lists, and the fusion of several LoRA plans into one patch per weight."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -48,6 +49,42 @@ def read_stack(items: Iterable | None) -> list[StackEntry]:
         if name in ("", "None"):
             continue
         entries.append(StackEntry(name, float(sm), float(sc), getattr(item, "block_weights", "")))
+    return entries
+
+
+# The LoRA Stack node's JSON input, written by the frontend's row widget (web/js: same name).
+ROWS = "rows_json"
+ROW_FIELDS = ("lora", "on", "strength_model", "strength_clip", "block_weights")
+
+
+def read_rows(text: str) -> list[StackEntry]:
+    """Enabled entries from the row widget's JSON: [{"lora": ..., "on": ..., ...}, ...]."""
+    if not text or not text.strip():
+        return []
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f'{ROWS} is not valid JSON ({e}); expected a list of rows like {{"lora": "a.safetensors"}}'
+        ) from e
+    if not isinstance(rows, list):
+        raise ValueError(f"{ROWS} must be a JSON list of rows, got {type(rows).__name__}")
+    entries = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("lora"), str):
+            raise ValueError(f"{ROWS} row {i} is {row!r}; each row needs at least a 'lora' file name")
+        unknown = set(row) - set(ROW_FIELDS)
+        if unknown:
+            raise ValueError(
+                f"{ROWS} row {i} has unknown fields {sorted(unknown)}; known: {', '.join(ROW_FIELDS)}"
+            )
+        if row["lora"] in ("", "None") or not row.get("on", True):
+            continue
+        try:
+            sm, sc = float(row.get("strength_model", 1.0)), float(row.get("strength_clip", 1.0))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{ROWS} row {i}: strengths must be numbers ({e})") from e
+        entries.append(StackEntry(row["lora"], sm, sc, str(row.get("block_weights", ""))))
     return entries
 
 

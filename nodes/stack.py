@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from ..lora_core.stack import StackEntry, read_stack, to_stack_items
+from ..lora_core.stack import ROWS, StackEntry, read_rows, read_stack, to_stack_items
 from . import comfy_bridge as bridge
 from .load_lora import BLOCK_WEIGHTS_TIP, CATEGORY, STRENGTH
 from .lora_apply import apply_entries
 
 SLOTS = 4
 NONE = "None"
+ROWS_TIP = (
+    "More entries as a JSON list of rows, each {lora, on, strength_model, strength_clip, block_weights}; "
+    "the row widget of the pack's frontend writes it. Rows come after the slots above."
+)
 
 
 def _slot_inputs(i: int) -> dict:
@@ -39,11 +43,13 @@ class LoraStack:
         }
         for i in range(1, SLOTS + 1):
             optional.update(_slot_inputs(i))
+        optional[ROWS] = ("STRING", {"default": "", "tooltip": ROWS_TIP})
         return {"required": {}, "optional": optional}
 
     def execute(self, lora_stack=None, **slots):
         try:
             entries = read_stack(lora_stack)
+            rows = read_rows(slots.pop(ROWS, ""))
         except ValueError as e:
             raise RuntimeError(f"[LoRA Stack] {e}") from e
         for i in range(1, SLOTS + 1):
@@ -57,7 +63,7 @@ class LoraStack:
                         slots.get(f"block_weights_{i}", ""),
                     )
                 )
-        return (to_stack_items(entries),)
+        return (to_stack_items(entries + rows),)
 
 
 class ApplyLoraStack:

@@ -105,3 +105,22 @@ def test_stack_keeps_block_weights_through_copies(three_loras):
         **{**slots(("stack_a.safetensors", 1.0, 1.0, True)), "block_weights_1": "MIDD"}
     )
     assert copy.deepcopy(stack)[0].block_weights == "MIDD"
+
+
+def test_rows_json_entries_follow_the_slots(three_loras):
+    rows = '[{"lora": "stack_d.safetensors", "on": true, "strength_model": 0.25, "strength_clip": 0.5}, {"lora": "stack_a.safetensors", "on": false}]'
+    (stack,) = LoraStack().execute(rows_json=rows, **slots(("stack_a.safetensors", 1.0, 1.0, True)))
+    assert [tuple(e) for e in stack] == [
+        ("stack_a.safetensors", 1.0, 1.0),
+        ("stack_d.safetensors", 0.25, 0.5),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [("{", "not valid JSON"), ('{"lora": "a"}', "must be a JSON list"), ('[{"strength_model": 1}]', "row 0"),
+     ('[{"lora": "a", "weight": 1}]', "unknown fields"), ('[{"lora": "a", "strength_model": "x"}]', "numbers")],
+)  # fmt: skip
+def test_bad_rows_json_is_named(rows, message):
+    with pytest.raises(RuntimeError, match=rf"\[LoRA Stack\] rows_json.*{message}|{message}"):
+        LoraStack().execute(rows_json=rows)
