@@ -34,9 +34,9 @@ if "lora_foundry" not in sys.modules:  # the pack as a package, as tests/conftes
     _pkg = types.ModuleType("lora_foundry")
     _pkg.__path__ = [str(REPO)]
     sys.modules["lora_foundry"] = _pkg
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "scripts"))
 
-from caption_helpers import write_tags_csv  # noqa: E402
+from tiny_tagger import write_tags_csv  # noqa: E402
 
 from lora_foundry.lora_core.caption import (  # noqa: E402
     CaptionOptions,

@@ -1,5 +1,6 @@
 """The pack's node table: stable, namespaced ids (never renamed after release) -> class, display name."""
 
+from .caption import CaptionDataset, PrepareImages
 from .load_lora import LoadLora, LoadLoraModelOnly
 from .merge import MergeLoras, ResizeLora
 from .stack import ApplyLoraStack, LoraStack
@@ -11,6 +12,8 @@ NODES = [
     ("LoraFoundry_ApplyLoraStack", ApplyLoraStack, "Apply LoRA Stack (Foundry)"),
     ("LoraFoundry_MergeLoras", MergeLoras, "Merge LoRAs (Foundry)"),
     ("LoraFoundry_ResizeLora", ResizeLora, "Resize LoRA (Foundry)"),
+    ("LoraFoundry_PrepareImages", PrepareImages, "Prepare Images (Foundry)"),
+    ("LoraFoundry_CaptionDataset", CaptionDataset, "Caption Dataset (Foundry)"),
 ]
 
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, cls, _ in NODES}

@@ -17,6 +17,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINT = "lora_foundry_demo_sd15.safetensors"
 DEMO_LORA = "lora_foundry_demo_lora.safetensors"
+DEMO_TAGGER = "lora_foundry_demo_tagger/model.onnx"
+DEMO_DATASET = "lora_foundry_demo_dataset"
 
 
 @dataclass
@@ -29,6 +31,7 @@ class N:
     outputs: list[tuple[str, str]] = field(default_factory=list)  # (name, type)
     title: str | None = None
     size: tuple[int, int] = (315, 130)
+    widget_inputs: tuple[str, ...] = ()  # inputs above that replace a widget of the same name
 
 
 def note(id: int, pos: tuple[int, int], text: str) -> N:
@@ -45,7 +48,10 @@ def expand(nodes: list[N]) -> dict:
             link_id += 1
             links.append([link_id, src, slot, n.id, len(ui_inputs), typ])
             out_links.setdefault((src, slot), []).append(link_id)
-            ui_inputs.append({"name": name, "type": typ, "link": link_id})
+            entry = {"name": name, "type": typ, "link": link_id}
+            if name in n.widget_inputs:
+                entry["widget"] = {"name": name}
+            ui_inputs.append(entry)
         ui_nodes.append((n, ui_inputs))
     result = []
     for order, (n, ui_inputs) in enumerate(ui_nodes):
@@ -113,7 +119,28 @@ def load_lora_workflow() -> dict:
     return expand(nodes)
 
 
-WORKFLOWS = {"load_lora.json": load_lora_workflow}
+def caption_dataset_workflow() -> dict:
+    nodes = [
+        note(1, (0, -260), "Prepare a folder of training images, then caption it with a WD14 tagger.\n\n"
+             "Prepare Images copies the images of input/lora_foundry_demo_dataset into aspect-ratio buckets in a new "
+             "folder (the originals are never changed); Caption Dataset writes a .txt caption beside each prepared "
+             "image, trigger word first. The demo tagger only looks at colours; for real captions put a WD14 tagger "
+             "(model.onnx + selected_tags.csv, e.g. from SmilingWolf's wd-v1-4 taggers) in models/taggers/<name>/ and "
+             "pick it, and point 'source_folder' at your own images."),
+        N(2, "LoraFoundry_PrepareImages", (0, 0),
+          [DEMO_DATASET, "lora_foundry_demo_prepared", "buckets", 256, 1024, 1024, "crop", "png", True, False, True],
+          {}, [("output_folder", "STRING"), ("summary", "STRING")], size=(340, 300)),
+        N(3, "LoraFoundry_CaptionDataset", (400, 0),
+          ["lora_foundry_demo_prepared", DEMO_TAGGER, 0.5, 0.85, "foundrystyle", "overwrite", "", "", "", True, True,
+           0, "", False, 4],
+          {"folder": (2, 0, "STRING")}, [("captions", "STRING"), ("summary", "STRING"), ("previews", "IMAGE")],
+          size=(360, 460), widget_inputs=("folder",)),
+        N(4, "SaveImage", (800, 0), ["lora_foundry/caption_previews"], {"images": (3, 2, "IMAGE")}, []),
+    ]  # fmt: skip
+    return expand(nodes)
+
+
+WORKFLOWS = {"load_lora.json": load_lora_workflow, "caption_dataset.json": caption_dataset_workflow}
 
 
 def main() -> int:

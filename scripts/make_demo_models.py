@@ -17,6 +17,17 @@ import torch
 
 DEMO_CHECKPOINT = "lora_foundry_demo_sd15.safetensors"
 DEMO_LORA = "lora_foundry_demo_lora.safetensors"
+DEMO_TAGGER = "lora_foundry_demo_tagger"  # models/taggers/<this>/model.onnx + selected_tags.csv
+DEMO_DATASET = "lora_foundry_demo_dataset"  # input/<this>/*.png
+# The demo tagger reads only the mean colour of an image: a real WD14-signature model, not a trained one.
+COLOUR_TAGS = [
+    ("red theme", 0),
+    ("green theme", 0),
+    ("blue theme", 0),
+    ("bright", 0),
+    ("dark", 0),
+    ("demo", 9),
+]
 
 
 def _setup_comfy(comfy_dir: Path) -> None:
@@ -127,6 +138,30 @@ def write_demo_lora(path: Path) -> None:
     os.replace(tmp, path)
 
 
+def write_demo_tagger(folder: Path) -> None:
+    import numpy as np
+    from tiny_tagger import build_tiny_tagger
+
+    # Rows are the model's B, G, R channel means in 0..1; columns the tags above.
+    w = np.array([[-4, -4, 8, 3, -3, 0], [-4, 8, -4, 3, -3, 0], [8, -4, -4, 3, -3, 0]], np.float32)
+    build_tiny_tagger(folder, COLOUR_TAGS, probs=[0.3, 0.3, 0.3, 0.1, 0.9, 0.5], size=64, weights=w)
+
+
+def write_demo_dataset(folder: Path, n: int = 6) -> None:
+    """Small images of coloured shapes in three aspect ratios (so buckets differ)."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = [(220, 40, 40), (40, 200, 60), (40, 60, 220)]
+    sizes = [(320, 320), (384, 256), (256, 384)]
+    for i in range(n):
+        w, h = sizes[i % 3]
+        img = Image.new("RGB", (w, h), tuple(c // 4 for c in colours[i % 3]))
+        draw = ImageDraw.Draw(img)
+        draw.ellipse([w // 6 + 8 * i, h // 6, w - w // 6, h - h // 6 - 4 * i], fill=colours[i % 3])
+        img.save(folder / f"demo_{i:02d}.png")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -138,9 +173,13 @@ def main() -> int:
     _setup_comfy(comfy_dir)
     ckpt = comfy_dir / "models" / "checkpoints" / DEMO_CHECKPOINT
     lora = comfy_dir / "models" / "loras" / DEMO_LORA
+    tagger = comfy_dir / "models" / "taggers" / DEMO_TAGGER
+    dataset = comfy_dir / "input" / DEMO_DATASET
     for path, writer, what in (
         (ckpt, write_checkpoint, "demo SD1.5 checkpoint (random weights, 2.1 GB)"),
         (lora, write_demo_lora, "demo LoRA"),
+        (tagger, write_demo_tagger, "demo colour tagger (WD14 signature)"),
+        (dataset, write_demo_dataset, "demo image folder"),
     ):
         if path.exists() and not args.force:
             continue

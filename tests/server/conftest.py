@@ -54,4 +54,10 @@ def demo_models(server):
     lora = server.base_dir / "models" / "loras" / make_demo_models.DEMO_LORA
     if not lora.exists():
         make_demo_models.write_demo_lora(lora)
-    return {"checkpoint": ckpt, "lora": lora}
+    tagger = server.base_dir / "models" / "taggers" / make_demo_models.DEMO_TAGGER
+    if not tagger.exists():
+        make_demo_models.write_demo_tagger(tagger)
+    dataset = server.base_dir / "input" / make_demo_models.DEMO_DATASET
+    if not dataset.exists():
+        make_demo_models.write_demo_dataset(dataset)
+    return {"checkpoint": ckpt, "lora": lora, "tagger": tagger, "dataset": dataset}

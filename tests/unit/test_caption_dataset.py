@@ -5,7 +5,7 @@ import threading
 
 import numpy as np
 import pytest
-from caption_helpers import build_tiny_tagger
+from tiny_tagger import build_tiny_tagger
 from PIL import Image
 
 from lora_foundry.lora_core.caption import captions as captions_mod

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 import pytest
-from caption_helpers import build_tiny_tagger, write_tags_csv
+from tiny_tagger import build_tiny_tagger, write_tags_csv
 
 from lora_foundry.lora_core.caption import tagger as tagger_mod
 from lora_foundry.lora_core.caption.tagger import (

@@ -1,4 +1,4 @@
-"""A tiny WD14-signature ONNX tagger built with onnx.helper, shared by the caption tests and bench.
+"""A tiny WD14-signature ONNX tagger built with onnx.helper: used by the caption tests, the benchmark and the demo.
 
 The graph: input `input_1:0` (N, S, S, 3) float32 -> mean over H, W -> / 255 -> @ W (3, T) + b
 -> sigmoid (optional) -> `predictions_sigmoid` (N, T). With W = 0 every image gets sigmoid(b), so
