@@ -191,11 +191,16 @@ def clip_train_targets(clip) -> list:
 
 def _trainable_weights(module) -> None:
     # Weights loaded while ComfyUI runs a graph are inference tensors, which autograd cannot save
-    # for backward; a plain copy (same values, same Parameter object) can be.
+    # for backward. Each is replaced by a plain copy (same values), as ComfyUI's set_attr_param
+    # replaces parameters when it patches; swapping only .data would keep the inference wrapper.
     with torch.inference_mode(False):
-        for tensor in [*module.parameters(), *module.buffers()]:
-            if tensor.is_inference():
-                tensor.data = tensor.data.clone()
+        for sub in module.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is not None and p.is_inference():
+                    sub._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+            for name, b in list(sub._buffers.items()):
+                if b is not None and b.is_inference():
+                    sub._buffers[name] = b.clone()
 
 
 def prepare_for_training(model, clip=None) -> torch.device:

@@ -1,0 +1,206 @@
+"""Benchmark: Train LoRA against ComfyUI core's TrainLoraNode, same run, same inputs.
+
+The demo SD1.5 checkpoint (full size, random weights), the same generated images and captions,
+rank, batch size, precision, resolution and gradient checkpointing. Each side runs in its own
+subprocess (checkpoint loaded the way CheckpointLoaderSimple does, nodes run inside
+torch.inference_mode as ComfyUI's executor runs them), so peak RSS (ru_maxrss) is the side's own.
+Seconds per step are the mean interval between optimizer steps after the first (warm-up) step.
+Core gets its latents as a list of single-image LATENTs: one LATENT batch crashes it
+(UnboundLocalError 'multi_res'). Ours runs with its default targets (attention) and with every
+Linear and convolution (all_linear_conv), the layers core trains (core also trains norms and biases).
+
+    .venv/bin/python bench/bench_train.py                    # 64x64, fp32
+    .venv/bin/python bench/bench_train.py --full             # also 256x256
+    .venv/bin/python bench/bench_train.py --precision bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+COMFY = Path(os.environ.get("COMFYUI_PATH") or REPO / ".comfyui").resolve()
+CHECKPOINT = "lora_foundry_demo_sd15.safetensors"
+
+
+def make_images(folder: Path, count: int, size: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"zkw, sample {i}, noise")
+
+
+def _setup_comfy(base: Path):
+    sys.path.insert(0, str(COMFY))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import folder_paths
+
+    folder_paths.set_output_directory(str(base / "output"))
+    folder_paths.set_input_directory(str(base / "input"))
+    folder_paths.folder_names_and_paths["loras"] = (
+        [str(base / "loras")],
+        folder_paths.supported_pt_extensions,
+    )
+    (base / "loras").mkdir(exist_ok=True)
+    import nodes
+
+    with _inference():
+        return nodes.CheckpointLoaderSimple().load_checkpoint(CHECKPOINT)
+
+
+def _inference():
+    import torch
+
+    return torch.inference_mode()
+
+
+def _intervals(times: list[float]) -> float:
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    return sum(gaps) / len(gaps) if gaps else float("nan")
+
+
+def worker_ours(args, base: Path) -> dict:
+    import types
+
+    model, clip, vae = _setup_comfy(base)
+    # The pack as the package lora_foundry without running its __init__ (as the tests load it).
+    package = types.ModuleType("lora_foundry")
+    package.__path__ = [str(REPO)]
+    sys.modules["lora_foundry"] = package
+    from lora_foundry.nodes import comfy_bridge as bridge
+    from lora_foundry.nodes import train as pack
+
+    times: list[float] = []
+    bridge.send_event = lambda data: times.append(time.perf_counter())
+    with _inference():
+        dataset, _ = pack.LoraTrainingDataset().execute(
+            str(base / "input" / "images"),
+            vae,
+            clip,
+            args.res,
+            "",
+            False,
+            "center",
+            False,
+            False,
+            0,
+            0.0,
+            1,
+            "memory",
+        )
+        pack.TrainLora().execute(
+            model, clip, dataset, output_name="bench", steps=args.steps + 1, epochs=0, batch_size=args.batch,
+            grad_accum=1, rank=args.rank, alpha=float(args.rank), targets=args.targets, blocks="", lr=1e-4,
+            te_lr=0.0, optimizer="AdamW", scheduler="constant", warmup_steps=0, warmup_ratio=0.0,
+            min_snr_gamma=0.0, noise_offset=0.0, loss="MSE", precision=args.precision,
+            gradient_checkpointing=args.checkpointing, seed=0, loraplus_ratio=1.0, dora=False, save_every=0,
+            keep_last=1, save_dtype="fp16", existing="overwrite",
+        )  # fmt: skip
+    return {"s_per_step": _intervals(times), "steps_timed": len(times) - 1}
+
+
+def worker_core(args, base: Path) -> dict:
+    model, clip, vae = _setup_comfy(base)
+    import comfy.utils
+    import numpy as np
+    import torch
+    from comfy_extras.nodes_train import TrainLoraNode
+    from PIL import Image
+
+    import nodes
+
+    latents, positive = [], []
+    with _inference():
+        for png in sorted((base / "input" / "images").glob("*.png")):
+            pixels = torch.from_numpy(np.asarray(Image.open(png), dtype=np.float32) / 255.0)[None]
+            latents.append(nodes.VAEEncode().encode(vae, pixels)[0])
+            positive.append(nodes.CLIPTextEncode().encode(clip, png.with_suffix(".txt").read_text())[0])
+    times: list[float] = []
+    comfy.utils.set_progress_bar_global_hook(lambda *a, **k: times.append(time.perf_counter()))
+    dtype = {"fp32": "fp32", "bf16": "bf16"}[args.precision]
+    with _inference():
+        TrainLoraNode.execute(
+            model=[model], latents=latents, positive=positive, batch_size=[args.batch], steps=[args.steps + 1],
+            grad_accumulation_steps=[1], learning_rate=[1e-4], rank=[args.rank], optimizer=["AdamW"],
+            loss_function=["MSE"], seed=[0], training_dtype=[dtype], lora_dtype=["fp32"], algorithm=["LoRA"],
+            gradient_checkpointing=[args.checkpointing], existing_lora=["[None]"],
+        )  # fmt: skip
+    return {"s_per_step": _intervals(times), "steps_timed": len(times) - 1}
+
+
+def run_side(side: str, args, base: Path, targets: str = "attention") -> dict:
+    cmd = [sys.executable, __file__, "--worker", side, "--res", str(args.res), "--steps", str(args.steps),
+           "--rank", str(args.rank), "--batch", str(args.batch), "--precision", args.precision,
+           "--targets", targets, "--base", str(base)]  # fmt: skip
+    if not args.checkpointing:
+        cmd.append("--no-checkpointing")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"{side} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def compare(args, res: int) -> None:
+    args.res = res
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        make_images(base / "input" / "images", args.images, res)
+        core = run_side("core", args, base)
+        ours = run_side("ours", args, base, "attention")
+        ours_all = run_side("ours", args, base, "all_linear_conv")
+    print(f"\n{res}x{res}, {args.precision}, rank {args.rank}, batch {args.batch}, "
+          f"checkpointing {args.checkpointing}, {args.steps} timed steps")  # fmt: skip
+    print(f"{'':28}{'s/step':>10}{'peak RSS GB':>14}{'speed-up':>10}{'RSS ratio':>11}")
+    for label, r in (
+        ("core TrainLoraNode", core),
+        ("ours, attention (default)", ours),
+        ("ours, all Linear+Conv", ours_all),
+    ):
+        speed = core["s_per_step"] / r["s_per_step"]
+        mem = r["peak_rss_gb"] / core["peak_rss_gb"]
+        print(f"{label:28}{r['s_per_step']:10.2f}{r['peak_rss_gb']:14.2f}{speed:9.2f}x{mem:10.2f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--full", action="store_true", help="also 256x256")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--images", type=int, default=4)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    p.add_argument("--worker", choices=["ours", "core"])
+    p.add_argument("--targets", default="attention")
+    p.add_argument("--res", type=int, default=64)
+    p.add_argument("--base")
+    args = p.parse_args()
+    if args.worker:
+        base = Path(args.base)
+        result = (worker_ours if args.worker == "ours" else worker_core)(args, base)
+        result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    started = time.time()
+    for res in (64, 256) if args.full else (64,):
+        compare(args, res)
+    print(f"\n(total {time.time() - started:.0f} s; command: {' '.join(sys.argv)})")
+
+
+if __name__ == "__main__":
+    main()
