@@ -1,0 +1,125 @@
+"""The real ComfyUI frontend in headless Chromium (Debian's chromium driven by Playwright), against
+the real-server fixtures. One browser and one page per session; each test starts from an empty
+graph, fails on console errors from this pack's extension, and leaves a screenshot in
+test-artifacts/browser/. Set-up: scripts/setup_browser.sh."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from comfy_server import PACK_LINK_NAME, REPO
+from server_fixtures import demo_models, object_info, server, server_loras  # noqa: F401
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]  # fmt: skip
+ARTIFACTS = REPO / "test-artifacts" / "browser"
+# Console text, failed URLs and stack frames that come from this pack's extension.
+OURS = re.compile(
+    rf"/extensions/{re.escape(PACK_LINK_NAME)}/|/extensions/scripts/|LoraFoundry|lora_foundry", re.I
+)
+# The frontend asks the Comfy registry about node ids; those requests are blocked here, not our errors.
+EXTERNAL = re.compile(r"https?://(?!127\.0\.0\.1[:/])")
+
+
+@dataclass
+class PageLog:
+    """Everything the page reported, so each test can check what happened during it."""
+
+    entries: list[str] = field(default_factory=list)
+
+    def ours_since(self, start: int) -> list[str]:
+        return [
+            e
+            for e in self.entries[start:]
+            if e.startswith(("error", "pageerror", "http")) and OURS.search(e) and not EXTERNAL.search(e)
+        ]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("playwright is not installed: run scripts/setup_browser.sh")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no browser at {CHROMIUM}: run scripts/setup_browser.sh (or set CHROMIUM)")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+        yield b
+        b.close()
+
+
+def _record(page, log: PageLog) -> None:
+    def on_console(msg):
+        loc = msg.location or {}
+        log.entries.append(f"{msg.type}: {msg.text} @ {loc.get('url', '')}")
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda err: log.entries.append(f"pageerror: {err} {err.stack or ''}"))
+    page.on("response", lambda r: r.status >= 400 and log.entries.append(f"http {r.status}: {r.url}"))
+
+
+@pytest.fixture(scope="session")
+def comfy_session(browser, server):  # noqa: F811 - the fixture imported above
+    """The ComfyUI page with the pack loaded; other sites are blocked (the machine has no internet)."""
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    log = PageLog()
+    _record(page, log)
+    page.route(re.compile(r"^https?://(?!127\.0\.0\.1[:/])"), lambda route: route.abort())
+    page.goto(server.url + "/", wait_until="domcontentloaded")
+    page.wait_for_function(
+        "() => window.app?.graph && window.app.extensions?.some((e) => e.name.startsWith('Comfy.'))",
+        timeout=120_000,
+    )
+    page.wait_for_timeout(500)  # extensions finish their setup() after the first ones register
+    yield page, log
+    page.close()
+
+
+@pytest.fixture
+def comfy(comfy_session, request):
+    """The session's page with an empty graph; fails the test on errors from our extension."""
+    page, log = comfy_session
+    start = len(log.entries)
+    page.evaluate("() => { app.graph.clear(); app.canvas.ds.scale = 1; app.canvas.ds.offset = [80, 120]; }")
+    yield ComfyPage(page)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.evaluate("() => app.graph.setDirtyCanvas(true, true)")
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"))
+    errors = log.ours_since(start)
+    assert not errors, "errors from the LoRA Foundry extension:\n" + "\n".join(errors)
+
+
+class ComfyPage:
+    """Small helpers over the page's ComfyUI app object."""
+
+    def __init__(self, page):
+        self.page = page
+
+    def js(self, code: str, arg=None):
+        return self.page.evaluate(code, arg)
+
+    def load(self, workflow: dict) -> None:
+        self.js("async (wf) => { await app.loadGraphData(wf); app.canvas.ds.scale = 0.8; }", workflow)
+
+    def queue(self) -> str:
+        """Queues the graph through the frontend; returns the prompt id the server gave it."""
+        with self.page.expect_response(
+            lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST", timeout=60_000
+        ) as info:
+            self.js("() => app.queuePrompt(0, 1)")
+        resp = info.value
+        body = resp.json()
+        assert resp.status == 200, f"the server refused the prompt: {body}"
+        return body["prompt_id"]
+
+    def nodes_of(self, node_type: str) -> list[int]:
+        return self.js("(t) => app.graph.nodes.filter((n) => n.type === t).map((n) => n.id)", node_type)

@@ -1,0 +1,208 @@
+"""The pack in the real ComfyUI frontend: the extension loads, every shipped workflow opens from the
+templates dialog and runs, rows set in the LoRA Stack widget reach Python, the loss chart draws."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from comfy_server import PACK_LINK_NAME, REPO, output_files
+
+pytestmark = pytest.mark.server
+
+WORKFLOWS = sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
+TRAIN_EVENT = "lora_foundry.train"  # nodes/comfy_bridge.py TRAIN_EVENT
+ROWS = "rows_json"  # lora_core/stack.py ROWS
+EXTENSIONS = ("LoraFoundry.Report", "LoraFoundry.StackRows", "LoraFoundry.LossChart")
+
+
+def test_page_loads_with_the_pack(comfy, object_info):
+    names = comfy.js("() => app.extensions.map((e) => e.name)")
+    assert set(EXTENSIONS) <= set(names), f"our extensions are not all registered: {names}"
+    ours = sorted(k for k in object_info if k.startswith("LoraFoundry_"))
+    missing = comfy.js("(ids) => ids.filter((id) => !LiteGraph.registered_node_types[id])", ours)
+    assert ours and not missing, f"node types the frontend does not know: {missing}"
+
+
+def open_template(comfy, name: str) -> None:
+    """Opens a workflow the way a user does: Templates, the pack's category, then its card."""
+    page = comfy.page
+    comfy.js("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    page.get_by_text(PACK_LINK_NAME, exact=True).first.click(timeout=30_000)
+    page.get_by_text(name, exact=True).first.click(timeout=30_000)
+    page.wait_for_function("() => app.graph.nodes.length > 0", timeout=30_000)
+    page.get_by_text(PACK_LINK_NAME, exact=True).first.wait_for(state="hidden", timeout=30_000)
+
+
+def graph_problems(comfy, workflow: dict) -> list[str]:
+    """Nodes the frontend does not know, and widget values it did not keep, after loading."""
+    loaded = comfy.js("() => app.graph.serialize().nodes")
+    by_id = {n["id"]: n for n in loaded}
+    problems = []
+    unknown = comfy.js(
+        "() => app.graph.nodes.filter((n) => !LiteGraph.registered_node_types[n.type]).map((n) => n.type)"
+    )
+    problems += [f"unknown node type {t}" for t in unknown]
+    for node in workflow["nodes"]:
+        got = by_id.get(node["id"])
+        if got is None:
+            problems.append(f"node {node['id']} ({node['type']}) was not loaded")
+        elif got.get("widgets_values", []) != node.get("widgets_values", []):
+            problems.append(
+                f"node {node['id']} ({node['type']}) widgets {got.get('widgets_values')} != file {node.get('widgets_values')}"
+            )
+    return problems
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_shipped_workflow_opens_from_templates_and_runs(comfy, server, demo_models, name):
+    workflow = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+    open_template(comfy, name)
+    assert not graph_problems(comfy, workflow), graph_problems(comfy, workflow)
+    comfy.js("() => app.canvas.ds.scale = 0.7")
+    entry = server.wait(comfy.queue(), timeout=900)
+    assert output_files(entry), f"{name} wrote no output"
+    types = {str(n["id"]): n["type"] for n in workflow["nodes"]}
+    for node_id, out in entry["outputs"].items():
+        if types.get(node_id, "").startswith("LoraFoundry_") and out.get("text"):
+            first_line = out["text"][0].splitlines()[0][:40]
+            comfy.page.wait_for_function(
+                "([id, text]) => app.graph.getNodeById(Number(id))?.__lfPanel?.root.textContent.includes(text)",
+                arg=[node_id, first_line],
+                timeout=30_000,
+            )
+    for node_id in comfy.nodes_of("LoraFoundry_TrainLora"):
+        points = comfy.js("(id) => app.graph.getNodeById(id).__lfLoss.points.length", node_id)
+        assert points > 0, f"the loss chart of Train LoRA node {node_id} drew no points"
+
+
+# --- LoRA Stack rows -------------------------------------------------------------------------
+
+ROW_B = "lora_foundry_row_b.safetensors"
+ROW_B_TRIGGER = "rowbword"
+
+
+@pytest.fixture
+def row_loras(demo_models, server_loras):
+    """The demo LoRA and a copy with its own trigger word, so the result tells them apart."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = server_loras / ROW_B
+    if not path.exists():
+        with safe_open(str(demo_models["lora"]), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+            meta = dict(f.metadata())
+        meta["ss_tag_frequency"] = json.dumps({"b": {ROW_B_TRIGGER: 5}})
+        save_file(tensors, str(path), metadata=meta)
+    return demo_models["lora"].name, ROW_B
+
+
+STACK_GRAPH = """async ([ckpt]) => {
+  const add = (type, pos) => { const n = LiteGraph.createNode(type); n.pos = pos; app.graph.add(n); return n; };
+  const ck = add("CheckpointLoaderSimple", [20, 120]);
+  ck.widgets.find((w) => w.name === "ckpt_name").value = ckpt;
+  const stack = add("LoraFoundry_LoraStack", [360, 20]);
+  const apply = add("LoraFoundry_ApplyLoraStack", [830, 120]);
+  const preview = add("PreviewAny", [1180, 120]);
+  ck.connect(0, apply, apply.findInputSlot("model"));
+  ck.connect(1, apply, apply.findInputSlot("clip"));
+  stack.connect(0, apply, apply.findInputSlot("lora_stack"));
+  apply.connect(apply.findOutputSlot("trigger_words"), preview, 0);
+  app.graph.setDirtyCanvas(true, true);
+  return { stack: stack.id, apply: apply.id };
+}"""
+
+
+def test_stack_rows_reach_python(comfy, server, row_loras):
+    lora_a, lora_b = row_loras
+    page = comfy.page
+    comfy.js("() => app.refreshComboInNodes()")
+    ids = comfy.js(STACK_GRAPH, ["lora_foundry_demo_sd15.safetensors"])
+    rows = page.locator("[data-lora-foundry=rows]")
+    rows.locator(".lf-add").click()
+    rows.locator(".lf-add").click()
+    first, second = rows.locator(".lf-row").nth(0), rows.locator(".lf-row").nth(1)
+    first.locator("select").select_option(lora_a)
+    first.locator("input[type=number]").nth(0).fill("0.7")
+    first.locator("input[type=number]").nth(0).press("Tab")
+    second.locator("select").select_option(lora_b)
+    second.locator("input[type=checkbox]").uncheck()
+    hidden = "([id, name]) => app.graph.getNodeById(id).widgets.find((w) => w.name === name).hidden"
+    assert comfy.js(hidden, [ids["stack"], ROWS]) is True, "the raw rows_json text widget is shown"
+
+    entry = server.wait(comfy.queue(), timeout=600)
+    sent = json.loads(entry["prompt"][2][str(ids["stack"])]["inputs"][ROWS])
+    assert [(r["lora"], r["on"], r["strength_model"]) for r in sent] == [
+        (lora_a, True, 0.7),
+        (lora_b, False, 1.0),
+    ]
+    ui = entry["outputs"][str(ids["apply"])]
+    assert "foundrystyle" in ui["trigger_words"][0] and ROW_B_TRIGGER not in ui["trigger_words"][0], ui
+
+    second.locator("input[type=checkbox]").check()  # row B on: its trigger word must now come back
+    entry = server.wait(comfy.queue(), timeout=600)
+    ui = entry["outputs"][str(ids["apply"])]
+    assert ROW_B_TRIGGER in ui["trigger_words"][0], ui
+    panel = (
+        f"() => app.graph.getNodeById({ids['apply']}).__lfPanel?.root.textContent.includes('{ROW_B_TRIGGER}')"
+    )
+    page.wait_for_function(panel, timeout=30_000)
+
+    # A saved workflow keeps the rows: reload it and the widget shows the same two rows.
+    comfy.js(
+        "async () => { const wf = app.graph.serialize(); app.graph.clear(); await app.loadGraphData(wf); }"
+    )
+    assert rows.locator(".lf-row").count() == 2
+    assert rows.locator(".lf-row").nth(1).locator("select").input_value() == lora_b
+
+
+# --- Train LoRA loss chart ---------------------------------------------------------------------
+
+CHART_NODE = """async ([trainType, known]) => {
+  let node;
+  if (known) {
+    node = LiteGraph.createNode(trainType);
+  } else {  // Train LoRA not registered yet: the chart on a plain node, from the extension's module
+    const { LossChart } = await import("/extensions/lora-foundry/js/loss_chart.js");
+    node = LiteGraph.createNode("Note");
+    node.__lfLoss = new LossChart(node);
+    node.setSize([400, 260]);
+  }
+  node.pos = [40, 40];
+  app.graph.add(node);
+  return node.id;
+}"""
+
+SEND_EVENTS = """([event, id, from, to]) => {
+  for (let step = from; step <= to; step++) {
+    const loss = 0.2 + 0.5 * Math.exp(-step / 8) + 0.03 * Math.sin(step * 1.7);
+    window.comfyAPI.api.api.dispatchCustomEvent(event,
+      { node: String(id), step, total: 40, loss, lr: 1e-4, eta_s: (40 - step) * 6.5 });
+  }
+}"""
+
+ORANGE_PIXELS = """(id) => {
+  const canvas = app.graph.getNodeById(id).__lfLoss.canvas;
+  const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  let n = 0;
+  for (let i = 0; i < data.length; i += 4) if (data[i] > 200 && data[i + 1] > 140 && data[i + 2] < 120) n++;
+  return n;
+}"""
+
+
+def test_loss_chart_draws_training_events(comfy, object_info):
+    known = "LoraFoundry_TrainLora" in object_info
+    node = comfy.js(CHART_NODE, ["LoraFoundry_TrainLora", known])
+    comfy.js(SEND_EVENTS, [TRAIN_EVENT, node, 1, 30])
+    chart = comfy.js(
+        "(id) => { const c = app.graph.getNodeById(id).__lfLoss; return [c.points.length, c.header()]; }",
+        node,
+    )
+    assert chart[0] == 30, chart
+    assert "step 30/40" in chart[1] and "1m 05s left" in chart[1], chart[1]
+    assert comfy.js(ORANGE_PIXELS, node) > 50, "the smoothed loss line was not drawn"
+    comfy.page.wait_for_timeout(200)  # the screenshot at teardown shows the chart mid-run
+    comfy.js(SEND_EVENTS, [TRAIN_EVENT, node, 1, 1])  # a new run starts a new curve
+    assert comfy.js("(id) => app.graph.getNodeById(id).__lfLoss.points.length", node) == 1
+    comfy.js(SEND_EVENTS, [TRAIN_EVENT, node, 2, 30])

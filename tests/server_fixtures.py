@@ -1,0 +1,64 @@
+"""Fixtures for tests that need a real ComfyUI server subprocess, on a free loopback port, with this
+pack linked into a temporary base directory: one per test session, stopped by its pid at the end.
+Imported by the conftest.py of each folder that uses them (tests/server, tests/browser)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from comfy_server import REPO, ComfyServer, default_comfy_dir, prepare_base_dir
+
+COMFY_DIR = default_comfy_dir()
+
+DEMO_CHECKPOINT = "lora_foundry_demo_sd15.safetensors"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    base = prepare_base_dir(tmp_path_factory.mktemp("server_base"))
+    demo = COMFY_DIR / "models" / "checkpoints" / DEMO_CHECKPOINT
+    if demo.exists():
+        (base / "models" / "checkpoints" / DEMO_CHECKPOINT).symlink_to(demo)
+    srv = ComfyServer(comfy_dir=COMFY_DIR, base_dir=base, python=sys.executable)
+    srv.start()
+    yield srv
+    srv.stop()
+    artifacts = REPO / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shutil.copy(srv.log_path, artifacts / "server.log")
+
+
+@pytest.fixture(scope="session")
+def object_info(server):
+    return server.get("/object_info")
+
+
+@pytest.fixture
+def server_loras(server) -> Path:
+    return server.base_dir / "models" / "loras"
+
+
+@pytest.fixture(scope="session")
+def demo_models(server):
+    """The demo checkpoint (made by set-up, linked in) and a demo LoRA this test session writes."""
+    ckpt = server.base_dir / "models" / "checkpoints" / DEMO_CHECKPOINT
+    if not ckpt.exists():
+        pytest.fail(f"the demo checkpoint is missing at {COMFY_DIR}: run scripts/setup_runtime.sh")
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import make_demo_models
+
+    lora = server.base_dir / "models" / "loras" / make_demo_models.DEMO_LORA
+    if not lora.exists():
+        make_demo_models.write_demo_lora(lora)
+    tagger = server.base_dir / "models" / "taggers" / make_demo_models.DEMO_TAGGER
+    if not tagger.exists():
+        make_demo_models.write_demo_tagger(tagger)
+    dataset = server.base_dir / "input" / make_demo_models.DEMO_DATASET
+    if not dataset.exists():
+        make_demo_models.write_demo_dataset(dataset)
+    return {"checkpoint": ckpt, "lora": lora, "tagger": tagger, "dataset": dataset}
