@@ -250,7 +250,8 @@ def _check_shape(lora: LoadedLora, name: str, adapter: Adapter, target, shapes) 
     if problem:
         raise LoraMismatchError(
             f"{lora.name}: module {name} does not fit {key}: {problem}. "
-            "The file was made for another model (or is damaged)."
+            "The file was made for another model (pick a LoRA for this checkpoint's base model) "
+            "or is damaged (download it again)."
         )
 
 

@@ -52,7 +52,7 @@ def read_lora_file(path: str | os.PathLike) -> LoraFile:
             f"(or {', '.join(PICKLE_EXT)} loaded without running code)"
         )
     if not tensors:
-        raise LoraFileError(f"{name}: the file holds no tensors; it is not a LoRA")
+        raise LoraFileError(f"{name}: the file holds no tensors; it is not a LoRA. Pick another file")
     _check_finite(tensors, name)
     return LoraFile(path=path, tensors=tensors, metadata=metadata)
 
@@ -126,7 +126,7 @@ def _read_pickle(path: str, name: str) -> dict[str, Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise _unpickling_error(name, str(e)) from None
-    except (RuntimeError, EOFError, OSError, ValueError, struct.error) as e:
+    except Exception as e:  # noqa: BLE001 - on garbage the safe unpickler raises IndexError, KeyError, ...
         raise LoraFileError(f"{name}: not a readable PyTorch file ({str(e)[:200]}); {_REDOWNLOAD}") from None
     if isinstance(obj, dict) and set(obj) == {"state_dict"} and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # some trainers wrap the weights one level down
