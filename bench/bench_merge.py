@@ -170,20 +170,32 @@ def _fro2(up: torch.Tensor, down: torch.Tensor) -> float:
     return float(((up.T @ up) * (down @ down.T)).sum())  # ||up @ down||_F^2 from r x r Grams
 
 
-def errors(loras, factors, new_rank: int) -> tuple[list[float], list[float]]:
-    """Per module: relative Frobenius error against the exact weighted sum, and the optimum's
-    (Eckart-Young) error from the exact spectrum of the sum (float64 QR + core SVD)."""
-    found, optimum = [], []
+def _stacked(pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact weighted sum as float64 factors: [w1*B1 | ...] (out, 96) and [A1; ...] (96, in)."""
+    ups = torch.cat([up.double() * w for (up, _), w in zip(pairs, WEIGHTS, strict=True)], dim=1)
+    return ups, torch.cat([down.double() for _, down in pairs], dim=0)
+
+
+def optimum_errors(loras, new_rank: int) -> list[float]:
+    """Per module, the Eckart-Young error of the best rank-k approximation, from the exact
+    spectrum of the sum (float64 QR of both stacked factors, singular values of the core)."""
+    found = []
+    for pairs in loras.values():
+        ups, downs = _stacked(pairs)
+        s = torch.linalg.svdvals(torch.linalg.qr(ups)[1] @ torch.linalg.qr(downs.T)[1].T)
+        found.append(math.sqrt(float((s[new_rank:] ** 2).sum()) / float((s**2).sum())))
+    return found
+
+
+def errors(loras, factors) -> list[float]:
+    """Per module, the relative Frobenius error of the merged factors against the exact sum."""
+    found = []
     for name, pairs in loras.items():
-        ups = torch.cat([up.double() * w for (up, _), w in zip(pairs, WEIGHTS, strict=True)], dim=1)
-        downs = torch.cat([down.double() for _, down in pairs], dim=0)
+        ups, downs = _stacked(pairs)
         up, down = factors[f"{name}.up"].double(), factors[f"{name}.down"].double()
         diff = _fro2(torch.cat([up, -ups], dim=1), torch.cat([down, downs], dim=0))
-        total = _fro2(ups, downs)
-        found.append(math.sqrt(max(diff, 0.0) / total))
-        s = torch.linalg.svdvals(torch.linalg.qr(ups)[1] @ torch.linalg.qr(downs.T)[1].T)
-        optimum.append(math.sqrt(float((s[new_rank:] ** 2).sum()) / float((s**2).sum())))
-    return found, optimum
+        found.append(math.sqrt(max(diff, 0.0) / _fro2(ups, downs)))
+    return found
 
 
 def main() -> None:
@@ -213,10 +225,10 @@ def main() -> None:
         f"1-min load average: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after ({os.cpu_count()} CPUs)"
     )
     ours = records["ours"]
-    _, optimum = errors(loras, ours["factors"], args.new_rank)
+    optimum = optimum_errors(loras, args.new_rank)
     print(f"optimum (Eckart-Young) mean relative error: {sum(optimum) / len(optimum):.6f}")
     for method, record in records.items():
-        found, _ = errors(loras, record["factors"], args.new_rank)
+        found = errors(loras, record["factors"])
         excess = sum(f / o - 1 for f, o in zip(found, optimum, strict=True) if o > 0) / len(found)
         print(
             f"{method:>10}: {record['seconds']:7.2f} s, peak RSS growth {record['peak_mb']:8.1f} MB, "
