@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from lora_foundry.lora_core.lowrank import (
     DenseDelta,
     Factors,

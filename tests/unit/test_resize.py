@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from lora_foundry.lora_core.lowrank import LoraModule
 from lora_foundry.lora_core.resize import resize, resize_modules, select_rank
 

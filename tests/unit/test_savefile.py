@@ -7,6 +7,7 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
+
 from lora_foundry.lora_core import savefile
 from lora_foundry.lora_core.lowrank import LoraModule
 from lora_foundry.lora_core.savefile import (
