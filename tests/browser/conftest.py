@@ -79,6 +79,10 @@ def comfy_session(browser, server):  # noqa: F811 - the fixture imported above
         timeout=120_000,
     )
     page.wait_for_timeout(500)  # extensions finish their setup() after the first ones register
+    # The "Nodes 2.0" banner covers the top of every screenshot; its close button has no label.
+    banner_close = page.locator("div:has(> div > span:has-text('Introducing Nodes 2.0')) > button.right-4")
+    if banner_close.count():
+        banner_close.first.click(timeout=5_000)
     yield page, log
     page.close()
 
@@ -89,11 +93,9 @@ def comfy(comfy_session, request):
     page, log = comfy_session
     start = len(log.entries)
     page.evaluate("() => { app.graph.clear(); app.canvas.ds.scale = 1; app.canvas.ds.offset = [80, 120]; }")
-    yield ComfyPage(page)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.evaluate("() => app.graph.setDirtyCanvas(true, true)")
-    page.wait_for_timeout(300)
-    page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"))
+    comfy = ComfyPage(page)
+    yield comfy
+    comfy.shot(request.node.name)
     errors = log.ours_since(start)
     assert not errors, "errors from the LoRA Foundry extension:\n" + "\n".join(errors)
 
@@ -120,6 +122,13 @@ class ComfyPage:
         body = resp.json()
         assert resp.status == 200, f"the server refused the prompt: {body}"
         return body["prompt_id"]
+
+    def shot(self, name: str) -> None:
+        """A screenshot of the whole graph in test-artifacts/browser/<name>.png."""
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.js("() => app.extensionManager.command.execute('Comfy.Canvas.FitView')")
+        self.page.wait_for_timeout(400)
+        self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
 
     def nodes_of(self, node_type: str) -> list[int]:
         return self.js("(t) => app.graph.nodes.filter((n) => n.type === t).map((n) => n.id)", node_type)

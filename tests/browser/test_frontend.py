@@ -148,6 +148,7 @@ def test_stack_rows_reach_python(comfy, server, row_loras):
         f"() => app.graph.getNodeById({ids['apply']}).__lfPanel?.root.textContent.includes('{ROW_B_TRIGGER}')"
     )
     page.wait_for_function(panel, timeout=30_000)
+    comfy.shot("stack_rows_after_run")
 
     # A saved workflow keeps the rows: reload it and the widget shows the same two rows.
     comfy.js(
