@@ -4,6 +4,7 @@ from .caption import CaptionDataset, PrepareImages
 from .load_lora import LoadLora, LoadLoraModelOnly
 from .merge import MergeLoras, ResizeLora
 from .stack import ApplyLoraStack, LoraStack
+from .train import LoraTrainingDataset, TrainLora
 
 NODES = [
     ("LoraFoundry_LoadLora", LoadLora, "Load LoRA (Foundry)"),
@@ -14,6 +15,8 @@ NODES = [
     ("LoraFoundry_ResizeLora", ResizeLora, "Resize LoRA (Foundry)"),
     ("LoraFoundry_PrepareImages", PrepareImages, "Prepare Images (Foundry)"),
     ("LoraFoundry_CaptionDataset", CaptionDataset, "Caption Dataset (Foundry)"),
+    ("LoraFoundry_TrainingDataset", LoraTrainingDataset, "LoRA Training Dataset (Foundry)"),
+    ("LoraFoundry_TrainLora", TrainLora, "Train LoRA (Foundry)"),
 ]
 
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, cls, _ in NODES}

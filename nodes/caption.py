@@ -118,12 +118,14 @@ class CaptionDataset:
     CATEGORY = CATEGORY
     FUNCTION = "execute"
     OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING", "STRING", "IMAGE")
-    RETURN_NAMES = ("captions", "summary", "previews")
+    RETURN_TYPES = ("STRING", "STRING", "IMAGE", "STRING")
+    RETURN_NAMES = ("captions", "summary", "previews", "folder")
     OUTPUT_TOOLTIPS = (
         "One line per tagged image: 'file: caption'.",
         "Counts of tagged, skipped and failed images with reasons, and a tag-frequency table.",
         "Small square thumbnails of the tagged images.",
+        "The captioned image folder (absolute), available once the captions are written: connect it to "
+        "LoRA Training Dataset's folder so training runs after captioning.",
     )
 
     @classmethod
@@ -171,7 +173,8 @@ class CaptionDataset:
         except (TaggerError, ImageLoadError, OSError, ValueError) as e:
             raise RuntimeError(f"[{CAPTION_NODE}] {e}") from e
         summary = report.summary()
-        return {"ui": {"text": [summary]}, "result": (report.captions_text(), summary, _previews(report))}
+        result = (report.captions_text(), summary, _previews(report), str(source))
+        return {"ui": {"text": [summary]}, "result": result}
 
 
 class PrepareImages:

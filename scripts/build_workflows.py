@@ -119,6 +119,49 @@ def load_lora_workflow() -> dict:
     return expand(nodes)
 
 
+CAPTION_OUTPUTS = [("captions", "STRING"), ("summary", "STRING"), ("previews", "IMAGE"), ("folder", "STRING")]
+
+
+def prepare_node(id: int, pos: tuple[int, int]) -> N:
+    return N(id, "LoraFoundry_PrepareImages", pos,
+             [DEMO_DATASET, "lora_foundry_demo_prepared", "buckets", 256, 1024, 1024, "crop", "png", True, False, True],
+             {}, [("output_folder", "STRING"), ("summary", "STRING")], size=(340, 300))  # fmt: skip
+
+
+def caption_node(id: int, pos: tuple[int, int], folder: tuple[int, int]) -> N:
+    return N(id, "LoraFoundry_CaptionDataset", pos,
+             ["lora_foundry_demo_prepared", DEMO_TAGGER, 0.5, 0.85, "foundrystyle", "overwrite", "", "", "", True,
+              True, 0, "", False, 4],
+             {"folder": (*folder, "STRING")}, CAPTION_OUTPUTS, size=(360, 460), widget_inputs=("folder",))  # fmt: skip
+
+
+def train_lora_workflow() -> dict:
+    train_widgets = [
+        "lora_foundry_demo_trained", 6, 0, 1, 1, 4, 4.0, "attention", "", 1e-3, 0.0, "AdamW", "constant_with_warmup",
+        1, 0.0, 5.0, 0.0, "MSE", "fp32", True, 0, "fixed", 1.0, False, 3, 2, "fp16", "overwrite", 3, 1.0,
+    ]  # fmt: skip
+    nodes = [
+        note(1, (0, -300), "Caption a folder, build a training data set, train a LoRA, and sample with it.\n\n"
+             "The demo trains 6 steps at 64x64 on the random demo checkpoint, so the LoRA learns nothing useful; "
+             "the loss curve and the files are real. For real training: your checkpoint, your images (20-50 "
+             "good, varied ones) in input/<folder>, a real WD14 tagger, resolution 512 (SD1.5) or 1024 (SDXL), "
+             "and 1000-3000 steps. Checkpoints go to models/loras/<output_name>/ and appear in Load LoRA."),
+        N(2, "CheckpointLoaderSimple", (0, 0), [DEMO_CHECKPOINT], {}, [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+        prepare_node(3, (0, 200)),
+        caption_node(4, (360, 200), (3, 0)),
+        N(5, "LoraFoundry_TrainingDataset", (760, 200),
+          ["lora_foundry_demo_prepared", 64, "foundrystyle", True, "center", False, False, 0, 0.0, 2, "memory"],
+          {"folder": (4, 3, "STRING"), "vae": (2, 2, "VAE"), "clip": (2, 1, "CLIP")},
+          [("dataset", "LORA_TRAINING_DATASET"), ("summary", "STRING")], size=(340, 380), widget_inputs=("folder",)),
+        N(6, "LoraFoundry_TrainLora", (1140, 0), train_widgets,
+          {"model": (2, 0, "MODEL"), "clip": (2, 1, "CLIP"), "dataset": (5, 0, "LORA_TRAINING_DATASET")},
+          [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("lora_name", "STRING"), ("loss_curve", "IMAGE")], size=(360, 820)),
+        N(7, "SaveImage", (1540, 600), ["lora_foundry/loss_curve"], {"images": (6, 3, "IMAGE")}, []),
+        *_sampling_tail((6, 0), (6, 1), (2, 2), 10, 1540, "foundrystyle, a red circle", "lora_foundry/trained"),
+    ]  # fmt: skip
+    return expand(nodes)
+
+
 def caption_dataset_workflow() -> dict:
     nodes = [
         note(1, (0, -260), "Prepare a folder of training images, then caption it with a WD14 tagger.\n\n"
@@ -127,20 +170,18 @@ def caption_dataset_workflow() -> dict:
              "image, trigger word first. The demo tagger only looks at colours; for real captions put a WD14 tagger "
              "(model.onnx + selected_tags.csv, e.g. from SmilingWolf's wd-v1-4 taggers) in models/taggers/<name>/ and "
              "pick it, and point 'source_folder' at your own images."),
-        N(2, "LoraFoundry_PrepareImages", (0, 0),
-          [DEMO_DATASET, "lora_foundry_demo_prepared", "buckets", 256, 1024, 1024, "crop", "png", True, False, True],
-          {}, [("output_folder", "STRING"), ("summary", "STRING")], size=(340, 300)),
-        N(3, "LoraFoundry_CaptionDataset", (400, 0),
-          ["lora_foundry_demo_prepared", DEMO_TAGGER, 0.5, 0.85, "foundrystyle", "overwrite", "", "", "", True, True,
-           0, "", False, 4],
-          {"folder": (2, 0, "STRING")}, [("captions", "STRING"), ("summary", "STRING"), ("previews", "IMAGE")],
-          size=(360, 460), widget_inputs=("folder",)),
+        prepare_node(2, (0, 0)),
+        caption_node(3, (400, 0), (2, 0)),
         N(4, "SaveImage", (800, 0), ["lora_foundry/caption_previews"], {"images": (3, 2, "IMAGE")}, []),
     ]  # fmt: skip
     return expand(nodes)
 
 
-WORKFLOWS = {"load_lora.json": load_lora_workflow, "caption_dataset.json": caption_dataset_workflow}
+WORKFLOWS = {
+    "load_lora.json": load_lora_workflow,
+    "caption_dataset.json": caption_dataset_workflow,
+    "train_lora.json": train_lora_workflow,
+}
 
 
 def main() -> int:
