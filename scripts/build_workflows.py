@@ -17,6 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINT = "lora_foundry_demo_sd15.safetensors"
 DEMO_LORA = "lora_foundry_demo_lora.safetensors"
+DEMO_LORA_B = "lora_foundry_demo_lora_b.safetensors"
 DEMO_TAGGER = "lora_foundry_demo_tagger/model.onnx"
 DEMO_DATASET = "lora_foundry_demo_dataset"
 
@@ -162,6 +163,48 @@ def train_lora_workflow() -> dict:
     return expand(nodes)
 
 
+def stack_merge_workflow() -> dict:
+    slot = lambda name, s: [name, True, s, s, ""]  # noqa: E731 - lora_i, on_i, strength_model_i, strength_clip_i, block_weights_i
+    stack_widgets = [
+        *slot(DEMO_LORA, 0.8),
+        *slot(DEMO_LORA_B, 0.5),
+        *slot("None", 1.0),
+        *slot("None", 1.0),
+        "",
+    ]
+    nodes = [
+        note(1, (0, -300), "Apply several LoRAs at once, and merge them into one new LoRA file.\n\n"
+             "LoRA Stack collects entries (switch one off with its toggle; chain stacks for more, or use rows). "
+             "Apply LoRA Stack patches every weight once for the whole stack. Merge LoRAs writes the same stack "
+             "as models/loras/<output_name>.safetensors: 'svd' at a rank at least the sum of the ranks (here "
+             "8 + 4) is exact; lower ranks report their error. Use LoRAs made for your checkpoint's base model."),
+        N(2, "CheckpointLoaderSimple", (0, 0), [DEMO_CHECKPOINT], {}, [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+        N(3, "LoraFoundry_LoraStack", (350, 0), stack_widgets, {}, [("lora_stack", "LORA_STACK")], size=(340, 520)),
+        N(4, "LoraFoundry_ApplyLoraStack", (720, 0), [],
+          {"model": (2, 0, "MODEL"), "lora_stack": (3, 0, "LORA_STACK"), "clip": (2, 1, "CLIP")},
+          [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("trigger_words", "STRING"), ("report", "STRING")], size=(320, 160)),
+        N(5, "LoraFoundry_MergeLoras", (720, 400), ["svd", 12, 0, 0.5, 0, "fixed", "fp16", "lora_foundry_demo_merged", True],
+          {"model": (2, 0, "MODEL"), "lora_stack": (3, 0, "LORA_STACK"), "clip": (2, 1, "CLIP")},
+          [("lora_name", "STRING"), ("report", "STRING")], size=(340, 330)),
+        N(6, "PreviewAny", (1100, 400), [], {"source": (5, 1, "STRING")}, [], size=(400, 200)),
+        *_sampling_tail((4, 0), (4, 1), (2, 2), 10, 1100, "foundrystyle, foundryglow, a harbour", "lora_foundry/stack"),
+    ]  # fmt: skip
+    return expand(nodes)
+
+
+def resize_lora_workflow() -> dict:
+    nodes = [
+        note(1, (0, -260), "Lower a LoRA's rank into a new, smaller file in models/loras.\n\n"
+             "mode 'fixed' keeps 'rank'; 'sv_ratio' keeps singular values above value x the largest; 'energy' "
+             "keeps that fraction of each layer's Frobenius energy. The report lists the energy kept; the "
+             "original file is never changed. Pick your own kohya-format LoRA in lora_name."),
+        N(2, "LoraFoundry_ResizeLora", (0, 0), [DEMO_LORA, "fixed", 4, 0.9, "fp16", "lora_foundry_demo_resized", True],
+          {}, [("lora_name", "STRING"), ("report", "STRING")], size=(340, 260)),
+        N(3, "PreviewAny", (380, 0), [], {"source": (2, 1, "STRING")}, [], size=(400, 240)),
+    ]  # fmt: skip
+    return expand(nodes)
+
+
 def caption_dataset_workflow() -> dict:
     nodes = [
         note(1, (0, -260), "Prepare a folder of training images, then caption it with a WD14 tagger.\n\n"
@@ -181,6 +224,8 @@ WORKFLOWS = {
     "load_lora.json": load_lora_workflow,
     "caption_dataset.json": caption_dataset_workflow,
     "train_lora.json": train_lora_workflow,
+    "stack_merge.json": stack_merge_workflow,
+    "resize_lora.json": resize_lora_workflow,
 }
 
 

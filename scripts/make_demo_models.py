@@ -8,6 +8,7 @@ LoRA for it. A real checkpoint put in models/checkpoints replaces the demo one i
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -17,6 +18,7 @@ import torch
 
 DEMO_CHECKPOINT = "lora_foundry_demo_sd15.safetensors"
 DEMO_LORA = "lora_foundry_demo_lora.safetensors"
+DEMO_LORA_B = "lora_foundry_demo_lora_b.safetensors"  # a second one, for the stack and merge demo
 DEMO_TAGGER = "lora_foundry_demo_tagger"  # models/taggers/<this>/model.onnx + selected_tags.csv
 DEMO_DATASET = "lora_foundry_demo_dataset"  # input/<this>/*.png
 # The demo tagger reads only the mean colour of an image: a real WD14-signature model, not a trained one.
@@ -122,20 +124,24 @@ def demo_lora_tensors(rank: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_demo_lora(path: Path) -> None:
+def write_demo_lora(path: Path, rank: int = 8, seed: int = 1, trigger: str = "foundrystyle") -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_suffix(".tmp")
     metadata = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": "8",
-        "ss_network_alpha": "4.0",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(rank / 2),
         "ss_base_model_version": "sd_v1",
-        "ss_output_name": "lora_foundry_demo_lora",
-        "ss_tag_frequency": '{"demo": {"foundrystyle": 10, "noise": 4}}',
+        "ss_output_name": path.stem,
+        "ss_tag_frequency": json.dumps({"demo": {trigger: 10, "noise": 4}}),
     }
-    save_file(demo_lora_tensors(), str(tmp), metadata=metadata)
+    save_file(demo_lora_tensors(rank, seed), str(tmp), metadata=metadata)
     os.replace(tmp, path)
+
+
+def write_demo_lora_b(path: Path) -> None:
+    write_demo_lora(path, rank=4, seed=2, trigger="foundryglow")
 
 
 def write_demo_tagger(folder: Path) -> None:
@@ -178,6 +184,7 @@ def main() -> int:
     for path, writer, what in (
         (ckpt, write_checkpoint, "demo SD1.5 checkpoint (random weights, 2.1 GB)"),
         (lora, write_demo_lora, "demo LoRA"),
+        (lora.with_name(DEMO_LORA_B), write_demo_lora_b, "second demo LoRA"),
         (tagger, write_demo_tagger, "demo colour tagger (WD14 signature)"),
         (dataset, write_demo_dataset, "demo image folder"),
     ):

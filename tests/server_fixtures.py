@@ -55,6 +55,7 @@ def demo_models(server):
     lora = server.base_dir / "models" / "loras" / make_demo_models.DEMO_LORA
     if not lora.exists():
         make_demo_models.write_demo_lora(lora)
+        make_demo_models.write_demo_lora_b(lora.with_name(make_demo_models.DEMO_LORA_B))
     tagger = server.base_dir / "models" / "taggers" / make_demo_models.DEMO_TAGGER
     if not tagger.exists():
         make_demo_models.write_demo_tagger(tagger)
