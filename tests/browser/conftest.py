@@ -123,12 +123,15 @@ class ComfyPage:
         assert resp.status == 200, f"the server refused the prompt: {body}"
         return body["prompt_id"]
 
-    def shot(self, name: str) -> None:
-        """A screenshot of the whole graph in test-artifacts/browser/<name>.png."""
+    def shot(self, name: str, node_id: int | None = None) -> None:
+        """A screenshot in test-artifacts/browser/<name>.png of the whole graph, or of one node."""
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        select = "(id) => { app.canvas.deselectAll(); if (id != null) app.canvas.select(app.graph.getNodeById(id)); }"
+        self.js(select, node_id)
         self.js("() => app.extensionManager.command.execute('Comfy.Canvas.FitView')")
         self.page.wait_for_timeout(400)
         self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+        self.js("() => app.canvas.deselectAll()")
 
     def nodes_of(self, node_type: str) -> list[int]:
         return self.js("(t) => app.graph.nodes.filter((n) => n.type === t).map((n) => n.id)", node_type)

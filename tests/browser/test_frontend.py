@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from comfy_server import PACK_LINK_NAME, REPO, output_files
+from comfy_server import PACK_LINK_NAME, REPO
 
 pytestmark = pytest.mark.server
 
@@ -60,8 +60,8 @@ def test_shipped_workflow_opens_from_templates_and_runs(comfy, server, demo_mode
     open_template(comfy, name)
     assert not graph_problems(comfy, workflow), graph_problems(comfy, workflow)
     comfy.js("() => app.canvas.ds.scale = 0.7")
-    entry = server.wait(comfy.queue(), timeout=900)
-    assert output_files(entry), f"{name} wrote no output"
+    entry = server.wait(comfy.queue(), timeout=900)  # raises with the node's error if it failed
+    # What each workflow writes is checked in tests/server; here: it ran from the browser, and shows it.
     types = {str(n["id"]): n["type"] for n in workflow["nodes"]}
     for node_id, out in entry["outputs"].items():
         if types.get(node_id, "").startswith("LoraFoundry_") and out.get("text"):
@@ -74,6 +74,7 @@ def test_shipped_workflow_opens_from_templates_and_runs(comfy, server, demo_mode
     for node_id in comfy.nodes_of("LoraFoundry_TrainLora"):
         points = comfy.js("(id) => app.graph.getNodeById(id).__lfLoss.points.length", node_id)
         assert points > 0, f"the loss chart of Train LoRA node {node_id} drew no points"
+        comfy.shot(f"{name}_train_node_{node_id}", node_id)
 
 
 # --- LoRA Stack rows -------------------------------------------------------------------------
