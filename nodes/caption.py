@@ -18,6 +18,7 @@ from ..lora_core.caption import (
     parse_tag_list,
     prepare_images,
 )
+from . import comfy_bridge as bridge
 
 CATEGORY = "LoRA Foundry/dataset"
 TAGGERS = "taggers"
@@ -173,8 +174,12 @@ class CaptionDataset:
         except (TaggerError, ImageLoadError, OSError, ValueError) as e:
             raise RuntimeError(f"[{CAPTION_NODE}] {e}") from e
         summary = report.summary()
-        result = (report.captions_text(), summary, _previews(report), str(source))
-        return {"ui": {"text": [summary]}, "result": result}
+        previews = _previews(report)
+        result = (report.captions_text(), summary, previews, str(source))
+        ui = {"text": [summary], "captions": report.captions_text().splitlines()[:64]}
+        if report.previews:
+            ui["images"] = bridge.preview_images(previews, "lora_foundry_captions")
+        return {"ui": ui, "result": result}
 
 
 class PrepareImages:

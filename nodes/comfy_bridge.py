@@ -122,6 +122,13 @@ def register_new_lora(path: str) -> str:
     return os.path.basename(path)
 
 
+def preview_images(images: torch.Tensor, prefix: str) -> list[dict]:
+    """Writes IMAGE thumbnails to ComfyUI's temp folder, as PreviewImage does, for a node's ui output."""
+    import nodes as comfy_nodes
+
+    return comfy_nodes.PreviewImage().save_images(images, prefix)["ui"]["images"]
+
+
 def progress(total: int) -> Callable[..., None]:
     """A step callback driving ComfyUI's progress bar, raising if the user pressed Cancel."""
     bar = comfy.utils.ProgressBar(total)

@@ -6,6 +6,7 @@
 #   COMFYUI_PATH=/path/to/ComfyUI   use an existing ComfyUI checkout instead of the bundled copy
 #   LORA_FOUNDRY_CACHE=/dir         where the venv and ComfyUI copy are cached (default ~/.cache/lora-foundry)
 #   LORA_FOUNDRY_SKIP_CHECKPOINT=1  do not generate the 2 GB demo checkpoint
+#   LORA_FOUNDRY_SKIP_BROWSER=1     do not install chromium for the browser tests
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -63,6 +64,11 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 ln -sfn "$venv" "$repo/.venv"
+
+# --- Browser for tests/browser: Debian chromium (apt) + Playwright, never a downloaded browser ---
+if [ -z "${LORA_FOUNDRY_SKIP_BROWSER:-}" ]; then
+  bash "$repo/scripts/setup_browser.sh"
+fi
 
 # --- Demo checkpoint -----------------------------------------------------------------
 if [ -z "${LORA_FOUNDRY_SKIP_CHECKPOINT:-}" ]; then
