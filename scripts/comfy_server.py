@@ -159,14 +159,16 @@ def _error_message(status: dict) -> str:
 
 
 def output_files(entry: dict) -> list[str]:
-    """Relative paths (subfolder/filename) of the files a finished prompt wrote."""
+    """Paths relative to the base directory (output/... or temp/...) of the files a prompt wrote."""
     files = []
     for node_out in entry.get("outputs", {}).values():
         for items in node_out.values():
             if isinstance(items, list):
                 for it in items:
                     if isinstance(it, dict) and "filename" in it:
-                        files.append(os.path.join(it.get("subfolder", ""), it["filename"]))
+                        files.append(
+                            os.path.join(it.get("type", "output"), it.get("subfolder", ""), it["filename"])
+                        )
     return files
 
 

@@ -33,7 +33,8 @@ def run_workflows(server: ComfyServer, workflows: list[Path]) -> int:
         files = output_files(entry)
         print(f"[demo] {wf_path.name}: done in {time.time() - t:.1f} s", flush=True)
         for f in files:
-            print(f"         {server.base_dir / 'output' / f}", flush=True)
+            if f.startswith("output"):
+                print(f"         {server.base_dir / f}", flush=True)
     return failures
 
 

@@ -69,4 +69,4 @@ def test_shipped_workflow_runs(server, object_info, demo_models, name):
     entry = server.run(ui_to_api(workflow, object_info), timeout=900)
     assert entry["outputs"], f"{name} produced no output"
     for f in output_files(entry):
-        assert (server.base_dir / "output" / f).stat().st_size > 0
+        assert (server.base_dir / f).stat().st_size > 0
