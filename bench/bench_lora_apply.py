@@ -34,8 +34,9 @@ comfy.cli_args.args.cpu = True
 import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
-import nodes as comfy_nodes  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+
+import nodes as comfy_nodes  # noqa: E402
 
 _pkg = types.ModuleType("lora_foundry")
 _pkg.__path__ = [str(REPO)]
@@ -47,7 +48,14 @@ from lora_foundry.nodes.stack import ApplyLoraStack  # noqa: E402
 CKPT = COMFY / "models" / "checkpoints" / "lora_foundry_demo_sd15.safetensors"
 UNET_SUFFIXES = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight", ".ff.net.0.proj.weight",
                  ".ff.net.2.weight", ".proj_in.weight", ".proj_out.weight")  # fmt: skip
-CLIP_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "out_proj.weight", "fc1.weight", "fc2.weight")
+CLIP_SUFFIXES = (
+    "q_proj.weight",
+    "k_proj.weight",
+    "v_proj.weight",
+    "out_proj.weight",
+    "fc1.weight",
+    "fc2.weight",
+)
 
 
 def make_lora(model, clip, rank: int, seed: int) -> dict[str, torch.Tensor]:
@@ -58,8 +66,12 @@ def make_lora(model, clip, rank: int, seed: int) -> dict[str, torch.Tensor]:
     def add(name, shape):
         d_in = int(torch.Size(shape[1:]).numel())
         extra = (1, 1) if len(shape) == 4 else ()
-        out[f"{name}.lora_down.weight"] = (torch.randn(rank, d_in, generator=g) * d_in**-0.5).reshape(rank, shape[1], *extra).half()
-        out[f"{name}.lora_up.weight"] = (torch.randn(shape[0], rank, generator=g) * 0.1).reshape(shape[0], rank, *extra).half()
+        out[f"{name}.lora_down.weight"] = (
+            (torch.randn(rank, d_in, generator=g) * d_in**-0.5).reshape(rank, shape[1], *extra).half()
+        )
+        out[f"{name}.lora_up.weight"] = (
+            (torch.randn(shape[0], rank, generator=g) * 0.1).reshape(shape[0], rank, *extra).half()
+        )
         out[f"{name}.alpha"] = torch.tensor(float(rank))
 
     for diff_key, ldm_key in comfy.utils.unet_to_diffusers(model.model.model_config.unet_config).items():
@@ -127,7 +139,9 @@ def main() -> int:
         names.append(f"bench_{i}.safetensors")
         save_file(sd, str(tmp / names[-1]))
     n_modules = sum(1 for k in sd if k.endswith(".alpha"))
-    print(f"5 LoRAs of rank 32 on {n_modules} modules each, {os.path.getsize(tmp / names[0]) / 2**20:.0f} MiB per file\n")
+    print(
+        f"5 LoRAs of rank 32 on {n_modules} modules each, {os.path.getsize(tmp / names[0]) / 2**20:.0f} MiB per file\n"
+    )
 
     core = comfy_nodes.LoraLoader()
     rows = []
@@ -156,13 +170,17 @@ def main() -> int:
         t_ours_patch, w_ours = patch_time(om, oc, args.repeat)
         rows.append((label, "load (first, from disk)", t_core_load, t_ours_load))
         rows.append((label, "patch MODEL+CLIP", t_core_patch, t_ours_patch))
-        print(f"{label}: max relative difference of patched weights ours vs core: {max_rel_diff(w_ours, w_core):.2e}")
+        print(
+            f"{label}: max relative difference of patched weights ours vs core: {max_rel_diff(w_ours, w_core):.2e}"
+        )
 
     reads = loader.CACHE.reads
     t_core_again, _ = timed(lambda: core.load_lora(model, clip, names[0], 0.3, 0.3), args.repeat)
     t_ours_again, _ = timed(lambda: ours_one(names[0], 0.3), args.repeat)
     rows.append(("1 LoRA", "strength change (node re-run)", t_core_again, t_ours_again))
-    print(f"strength change: file reads by ours: {loader.CACHE.reads - reads}; no checkpoint reload on either side\n")
+    print(
+        f"strength change: file reads by ours: {loader.CACHE.reads - reads}; no checkpoint reload on either side\n"
+    )
 
     print(f"{'case':10} {'phase':32} {'core s':>9} {'ours s':>9} {'core/ours':>10}")
     for label, phase, tc, to in rows:

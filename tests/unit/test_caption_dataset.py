@@ -5,8 +5,8 @@ import threading
 
 import numpy as np
 import pytest
-from tiny_tagger import build_tiny_tagger
 from PIL import Image
+from tiny_tagger import build_tiny_tagger
 
 from lora_foundry.lora_core.caption import captions as captions_mod
 from lora_foundry.lora_core.caption.captions import CaptionOptions
