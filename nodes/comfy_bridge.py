@@ -17,7 +17,7 @@ import comfy.weight_adapter
 import folder_paths
 import torch
 
-from ..lora_core.patching import Term, apply_terms, apply_terms_
+from ..lora_core.patching import Term, apply_steps_, prepare
 
 log = logging.getLogger("lora_foundry")
 
@@ -33,29 +33,31 @@ def _is_identity(function) -> bool:
 class FoundryPatch(comfy.weight_adapter.WeightAdapterBase):
     """All of a LoRA stack's terms for one weight, applied in one pass when the model loads.
 
-    ModelPatcher calls ``calculate_weight`` lazily (also under low-VRAM loading) on a float32
-    copy of the base weight, so the base model itself is never edited.
+    The plain LoRAs among them are concatenated once, here, so each model load costs one GEMM
+    per weight. ModelPatcher calls ``calculate_weight`` lazily (also under low-VRAM loading) on
+    a float32 copy of the base weight, so the base model itself is never edited.
     """
 
     name = "lora_foundry"
 
     def __init__(self, terms: Sequence[Term]):
         self.terms = tuple(terms)
+        self.steps = prepare(self.terms)
         self.loaded_keys = set()
         self.weights = []
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):  # fmt: skip
-        terms = self.terms
+        steps = self.steps
         if strength != 1.0:
-            terms = tuple(Term(t.adapter, t.strength * strength) for t in terms)
+            steps = prepare(tuple(Term(t.adapter, t.strength * strength) for t in self.terms))
         if _is_identity(function) and weight.dtype == torch.float32:
             # The usual case: ModelPatcher hands over a float32 working copy; patch it in place.
-            new = apply_terms_(terms, weight)
+            new = apply_steps_(steps, weight)
             if new is not weight:
                 weight.copy_(new)
             return weight
-        new = apply_terms(terms, weight)
+        new = apply_steps_(steps, weight.to(torch.float32, copy=True)).to(weight.dtype)
         if not _is_identity(function):
             # ComfyUI's convention: ``function`` maps the change before it is added.
             new = weight + function(new - weight)

@@ -3,7 +3,7 @@
 import torch
 
 from lora_foundry.lora_core.adapters import DiffAdapter, LohaAdapter, LoraAdapter, apply
-from lora_foundry.lora_core.patching import Term, apply_terms
+from lora_foundry.lora_core.patching import Term, apply_terms, prepare
 
 
 def _lora(out, inp, r, seed, alpha=None, dora=False):
@@ -63,3 +63,16 @@ def test_input_untouched_and_dtype_kept():
 def test_zero_strength_is_a_no_op():
     w = torch.randn(6, 4)
     assert torch.equal(apply_terms([Term(_lora(6, 4, 2, 1), 0.0)], w), w)
+
+
+def test_prepare_fuses_each_run_of_plain_loras_once():
+    g = torch.Generator().manual_seed(9)
+    loha = LohaAdapter(*(torch.randn(s, generator=g) for s in [(8, 2), (2, 6), (8, 2), (2, 6)]), alpha=2.0)
+    a, b, c = _lora(8, 6, 3, 1), _lora(8, 6, 2, 2), _lora(8, 6, 4, 3)
+    steps = prepare(
+        [Term(a, 0.5), Term(b, 1.0), Term(loha, 0.4), Term(_lora(8, 6, 2, 4, dora=True), 1.0), Term(c, 2.0)]
+    )
+    kinds = [type(s).__name__ for s in steps]
+    assert kinds == ["FusedLora", "Term", "Term", "FusedLora"]
+    assert steps[0].up.shape == (8, 5) and steps[0].down.shape == (5, 6)  # ranks 3 + 2
+    assert torch.allclose(steps[0].up @ steps[0].down, 0.5 * (a.up @ a.down) + b.up @ b.down, atol=1e-5)
