@@ -171,3 +171,20 @@ def test_resize_fixed_and_energy(sd15, sources):
     stack, merged = stack_and_file(sd15, ENTRIES, name)
     assert max(rel_err(merged[k], stack[k]) for k in stack) < 1e-2
     assert (sources / "to_resize.safetensors").read_bytes() == src_bytes
+
+
+def test_sdxl_merge_uses_te1_te2_names_and_loads_in_core(sdxl, loras_dir, caplog):
+    sd = lf.kohya_lora(lf.random_factors(modules(sdxl), seed=41), sdxl=True)
+    write(loras_dir, "xl_src.safetensors", sd, {"ss_base_model_version": "sdxl_base_v1-0"})
+    args = dict(conv_rank=0, density=0.5, seed=0, save_dtype="fp32", output_name="xl_merged", overwrite=True)
+    name, _ = MergeLoras().execute(
+        sdxl.model, [("xl_src.safetensors", 1.0, 1.0)], "concat", 8, clip=sdxl.clip, **args
+    )["result"]
+    merged = load_file(str(loras_dir / name))
+    prefixes = {k.split("text_model")[0] for k in merged if k.startswith("lora_te")}
+    assert prefixes == {"lora_te1_", "lora_te2_"}
+    key_map = clip_key_map(sdxl.clip) | unet_key_map(sdxl.model)
+    with caplog.at_level(logging.WARNING):
+        patches = comfy.lora.load_lora(merged, key_map)
+    assert not [r for r in caplog.records if "not loaded" in r.getMessage()]
+    assert len(patches) == sum(1 for k in merged if k.endswith(".alpha"))
