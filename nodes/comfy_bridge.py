@@ -362,3 +362,39 @@ def text_encoder_grad_safe(clip) -> Callable[[], None]:
             handle.remove()
 
     return undo
+
+
+def sampler(model, clip, vae, prompt: str, seed: int, width: int, height: int, steps: int = 12) -> Callable:
+    """sample() -> IMAGE (1, H, W, 3) of MODEL as it is now (the training LoRA hooks included), with a
+    fixed prompt, seed and size: the preview images Train LoRA saves every N steps."""
+    import comfy.sample
+
+    def sample() -> torch.Tensor:
+        # The training's random streams must not notice a sample was taken (exact resume).
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            cond, pooled = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
+            negative, neg_pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
+            latent = torch.zeros(1, 4, height // 8, width // 8)
+            noise = comfy.sample.prepare_noise(latent, seed)
+            positive = [[cond, {"pooled_output": pooled}]]
+            negative = [[negative, {"pooled_output": neg_pooled}]]
+            out = comfy.sample.sample(model, noise, steps, 7.0, "euler", "normal", positive, negative, latent,
+                                      seed=seed, disable_pbar=True)  # fmt: skip
+            return vae.decode(out).reshape(1, height, width, 3).float().cpu()
+
+    return sample
+
+
+def save_sample(image: torch.Tensor, run_name: str, step: int) -> str:
+    """Writes a training sample as output/lora_foundry/samples/<run>/step_NNNNNN.png; returns its path."""
+    import numpy as np
+    from PIL import Image
+
+    folder = os.path.join(folder_paths.get_output_directory(), "lora_foundry", "samples", run_name)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"step_{step:06d}.png")
+    pixels = (image[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    tmp = path + ".tmp"
+    Image.fromarray(pixels).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path

@@ -107,6 +107,14 @@ class NetworkSettings:
     gradient_checkpointing: bool
 
 
+@dataclass(frozen=True)
+class SampleSettings:
+    every: int = 0
+    prompt: str = ""
+    seed: int = 0
+    vae: object = None
+
+
 class TrainLora:
     DESCRIPTION = (
         "Trains a LoRA on a LoRA Training Dataset: saves it into models/loras/<name>/ (kohya format with "
@@ -164,21 +172,31 @@ class TrainLora:
             "optional": {
                 "cycles": _tip(("INT", {"default": 3, "min": 1, "max": 100}), "Restarts for cosine_with_restarts."),
                 "power": _tip(("FLOAT", {"default": 1.0, "min": 0.1, "max": 10.0, "step": 0.1}), "Exponent for the polynomial schedule."),
+                "vae": _tip(("VAE",), "Needed for sample images (sample_every > 0): decodes them."),
+                "sample_every": _tip(("INT", {"default": 0, "min": 0, "max": 1000000}), "Save a sample image every N steps (0: off) to output/lora_foundry/samples/<name>/, with the prompt and seed below; needs vae."),
+                "sample_prompt": _tip(("STRING", {"default": ""}), "Prompt of the sample images (put the trigger word in it)."),
+                "sample_seed": _tip(("INT", {"default": 0, "min": 0, "max": 2**31 - 1}), "Seed of the sample images: the same for every sample, so they show what training changed."),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }  # fmt: skip
 
     def execute(self, model, clip, dataset, output_name, rank, alpha, targets, blocks, dora, gradient_checkpointing,
-                save_every, keep_last, save_dtype, existing, cycles=3, power=1.0, unique_id=None, **train):  # fmt: skip
+                save_every, keep_last, save_dtype, existing, cycles=3, power=1.0, vae=None, sample_every=0,
+                sample_prompt="", sample_seed=0, unique_id=None, **train):  # fmt: skip
         node = "Train LoRA"
         try:
             cfg = TrainConfig(**train, cycles=cycles, power=power)
             name = safe_output_name(output_name)[: -len(".safetensors")]
             plan = CheckpointPlan(Path(bridge.loras_dir()) / name, name, save_every, keep_last, save_dtype)
             net = NetworkSettings(rank, alpha, targets, blocks, dora, gradient_checkpointing)
+            samples = SampleSettings(sample_every, sample_prompt, sample_seed, vae)
+            if samples.every and vae is None:
+                raise ValueError(
+                    "`sample_every` is set but no `vae` is connected: connect the VAE or set it to 0"
+                )
             _handle_existing(plan, existing)
             with torch.inference_mode(False), torch.enable_grad():
-                result = run_training(model, clip, dataset, cfg, net, plan, unique_id)
+                result = run_training(model, clip, dataset, cfg, net, plan, unique_id, samples)
         except USER_ERRORS as e:
             raise RuntimeError(f"[{node}] {e}") from e
         lora_name = bridge.register_new_lora(str(result.path))
@@ -213,9 +231,17 @@ def _handle_existing(plan: CheckpointPlan, existing: str) -> None:
 
 
 def run_training(
-    model, clip, dataset, cfg: TrainConfig, net: NetworkSettings, plan: CheckpointPlan, unique_id
+    model,
+    clip,
+    dataset,
+    cfg: TrainConfig,
+    net: NetworkSettings,
+    plan: CheckpointPlan,
+    unique_id,
+    samples: SampleSettings | None = None,
 ) -> RunResult:
     """Builds the networks and the trainer from ComfyUI's objects and runs it with checkpoints."""
+    samples = samples or SampleSettings()
     train_te = cfg.te_lr > 0
     needs_clip = train_te or dataset.options.captions_vary
     if needs_clip and clip is None:
@@ -243,10 +269,17 @@ def run_training(
     )
     bar = bridge.progress(trainer.total_steps)
 
+    sample = None
+    if samples.every:
+        size = dataset.options.resolution
+        sample = bridge.sampler(model, clip, samples.vae, samples.prompt, samples.seed, size, size)
+
     def on_step(report) -> None:
         bridge.send_event({"node": unique_id, "step": report.step, "total": report.total,
                            "loss": report.loss, "lr": report.lr, "eta_s": report.eta_s})  # fmt: skip
         bar(report.step)
+        if sample is not None and report.step % samples.every == 0:
+            bridge.save_sample(sample(), plan.name, report.step)
 
     undo = [checkpoint_forward(bridge.checkpoint_blocks(model))] if net.gradient_checkpointing else []
     if train_te:

@@ -140,13 +140,15 @@ def train_lora_workflow() -> dict:
     train_widgets = [
         "lora_foundry_demo_trained", 6, 0, 1, 1, 4, 4.0, "attention", "", 1e-3, 0.0, "AdamW", "constant_with_warmup",
         1, 0.0, 5.0, 0.0, "MSE", "fp32", True, 0, "fixed", 1.0, False, 3, 2, "fp16", "overwrite", 3, 1.0,
+        3, "foundrystyle, a red circle", 0,
     ]  # fmt: skip
     nodes = [
         note(1, (0, -300), "Caption a folder, build a training data set, train a LoRA, and sample with it.\n\n"
              "The demo trains 6 steps at 64x64 on the random demo checkpoint, so the LoRA learns nothing useful; "
              "the loss curve and the files are real. For real training: your checkpoint, your images (20-50 "
              "good, varied ones) in input/<folder>, a real WD14 tagger, resolution 512 (SD1.5) or 1024 (SDXL), "
-             "and 1000-3000 steps. Checkpoints go to models/loras/<output_name>/ and appear in Load LoRA."),
+             "and 1000-3000 steps. Checkpoints go to models/loras/<output_name>/ and appear in Load LoRA; with "
+             "sample_every > 0 a sample image per N steps goes to output/lora_foundry/samples/<output_name>/."),
         N(2, "CheckpointLoaderSimple", (0, 0), [DEMO_CHECKPOINT], {}, [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
         prepare_node(3, (0, 200)),
         caption_node(4, (360, 200), (3, 0)),
@@ -155,7 +157,8 @@ def train_lora_workflow() -> dict:
           {"folder": (4, 3, "STRING"), "vae": (2, 2, "VAE"), "clip": (2, 1, "CLIP")},
           [("dataset", "LORA_TRAINING_DATASET"), ("summary", "STRING")], size=(340, 380), widget_inputs=("folder",)),
         N(6, "LoraFoundry_TrainLora", (1140, 0), train_widgets,
-          {"model": (2, 0, "MODEL"), "clip": (2, 1, "CLIP"), "dataset": (5, 0, "LORA_TRAINING_DATASET")},
+          {"model": (2, 0, "MODEL"), "clip": (2, 1, "CLIP"), "dataset": (5, 0, "LORA_TRAINING_DATASET"),
+           "vae": (2, 2, "VAE")},
           [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("lora_name", "STRING"), ("loss_curve", "IMAGE")], size=(360, 820)),
         N(7, "SaveImage", (1540, 600), ["lora_foundry/loss_curve"], {"images": (6, 3, "IMAGE")}, []),
         *_sampling_tail((6, 0), (6, 1), (2, 2), 10, 1540, "foundrystyle, a red circle", "lora_foundry/trained"),

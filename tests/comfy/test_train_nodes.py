@@ -254,3 +254,35 @@ def test_models_loaded_inside_inference_mode_train(dataset_dir):
     dataset, _ = make_dataset(models)
     out = train(models, dataset, output_name="inference_loaded", te_lr=1e-3, steps=2, dora=True)
     assert "2 steps" in out["ui"]["text"][0]
+
+
+def test_sample_images_every_n_steps(sd15, dataset_dir, comfy_base):
+    dataset, _ = make_dataset(sd15)
+    samples = comfy_base / "output" / "lora_foundry" / "samples" / "sampled_run"
+    train(sd15, dataset, output_name="sampled_run", steps=4, vae=sd15.vae, sample_every=2,
+          sample_prompt="zxq, a test", sample_seed=5)  # fmt: skip
+    files = sorted(p.name for p in samples.iterdir())
+    assert files == ["step_000002.png", "step_000004.png"]
+    from PIL import Image
+
+    first = Image.open(samples / files[0])
+    assert first.size == (DATASET_ARGS["resolution"], DATASET_ARGS["resolution"])
+
+
+def test_sample_every_without_vae_is_a_named_error(sd15, dataset_dir):
+    dataset, _ = make_dataset(sd15)
+    with pytest.raises(RuntimeError, match=r"\[Train LoRA\].*sample_every.*vae"):
+        train(sd15, dataset, output_name="no_vae", steps=2, sample_every=1)
+
+
+def test_sampling_does_not_change_the_training(sd15, dataset_dir, loras_dir):
+    from safetensors.torch import load_file
+
+    dataset, _ = make_dataset(sd15)
+    train(sd15, dataset, output_name="plain_run", steps=4)
+    train(sd15, dataset, output_name="sampled_twin", steps=4, vae=sd15.vae, sample_every=1, sample_prompt="x")
+    plain = load_file(str(loras_dir / "plain_run" / "plain_run.safetensors"))
+    sampled = load_file(str(loras_dir / "sampled_twin" / "sampled_twin.safetensors"))
+    assert plain.keys() == sampled.keys()
+    for k in plain:
+        assert torch.equal(plain[k], sampled[k]), k
