@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
@@ -51,6 +52,7 @@ def _unescape(tag: str) -> str:
     return tag.replace("\\(", "(").replace("\\)", ")")
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def tag_key(tag: str) -> str:
     """The form tags are compared in: unescaped, lower case, underscores as spaces (except kaomoji)."""
     tag = _unescape(tag.strip()).lower()
@@ -70,9 +72,9 @@ def format_tag(tag: str, options: CaptionOptions) -> str:
 
 
 def _above(probs: np.ndarray, indices: np.ndarray, threshold: float) -> list[int]:
-    """Indices whose score is strictly above threshold, highest score first."""
-    chosen = [int(i) for i in indices if probs[i] > threshold]
-    return sorted(chosen, key=lambda i: -float(probs[i]))
+    """Indices whose score is strictly above threshold, highest score first (ties in index order)."""
+    chosen = indices[probs[indices] > threshold]
+    return chosen[np.argsort(-probs[chosen], kind="stable")].tolist()
 
 
 def select_tags(probs: np.ndarray, tags: TagList, options: CaptionOptions) -> list[str]:
@@ -96,8 +98,11 @@ def select_tags(probs: np.ndarray, tags: TagList, options: CaptionOptions) -> li
         if key not in seen:
             seen.add(key)
             result.append(format_tag(name, options))
-    first = [tag_key(t) for t in options.always_first]
-    result.sort(key=lambda t: first.index(tag_key(t)) if tag_key(t) in first else len(first))
+    if options.always_first:
+        rank: dict[str, int] = {}
+        for position, tag in enumerate(options.always_first):
+            rank.setdefault(tag_key(tag), position)
+        result.sort(key=lambda t: rank.get(tag_key(t), len(options.always_first)))
     return result[: options.max_tags] if options.max_tags else result
 
 

@@ -7,6 +7,7 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,12 @@ class TagList:
     names: tuple[str, ...]
     categories: tuple[int, ...]
 
+    @cached_property
+    def _category_array(self) -> np.ndarray:
+        return np.asarray(self.categories)
+
     def indices(self, category: int) -> np.ndarray:
-        return np.flatnonzero(np.asarray(self.categories) == category)
+        return np.flatnonzero(self._category_array == category)
 
 
 def load_tag_list(path: Path) -> TagList:

@@ -96,3 +96,22 @@ def test_parsers():
 def test_options_validate(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         CaptionOptions(**kwargs)
+
+
+def test_selection_matches_a_plain_reference_on_many_tags():
+    """The vectorised selection equals the obvious loop: above threshold, by score, ties in csv order."""
+    rng = np.random.default_rng(3)
+    n = 3000
+    tags = TagList(tuple(f"tag_{i}" for i in range(n)), tuple(int(c) for c in rng.choice([0, 4, 9], n)))
+    probs = np.round(rng.uniform(0, 1, n), 2).astype(np.float32)  # rounded: many exact ties
+    options = CaptionOptions(replace_underscores=False, escape_brackets=False)
+    expected = []
+    for category, threshold in ((4, options.character_threshold), (0, options.general_threshold)):
+        chosen = [i for i in range(n) if tags.categories[i] == category and probs[i] > threshold]
+        expected += [tags.names[i] for i in sorted(chosen, key=lambda i: -float(probs[i]))]
+    assert select_tags(probs, tags, options) == expected
+
+
+def test_always_first_repeated_keeps_its_first_position():
+    options = CaptionOptions(always_first=("smile", "smile", "long hair"))
+    assert select_tags(PROBS, TAGS, options)[:2] == ["smile", "long hair"]
