@@ -15,6 +15,7 @@ import numpy as np
 
 RATING, GENERAL, CHARACTER = 9, 0, 4
 CACHE_SIZE = 2  # sessions kept alive across runs; a WD14 ViT session holds ~400 MB
+ALLOW_SPINNING = "0"
 
 
 class TaggerError(Exception):
@@ -97,7 +98,7 @@ def _make_session(model_path: Path) -> Any:
     options.intra_op_num_threads = _available_cpus()
     options.inter_op_num_threads = 1
     # Spinning workers would burn the cores the decode thread needs while a batch is prepared.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", ALLOW_SPINNING)
     providers = ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")

@@ -199,3 +199,24 @@ def test_non_utf8_caption_is_left_alone_in_append(tmp_path, model):
     assert (folder / "a.txt").read_bytes() == b"\xff\xfe\xfa bad"
     assert "not UTF-8" in report.failed[0].reason
     assert os.path.exists(folder / "a.png")
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice is a Linux feature")
+def test_decode_thread_yields_to_inference(tmp_path, model, monkeypatch):
+    """The decode thread runs at a lower priority than the caller; the caller's own is untouched."""
+    from lora_foundry.lora_core.caption import dataset
+
+    seen = []
+    real = dataset._decode
+
+    def spy(*args, **kwargs):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dataset, "_decode", spy)
+    folder = _images(tmp_path / "images", ["a.png", "b.png"])
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    report = caption_folder(folder, model, CaptionOptions(), RunOptions(mode="overwrite", batch_size=1))
+    assert len(report.tagged) == 2
+    assert seen and all(p == min(19, mine + dataset.DECODE_NICE) for p in seen)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
