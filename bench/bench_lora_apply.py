@@ -10,9 +10,12 @@ Stack: 5 rank-32 LoRAs on every attention, feed-forward and proj_in/proj_out lay
 every attention / MLP layer of the text encoder (264 modules): 5 chained core loaders against one
 Apply LoRA Stack (one fused patch per weight). The patched weights of both are compared. The
 "floor" row times only one in-place GEMM per weight over factors concatenated in advance,
-outside ModelPatcher (whose float32 copy of each weight both sides pay).
+outside ModelPatcher; the "fp32 copies" row times only the fresh float32 copy of each weight that
+ModelPatcher makes before any patch runs (both sides pay it; it is mostly page faults of new memory).
+Patch, floor and copies run interleaved, round by round, so load from the VM's neighbours hits
+them alike; the per-round core/ours ratios are printed with their range.
 
-    .venv/bin/python bench/bench_lora_apply.py [--repeat 5]
+    .venv/bin/python bench/bench_lora_apply.py [--repeat 9]
 """
 
 from __future__ import annotations
@@ -96,38 +99,56 @@ def timed(fn, repeat: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def patch_time(model, clip, repeat: int) -> tuple[float, dict[str, torch.Tensor]]:
-    """Median time of computing every patched weight (MODEL and CLIP), and the weights themselves."""
-    weights = {}
-
-    def run():
-        model.patch_model()
-        clip.patcher.patch_model()
-        weights.clear()
-        for k in model.patches:
-            weights["m." + k] = comfy.utils.get_attr(model.model, k).detach().clone()
-        for k in clip.patcher.patches:
-            weights["c." + k] = comfy.utils.get_attr(clip.patcher.model, k).detach().clone()
-        model.unpatch_model()
-        clip.patcher.unpatch_model()
-
-    model.patch_model()  # warm-up: first-touch allocations and backups, untimed
+def patch_once(model, clip) -> float:
+    """Seconds to compute every patched weight of MODEL and CLIP (then restored, untimed)."""
+    t = time.perf_counter()
+    model.patch_model()
     clip.patcher.patch_model()
+    seconds = time.perf_counter() - t
     model.unpatch_model()
     clip.patcher.unpatch_model()
-    times = []
-    for _ in range(repeat):
+    return seconds
+
+
+def patched_weights(model, clip) -> dict[str, torch.Tensor]:
+    model.patch_model()
+    clip.patcher.patch_model()
+    weights = {"m." + k: comfy.utils.get_attr(model.model, k).detach().clone() for k in model.patches}
+    weights |= {
+        "c." + k: comfy.utils.get_attr(clip.patcher.model, k).detach().clone() for k in clip.patcher.patches
+    }
+    model.unpatch_model()
+    clip.patcher.unpatch_model()
+    return weights
+
+
+def fresh_copies(patchers):
+    """ModelPatcher's share: a new float32 copy of every patched weight (allocated, filled, freed)."""
+    weights = [comfy.utils.get_attr(p.model, k) for p in patchers for k in p.patches]
+
+    def run() -> float:
         t = time.perf_counter()
-        model.patch_model()
-        clip.patcher.patch_model()
-        times.append(time.perf_counter() - t)
-        model.unpatch_model()
-        clip.patcher.unpatch_model()
-    run()
-    return statistics.median(times), weights
+        copies = [w.to(torch.float32, copy=True) for w in weights]  # all alive at once, as when patched
+        seconds = time.perf_counter() - t
+        del copies
+        return seconds
+
+    return run
 
 
-def gemm_floor(patchers, repeat: int) -> float:
+def interleaved(runs: dict[str, object], repeat: int) -> dict[str, list[float]]:
+    """Each function once per round, the order reversed every other round, after one untimed warm-up
+    round: load from the VM's neighbours then hits every side alike, and per-round ratios are fair."""
+    for fn in runs.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(repeat):
+        for name in list(runs) if r % 2 == 0 else list(runs)[::-1]:
+            times[name].append(runs[name]())
+    return times
+
+
+def gemm_floor(patchers):
     """The floor: one in-place GEMM per weight over factors concatenated in advance, no ModelPatcher."""
     work = []
     for patcher in patchers:
@@ -139,11 +160,13 @@ def gemm_floor(patchers, repeat: int) -> float:
             w = sd[key].float().clone()
             work.append((w.view(w.shape[0], -1), torch.cat(ups, 1), torch.cat(downs, 0)))
 
-    def run():
+    def run() -> float:
+        t = time.perf_counter()
         for w, up, down in work:
             w.addmm_(up, down)
+        return time.perf_counter() - t
 
-    return timed(run, repeat)[0]
+    return run
 
 
 def max_rel_diff(a: dict, b: dict) -> float:
@@ -153,7 +176,7 @@ def max_rel_diff(a: dict, b: dict) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=9, help="timed rounds per phase (default 9)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"checkpoint: {CKPT.name}; torch {torch.__version__}; threads {torch.get_num_threads()}")
@@ -172,6 +195,7 @@ def main() -> int:
 
     core = comfy_nodes.LoraLoader()
     rows = []
+    spread: list[tuple[str, list[float]]] = []
 
     def core_chain(entries):
         m, c = model, clip
@@ -193,19 +217,29 @@ def main() -> int:
         loader.CACHE._items.clear()
         run = (lambda e=entries: ours_one(*e[0])) if len(entries) == 1 else (lambda e=entries: ours_stack(e))
         t_ours_load, (om, oc) = timed(run, 1)
-        t_core_patch, w_core = patch_time(cm, cc, args.repeat)
-        t_ours_patch, w_ours = patch_time(om, oc, args.repeat)
+        times = interleaved(
+            {
+                "core": lambda m=cm, c=cc: patch_once(m, c),
+                "ours": lambda m=om, c=oc: patch_once(m, c),
+                "floor": gemm_floor([om, oc.patcher]),
+                "copy": fresh_copies([om, oc.patcher]),
+            },
+            args.repeat,
+        )
+        t_core_patch, t_ours_patch, t_floor = (statistics.median(times[k]) for k in ("core", "ours", "floor"))
+        ratios = sorted(c / o for c, o in zip(times["core"], times["ours"], strict=True))
+        spread.append((label, ratios))
+        w_core, w_ours = patched_weights(cm, cc), patched_weights(om, oc)
         rows.append((label, "load (first, from disk)", t_core_load, t_ours_load))
         rows.append((label, "patch MODEL+CLIP", t_core_patch, t_ours_patch))
         rows.append((label, "load + patch", t_core_load + t_core_patch, t_ours_load + t_ours_patch))
-        rows.append(
-            (label, "floor: fused GEMM only", t_core_patch, gemm_floor([om, oc.patcher], args.repeat))
-        )
+        rows.append((label, "floor: fused GEMM only", t_core_patch, t_floor))
+        rows.append((label, "fp32 copies alone (both pay)", t_core_patch, statistics.median(times["copy"])))
         for part in ("m.", "c."):
             sub_o = {k: v for k, v in w_ours.items() if k.startswith(part)}
             sub_c = {k: v for k, v in w_core.items() if k.startswith(part)}
             name = "MODEL" if part == "m." else "CLIP"
-            dtype = next(iter(sub_c.values())).dtype  # fp16 weights: results are stochastically rounded
+            dtype = next(iter(sub_c.values())).dtype  # fp16 weights: both sides round their fp32 sum
             print(
                 f"{label}: {name} weights ({dtype}): max relative difference ours vs core {max_rel_diff(sub_o, sub_c):.2e}"
             )
@@ -221,6 +255,11 @@ def main() -> int:
     print(f"{'case':10} {'phase':32} {'core s':>9} {'ours s':>9} {'core/ours':>10}")
     for label, phase, tc, to in rows:
         print(f"{label:10} {phase:32} {tc:9.3f} {to:9.3f} {tc / to:9.2f}x")
+    for label, ratios in spread:
+        print(
+            f"{label}: patch phase core/ours per round (interleaved, {len(ratios)} rounds): "
+            f"median {statistics.median(ratios):.2f}x, range {ratios[0]:.2f}x to {ratios[-1]:.2f}x"
+        )
     return 0
 
 
