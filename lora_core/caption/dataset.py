@@ -92,6 +92,7 @@ class CaptionReport:
     tag_counts: tuple[tuple[str, int], ...]  # most frequent first
     previews: tuple[np.ndarray, ...]  # (size, size, 3) uint8 RGB
     stopped: bool = False
+    providers: tuple[str, ...] = ()  # onnxruntime providers of the session, in use order
 
     def captions_text(self) -> str:
         return "\n".join(f"{_rel(t.image, self.folder)}: {', '.join(t.tags)}" for t in self.tagged)
@@ -102,6 +103,8 @@ class CaptionReport:
             f"{len(self.failed)} failed"
             + (" (stopped early; the rest was not touched)" if self.stopped else "")
         ]
+        if self.providers:
+            lines.append(f"Tagger ran on {self.providers[0]}")
         for title, problems in (("Skipped", self.skipped), ("Failed", self.failed)):
             if problems:
                 lines.append(f"{title}:")
@@ -280,5 +283,5 @@ def caption_folder(
         batches.close()  # stops and joins the decode thread at once, also on an exception
     return CaptionReport(
         folder, total, tuple(tagged), tuple(plan.skipped), tuple(failed),
-        tuple(counts.most_common()), tuple(previews), stopped,
+        tuple(counts.most_common()), tuple(previews), stopped, tuple(tagger.providers),
     )  # fmt: skip

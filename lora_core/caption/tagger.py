@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -15,7 +16,9 @@ import numpy as np
 
 RATING, GENERAL, CHARACTER = 9, 0, 4
 CACHE_SIZE = 2  # sessions kept alive across runs; a WD14 ViT session holds ~400 MB
-ALLOW_SPINNING = "0"
+# onnxruntime's GPU providers, best first; the first one installed is used, with the CPU as fallback.
+GPU_PROVIDERS = ("CUDAExecutionProvider", "ROCMExecutionProvider", "DmlExecutionProvider")
+log = logging.getLogger("lora_foundry")
 
 
 class TaggerError(Exception):
@@ -98,14 +101,25 @@ def _make_session(model_path: Path) -> Any:
     options.intra_op_num_threads = _available_cpus()
     options.inter_op_num_threads = 1
     # Spinning workers would burn the cores the decode thread needs while a batch is prepared.
-    options.add_session_config_entry("session.intra_op.allow_spinning", ALLOW_SPINNING)
-    providers = ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = choose_providers(ort.get_available_providers())
+    if len(providers) > 1:
+        try:
+            return ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+        except Exception as error:  # installed but cannot start (drivers, libraries): use the CPU
+            log.warning(
+                "%s could not start %s (%s); tagging on the CPU", providers[0], model_path.name, error
+            )
     try:
-        return ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+        return ort.InferenceSession(str(model_path), sess_options=options, providers=providers[-1:])
     except Exception as error:  # onnxruntime raises its own exception types
         raise TaggerError(f"onnxruntime cannot load {model_path}: {error}") from error
+
+
+def choose_providers(available: list[str]) -> list[str]:
+    """The first installed GPU provider (if any), then the CPU."""
+    gpu = [name for name in GPU_PROVIDERS if name in available]
+    return gpu[:1] + ["CPUExecutionProvider"]
 
 
 class Tagger:

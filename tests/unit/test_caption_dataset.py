@@ -48,6 +48,7 @@ def test_captions_written_beside_images(tmp_path, model):
     }
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temp files left
     assert "3 tagged, 0 skipped, 0 failed" in report.summary()
+    assert "Tagger ran on CPUExecutionProvider" in report.summary()
     assert report.captions_text().splitlines()[0] == "a.png: " + EXPECTED.strip()
 
 

@@ -93,3 +93,36 @@ def test_find_taggers_both_layouts(tmp_path):
         ("wd-vit/model.onnx", "selected_tags.csv"),
     ]
     assert len(problems) == 1 and "orphan.onnx" in problems[0]
+
+
+def test_provider_choice():
+    assert tagger_mod.choose_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    both = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert tagger_mod.choose_providers(both) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert (
+        tagger_mod.choose_providers(["DmlExecutionProvider", "CPUExecutionProvider"])[0]
+        == "DmlExecutionProvider"
+    )
+
+
+def test_gpu_provider_is_asked_for_and_a_failing_one_falls_back_to_cpu(tmp_path, monkeypatch, caplog):
+    import onnxruntime as ort
+
+    model = build_tiny_tagger(tmp_path / "m", TAGS, probs=[0.5] * 4)
+    asked = []
+    real = ort.InferenceSession
+
+    def session(path, sess_options=None, providers=None):
+        asked.append(list(providers))
+        if "CUDAExecutionProvider" in providers:
+            raise RuntimeError("libcudnn.so.9: cannot open shared object file")
+        return real(path, sess_options=sess_options, providers=providers)
+
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    tagger = get_tagger(model)
+    assert asked == [["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"]]
+    assert tagger.providers == ["CPUExecutionProvider"]
+    assert "CUDAExecutionProvider could not start" in caplog.text and "libcudnn" in caplog.text
