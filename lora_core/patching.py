@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .adapters import Adapter, LoraAdapter, apply, delta, is_linear, scaled_factors
+from .adapters import Adapter, LoraAdapter, apply, delta, is_linear, scale_of, scaled_factors
 
 
 @dataclass(frozen=True)
@@ -34,12 +34,29 @@ class FusedLora:
 
 
 def fuse_loras(terms: Sequence[Term]) -> FusedLora:
-    ups, downs = [], []
-    for t in terms:
-        up, down = scaled_factors(t.adapter)
-        ups.append(up * t.strength)  # (out, r_i)
-        downs.append(down)  # (r_i, in)
-    return FusedLora(torch.cat(ups, dim=1).contiguous(), torch.cat(downs, dim=0).contiguous())
+    """Writes each term's scaled factors straight into the concatenated float32 buffers."""
+    pieces = []  # (up 2-D, down 2-D, scale, strength), any float dtype
+    for term in terms:
+        adapter = term.adapter
+        if adapter.mid is None:
+            pieces.append((adapter.up.flatten(1), adapter.down.flatten(1), scale_of(adapter), term.strength))
+        else:  # Tucker (LoCon with lora_mid): the mid folds into down
+            up, down = scaled_factors(adapter)
+            pieces.append((up, down, 1.0, term.strength))
+    device = pieces[0][0].device
+    rank = sum(down.shape[0] for _, down, _, _ in pieces)
+    up_all = torch.empty(pieces[0][0].shape[0], rank, dtype=torch.float32, device=device)
+    down_all = torch.empty(rank, pieces[0][1].shape[1], dtype=torch.float32, device=device)
+    at = 0
+    for up, down, scale, strength in pieces:
+        part = up_all[:, at : at + down.shape[0]]
+        part.copy_(up)
+        if scale != 1.0:
+            part.mul_(scale)
+        part.mul_(strength)
+        down_all[at : at + down.shape[0]].copy_(down)
+        at += down.shape[0]
+    return FusedLora(up_all, down_all)
 
 
 Step = FusedLora | Term
