@@ -45,11 +45,12 @@ def test_non_tensor_entry(tmp_path):
         read_lora_file(p)
 
 
-@pytest.mark.parametrize("bad, word", [("nan", "NaN"), ("inf", "Inf")])
-def test_nan_inf_named(tmp_path, bad, word):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad, word", [("nan", "NaN"), ("inf", "Inf"), ("-inf", "Inf")])
+def test_nan_inf_named(tmp_path, bad, word, dtype):
     p = tmp_path / "diverged.safetensors"
     sd = dict(SD)
-    sd["lora_unet_a.lora_down.weight"] = torch.tensor([[1.0, float(bad), 0.0]])
+    sd["lora_unet_a.lora_down.weight"] = torch.tensor([[1.0, float(bad), 0.0]], dtype=dtype)
     save_file(sd, str(p))
     with pytest.raises(
         LoraFileError, match=rf"diverged\.safetensors.*lora_unet_a\.lora_down\.weight.*{word}"
