@@ -13,6 +13,11 @@ demo: setup
 test: setup
 	bash scripts/run_tests.sh
 
+# Every benchmark with its default settings, one after another (about 12 minutes on 2 cores);
+# run on a quiet machine: other jobs distort the timings.
+bench: setup
+	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
 lint:
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .
 
