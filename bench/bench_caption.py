@@ -4,15 +4,15 @@ The baseline is how the common ComfyUI WD14 node is used on a folder: for every 
 LoadImage does (full decode, EXIF rotation, RGB, a float32 IMAGE in 0..1), what the node does
 with it (back to an 8-bit PIL image, a new InferenceSession with the default options, LANCZOS
 resize, paste on white, BGR) and one run at batch 1. The IMAGE round trip is timed on its own
-and the ratio without it is printed too. Ours is
-caption_folder: one cached session, JPEG draft decoding, decode + preprocessing of the next
-batch in a thread while the model runs, captions written. Pure model time is session.run on
+and the ratio without it is printed too. Ours is caption_folder: one cached session, JPEG draft
+decoding, decode + preprocessing of the next batch in a lower-priority thread while the model
+runs, captions written. Pure model time is session.run on
 ready-made inputs with our session. All three are measured in the same run on the same files.
 
 Model: a ViT-B/16 at 448x448 (12 blocks, width 768, 10,861 tags like the WD v3 taggers) with
-random weights and a head biased so that about 30 tags per image pass 0.35, exported once
-with torch into ~/.cache/lora-foundry/bench. Images: 3000x2000
-JPEGs (gradients, shapes and noise, ~2 MB each, so decoding counts).
+random weights and a head biased so that about 30 tags per image pass 0.35, exported once with
+torch into ~/.cache/lora-foundry/bench. Images: 3000x2000 JPEGs (gradients, shapes and noise,
+~2 MB each, so decoding counts).
 
     .venv/bin/python bench/bench_caption.py            # 24 images, ViT-B/16 @ 448
     .venv/bin/python bench/bench_caption.py --quick    # 8 images, a 4-block ViT @ 448
