@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -35,8 +36,8 @@ def _lower_thread_priority(step: int) -> None:
     one of them stalls them all; at a lower priority it takes the gaps instead. A no-op where
     the platform does not allow it.
     """
-    if step <= 0 or not hasattr(os, "setpriority"):
-        return
+    if step <= 0 or not sys.platform.startswith("linux"):
+        return  # elsewhere PRIO_PROCESS with a thread id would name a process, not this thread
     try:
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + step))

@@ -1,6 +1,7 @@
 """caption_folder end to end with a tiny ONNX tagger: files written, modes, bad inputs, stop, progress."""
 
 import os
+import sys
 import threading
 
 import numpy as np
@@ -202,7 +203,7 @@ def test_non_utf8_caption_is_left_alone_in_append(tmp_path, model):
     assert os.path.exists(folder / "a.png")
 
 
-@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice is a Linux feature")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is a Linux feature")
 def test_decode_thread_yields_to_inference(tmp_path, model, monkeypatch):
     """The decode thread runs at a lower priority than the caller; the caller's own is untouched."""
     from lora_foundry.lora_core.caption import dataset
