@@ -96,6 +96,11 @@ def model_unet_config(model) -> dict:
     return dict(model.model.model_config.unet_config)
 
 
+# A node's ui key naming the LoRA files it wrote; the frontend then refreshes its LoRA lists
+# (web/js/common.js LORA_WRITTEN) so the new file can be picked without pressing R.
+LORA_WRITTEN = "lora_written"
+
+
 def lora_names() -> list[str]:
     return folder_paths.get_filename_list("loras")
 

@@ -72,7 +72,7 @@ class MergeLoras:
             raise RuntimeError(f"[{node}] {e}") from e
         name = bridge.register_new_lora(result.path)
         report = result.text(method)
-        return {"ui": {"text": [report]}, "result": (name, report)}
+        return {"ui": {"text": [report], bridge.LORA_WRITTEN: [name]}, "result": (name, report)}
 
 
 class ResizeLora:
@@ -105,4 +105,4 @@ class ResizeLora:
         except (ValueError, FileExistsError, FileNotFoundError) as e:
             raise RuntimeError(f"[Resize LoRA] {e}") from e
         name = bridge.register_new_lora(result.path)
-        return {"ui": {"text": [result.text()]}, "result": (name, result.text())}
+        return {"ui": {"text": [result.text()], bridge.LORA_WRITTEN: [name]}, "result": (name, result.text())}

@@ -207,7 +207,10 @@ class TrainLora:
             if result.losses
             else lora_name
         )
-        return {"ui": {"text": [text]}, "result": (new_model, new_clip, lora_name, curve)}
+        return {
+            "ui": {"text": [text], bridge.LORA_WRITTEN: [lora_name]},
+            "result": (new_model, new_clip, lora_name, curve),
+        }
 
 
 def _our_files(plan: CheckpointPlan) -> list[Path]:

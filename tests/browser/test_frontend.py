@@ -159,6 +159,51 @@ def test_stack_rows_reach_python(comfy, server, row_loras):
     assert rows.locator(".lf-row").nth(1).locator("select").input_value() == lora_b
 
 
+# --- new LoRA files show up in the lists -------------------------------------------------------
+
+REFRESH_GRAPH = """async ([lora, outName]) => {
+  const add = (type, pos) => { const n = LiteGraph.createNode(type); n.pos = pos; app.graph.add(n); return n; };
+  const resize = add("LoraFoundry_ResizeLora", [20, 40]);
+  const set = (node, name, value) => { node.widgets.find((w) => w.name === name).value = value; };
+  set(resize, "lora_name", lora);
+  set(resize, "rank", 4);
+  set(resize, "output_name", outName);
+  set(resize, "overwrite", true);
+  const load = add("LoraFoundry_LoadLora", [420, 40]);
+  const stack = add("LoraFoundry_LoraStack", [420, 300]);
+  app.graph.setDirtyCanvas(true, true);
+  return { load: load.id, stack: stack.id };
+}"""
+
+LISTS = """([loadId, stackId]) => {
+  const load = app.graph.getNodeById(loadId).widgets.find((w) => w.name === "lora_name").options.values;
+  const rows = app.graph.getNodeById(stackId).__lfRows.root.querySelectorAll(".lf-row select option");
+  return { load: [...load], rows: [...rows].map((o) => o.value) };
+}"""
+
+
+def test_written_lora_appears_in_the_lists_without_refresh(comfy, server, demo_models):
+    """After Resize LoRA writes a file, Load LoRA's combo and the stack's row pickers list it (no R)."""
+    out_name = "lf_browser_refreshed"
+    new_file = f"{out_name}.safetensors"
+    page = comfy.page
+    comfy.js("() => app.refreshComboInNodes()")  # the session's list, whatever earlier tests wrote
+    ids = comfy.js(REFRESH_GRAPH, [demo_models["lora"].name, out_name])
+    page.locator("[data-lora-foundry=rows] .lf-add").click()
+    before = comfy.js(LISTS, [ids["load"], ids["stack"]])
+    assert before["rows"], "the stack row has no LoRA picker"
+    assert new_file not in before["load"] and new_file not in before["rows"], before
+
+    entry = server.wait(comfy.queue(), timeout=600)
+    resize_out = next(o for o in entry["outputs"].values() if "lora_written" in o)
+    assert resize_out["lora_written"] == [new_file], resize_out
+    page.wait_for_function(
+        f"(ids) => {{ const l = ({LISTS})(ids); return l.load.includes('{new_file}') && l.rows.includes('{new_file}'); }}",
+        arg=[ids["load"], ids["stack"]],
+        timeout=30_000,
+    )
+
+
 # --- Train LoRA loss chart ---------------------------------------------------------------------
 
 CHART_NODE = """async ([trainType, known]) => {

@@ -133,6 +133,13 @@ def test_existing_file_kept_unless_overwrite(sd15, sources):
     assert not [p for p in sources.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_merge_names_the_written_file_for_the_frontend(sd15, sources):
+    # The browser refreshes its LoRA lists when a node's ui names a written file (tests/browser).
+    args = dict(conv_rank=0, density=0.5, seed=0, save_dtype="fp16", output_name="named", overwrite=False)
+    out = MergeLoras().execute(sd15.model, list(ENTRIES[:2]), "concat", 64, clip=sd15.clip, **args)
+    assert out["ui"]["lora_written"] == [out["result"][0]] == ["named.safetensors"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -204,6 +204,7 @@ def test_events_progress_and_interrupt_saves_checkpoint(sd15, dataset_dir, loras
     monkeypatch.setattr(bridge, "progress", real)
     out = train(sd15, dataset, output_name="cancelled", steps=3, existing="resume")
     assert "3 steps" in out["ui"]["text"][0]
+    assert out["ui"]["lora_written"] == [out["result"][2]], "the frontend refreshes its lists on this key"
 
 
 def test_nan_stops_with_clear_message(sd15, dataset_dir, loras_dir):

@@ -16,6 +16,9 @@ export const PACK_PREFIX = "LoraFoundry_";
 export const ROWS = "rows_json";
 export const ROW_FIELDS = ["lora", "on", "strength_model", "strength_clip", "block_weights"];
 
+// The ui key of nodes that wrote a new LoRA file (Merge, Resize, Train): nodes/comfy_bridge.py LORA_WRITTEN.
+export const LORA_WRITTEN = "lora_written";
+
 // Live training progress sent by Train LoRA: nodes/comfy_bridge.py TRAIN_EVENT.
 export const TRAIN_EVENT = "lora_foundry.train";
 

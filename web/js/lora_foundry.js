@@ -1,7 +1,9 @@
 // LoRA Foundry: after a run, shows a node's report (ui "text"), trigger words (ui "trigger_words") and
 // per-image captions (ui "captions") in a panel on the node. Every pack node that returns ui text gets one.
+// When a node wrote a new LoRA file (ui LORA_WRITTEN), the LoRA lists of every node are refreshed, as
+// pressing R would, so the new file can be picked at once.
 import { app } from "../../../scripts/app.js";
-import { PACK_PREFIX, addDisplayWidget, chain, el, fitNode } from "./common.js";
+import { LORA_WRITTEN, PACK_PREFIX, addDisplayWidget, chain, el, fitNode } from "./common.js";
 
 const PANEL = "foundry_report";
 const LINE_PX = 15;
@@ -43,12 +45,35 @@ export function showReport(node, message) {
   fitNode(node);
 }
 
+let refreshing = false;
+let again = false;
+
+/** Refreshes every node's file lists; calls made while a refresh runs add one more refresh after it. */
+export async function refreshLoraLists() {
+  if (refreshing) {
+    again = true;
+    return;
+  }
+  refreshing = true;
+  try {
+    do {
+      again = false;
+      await app.refreshComboInNodes();
+    } while (again);
+  } catch (err) {
+    console.warn("LoRA Foundry: could not refresh the LoRA lists", err);
+  } finally {
+    refreshing = false;
+  }
+}
+
 app.registerExtension({
   name: "LoraFoundry.Report",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!nodeData.name.startsWith(PACK_PREFIX)) return;
     chain(nodeType.prototype, "onExecuted", function (message) {
       showReport(this, message);
+      if (message?.[LORA_WRITTEN]?.length) refreshLoraLists();
     });
   },
 });

@@ -26,7 +26,7 @@ export function parseRows(text) {
 }
 
 function loraChoices(node) {
-  // The slot combos list models/loras and are refreshed with the node definitions (R key).
+  // The slot combos list models/loras and are refreshed with the node definitions (see refreshComboInNode).
   const values = node.widgets?.find((w) => w.name === "lora_1")?.options?.values ?? [];
   return (Array.isArray(values) ? values : []).filter((v) => v !== NONE);
 }
@@ -154,6 +154,11 @@ app.registerExtension({
     // Loading a workflow sets the hidden widget's value after the node was created.
     chain(nodeType.prototype, "onConfigure", function () {
       this.__lfRows?.render();
+    });
+    // Refreshing the node definitions (R, or a new LoRA written by this pack) calls this before it
+    // updates the slot combos; the row pickers are redrawn once the new lists are in place.
+    chain(nodeType.prototype, "refreshComboInNode", function () {
+      setTimeout(() => this.__lfRows?.render(), 0);
     });
   },
 });
