@@ -8,6 +8,7 @@ their place in the order given, so the result equals applying the terms one afte
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,38 +26,87 @@ class Term:
     strength: float
 
 
-@dataclass(frozen=True)
-class FusedLora:
-    """A run of plain LoRA terms concatenated once: change = up @ down, strengths folded into up."""
+@dataclass(frozen=True, eq=False)
+class FusedFactors:
+    """A run of plain LoRAs concatenated once, strengths not yet applied.
 
+    ``up`` holds each adapter's alpha/rank scale; the change at strengths s is
+    ``(up * s per column) @ down``. One object serves every strength of the same adapters, so a
+    strength change builds nothing new (see ``fused_factors``).
+    """
+
+    adapters: tuple[Adapter, ...]  # kept alive with the factors: the cache key is their ids
     up: Tensor  # (out, R) float32, R = sum of ranks
     down: Tensor  # (R, in) float32
+    ranks: tuple[int, ...]
 
 
-def fuse_loras(terms: Sequence[Term]) -> FusedLora:
-    """Writes each term's scaled factors straight into the concatenated float32 buffers."""
-    pieces = []  # (up 2-D, down 2-D, scale, strength), any float dtype
-    for term in terms:
-        adapter = term.adapter
+@dataclass(frozen=True, eq=False)
+class FusedLora:
+    """A run of plain LoRA terms: concatenated factors and one strength per term."""
+
+    factors: FusedFactors
+    strengths: tuple[float, ...]
+
+    @property
+    def up(self) -> Tensor:
+        """(out, R) with the strengths folded in (a new tensor unless every strength is 1)."""
+        return self.scaled(self.factors.up.device, fold_into="up")[0]
+
+    @property
+    def down(self) -> Tensor:
+        return self.factors.down
+
+    def scaled(self, device: torch.device | str, fold_into: str | None = None) -> tuple[Tensor, Tensor]:
+        """(up, down) on ``device`` with the strengths folded into the smaller factor (or the one named)."""
+        up, down = self.factors.up.to(device), self.factors.down.to(device)
+        if all(s == 1.0 for s in self.strengths):
+            return up, down
+        per_column = torch.tensor(self.strengths, dtype=torch.float32, device=device)
+        per_column = per_column.repeat_interleave(torch.tensor(self.factors.ranks, device=device))
+        if fold_into == "up" or (fold_into is None and up.numel() <= down.numel()):
+            return up * per_column, down
+        return up, down * per_column[:, None]
+
+
+# Concatenated factors by the ids of their adapters. Weak: an entry lives while some patch uses it,
+# and it holds its adapters, so the ids in its key cannot be reused by other objects meanwhile.
+_FUSED: weakref.WeakValueDictionary[tuple[int, ...], FusedFactors] = weakref.WeakValueDictionary()
+
+
+def fused_factors(adapters: Sequence[LoraAdapter]) -> FusedFactors:
+    """The concatenated factors of these adapters, built once while any patch still uses them."""
+    key = tuple(id(a) for a in adapters)
+    found = _FUSED.get(key)
+    if found is not None:
+        return found
+    pieces = []  # (up 2-D, down 2-D, scale), any float dtype
+    for adapter in adapters:
         if adapter.mid is None:
-            pieces.append((adapter.up.flatten(1), adapter.down.flatten(1), scale_of(adapter), term.strength))
+            pieces.append((adapter.up.flatten(1), adapter.down.flatten(1), scale_of(adapter)))
         else:  # Tucker (LoCon with lora_mid): the mid folds into down
             up, down = scaled_factors(adapter)
-            pieces.append((up, down, 1.0, term.strength))
+            pieces.append((up, down, 1.0))
     device = pieces[0][0].device
-    rank = sum(down.shape[0] for _, down, _, _ in pieces)
-    up_all = torch.empty(pieces[0][0].shape[0], rank, dtype=torch.float32, device=device)
-    down_all = torch.empty(rank, pieces[0][1].shape[1], dtype=torch.float32, device=device)
+    ranks = tuple(down.shape[0] for _, down, _ in pieces)
+    up_all = torch.empty(pieces[0][0].shape[0], sum(ranks), dtype=torch.float32, device=device)
+    down_all = torch.empty(sum(ranks), pieces[0][1].shape[1], dtype=torch.float32, device=device)
     at = 0
-    for up, down, scale, strength in pieces:
-        part = up_all[:, at : at + down.shape[0]]
+    for (up, down, scale), rank in zip(pieces, ranks, strict=True):
+        part = up_all[:, at : at + rank]
         part.copy_(up)
         if scale != 1.0:
             part.mul_(scale)
-        part.mul_(strength)
-        down_all[at : at + down.shape[0]].copy_(down)
-        at += down.shape[0]
-    return FusedLora(up_all, down_all)
+        down_all[at : at + rank].copy_(down)
+        at += rank
+    fused = FusedFactors(tuple(adapters), up_all, down_all, ranks)
+    _FUSED[key] = fused
+    return fused
+
+
+def fuse_loras(terms: Sequence[Term]) -> FusedLora:
+    """A run of plain LoRA terms as one product (the factors shared with other strengths)."""
+    return FusedLora(fused_factors([t.adapter for t in terms]), tuple(float(t.strength) for t in terms))
 
 
 Step = FusedLora | Term
@@ -88,7 +138,7 @@ def apply_steps_(steps: Sequence[Step], work: Tensor) -> Tensor:
     """Applies prepared steps to ``work`` (float32) in place where the math allows; returns the result."""
     for step in steps:
         if isinstance(step, FusedLora):
-            up, down = step.up.to(work.device), step.down.to(work.device)
+            up, down = step.scaled(work.device)
             if work.is_contiguous():
                 work.view(work.shape[0], -1).addmm_(up, down)  # (out, R) @ (R, in)
             else:

@@ -76,3 +76,35 @@ def test_prepare_fuses_each_run_of_plain_loras_once():
     assert kinds == ["FusedLora", "Term", "Term", "FusedLora"]
     assert steps[0].up.shape == (8, 5) and steps[0].down.shape == (5, 6)  # ranks 3 + 2
     assert torch.allclose(steps[0].up @ steps[0].down, 0.5 * (a.up @ a.down) + b.up @ b.down, atol=1e-5)
+
+
+def test_strength_change_reuses_the_concatenated_factors():
+    a, b = _lora(12, 10, 4, 1, alpha=2.0), _lora(12, 10, 3, 2)
+    first = prepare([Term(a, 0.5), Term(b, 1.0)])
+    second = prepare([Term(a, -0.8), Term(b, 0.3)])
+    assert second[0].factors is first[0].factors, "a strength change built the factors again"
+    w = torch.randn(12, 10)
+    for s_a, s_b in [(0.5, 1.0), (-0.8, 0.3)]:
+        terms = [Term(a, s_a), Term(b, s_b)]
+        assert torch.allclose(apply_terms(terms, w), _sequential(terms, w), atol=1e-5)
+    other = prepare([Term(b, 1.0), Term(a, 1.0)])  # another order is another concatenation
+    assert other[0].factors is not first[0].factors
+
+
+def test_strengths_fold_into_the_smaller_factor():
+    w_tall, w_wide = torch.randn(40, 6), torch.randn(6, 40)
+    for w in (w_tall, w_wide):  # (out, R) is larger for the tall weight, (R, in) for the wide one
+        terms = [Term(_lora(*w.shape, 3, 7), 0.6), Term(_lora(*w.shape, 2, 8, alpha=1.0), -1.4)]
+        assert torch.allclose(apply_terms(terms, w), _sequential(terms, w), atol=1e-5)
+
+
+def test_factors_are_freed_with_the_last_patch_using_them():
+    import gc
+    import weakref
+
+    a = _lora(8, 6, 2, 1)
+    steps = prepare([Term(a, 0.5), Term(_lora(8, 6, 2, 2), 1.0)])
+    ref = weakref.ref(steps[0].factors)
+    del steps
+    gc.collect()
+    assert ref() is None, "the factor cache kept concatenated factors no patch uses"
