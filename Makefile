@@ -13,7 +13,7 @@ demo: setup
 test: setup
 	bash scripts/run_tests.sh
 
-# Every benchmark with its default settings, one after another (about 12 minutes on 2 cores);
+# Every benchmark with its default settings, one after another (about 15 minutes on 2 cores);
 # run on a quiet machine: other jobs distort the timings.
 bench: setup
 	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
