@@ -8,6 +8,8 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
+
 from .adapters import Adapter, LoraAdapter, delta, is_linear, scaled_factors
 from .loader import LoadedLora, LoraPlan
 from .lowrank import DenseDelta, Factors, LoraModule
@@ -114,31 +116,105 @@ def bake_stack(
     return BakeResult(path=path, reports=reports, notes=tuple(notes))
 
 
+def _split_target(target) -> tuple[str, tuple[int, int, int] | None, Callable | None]:
+    """A key map target as (weight key, offset, function): a key, or (key, offset[, function])
+    where offset = (dim, start, size) is the slice of a fused weight the module addresses."""
+    if isinstance(target, str):
+        return target, None, None
+    return target[0], (target[1] if len(target) > 1 else None), (target[2] if len(target) > 2 else None)
+
+
+def _lift(term, shape: tuple[int, ...], offset, function, name: str):
+    """A term on a slice of a weight (or through a key map function) as a term on the whole weight,
+    so a LoRA written for the parts of a fused weight (Flux's q, k, v of qkv) merges into it."""
+    if function is not None:
+        if isinstance(term, Factors):
+            # Key map functions rearrange rows (Flux's norm_out swaps scale and shift): then they
+            # commute with the product and apply to the up factor; checked on a random vector.
+            try:
+                up = function(term.up)
+                probe = torch.randn(term.down.shape[1], generator=torch.Generator().manual_seed(0))
+                mixed = term.down @ probe
+                ok = up.shape == term.up.shape and torch.allclose(
+                    up @ mixed, function((term.up @ mixed)[:, None])[:, 0], rtol=1e-4, atol=1e-6
+                )
+            except Exception:
+                ok = False
+            if not ok:
+                raise ValueError(
+                    f"{name}: the model's key map transforms this layer's change in a way a LoRA file cannot hold"
+                )
+            term = Factors(up, term.down, term.kernel)
+        else:
+            term = DenseDelta(function(term.delta), term.kernel)
+    if offset is None:
+        return term
+    dim, start, size = offset
+    if len(shape) != 2 or dim not in (0, 1):
+        raise ValueError(f"{name}: a slice along dim {dim} of a {len(shape)}-D weight cannot be merged")
+    if isinstance(term, Factors):
+        if dim == 0:
+            up = term.up.new_zeros(shape[0], term.rank)
+            up[start : start + size] = term.up
+            return Factors(up, term.down)
+        down = term.down.new_zeros(term.rank, shape[1])
+        down[:, start : start + size] = term.down
+        return Factors(term.up, down)
+    full = term.delta.new_zeros(shape)
+    full.narrow(dim, start, size).copy_(term.delta)
+    return DenseDelta(full)
+
+
+def _combine(pieces: list[tuple[object, float]]):
+    """One LoRA's terms on the same weight (its slices) as one term and one merge weight."""
+    if len(pieces) == 1:
+        return pieces[0]
+    weight = max((s for _, s in pieces), key=abs)
+    if weight == 0.0:
+        return None, 0.0
+    scaled = [(t, s / weight) for t, s in pieces]
+    if all(isinstance(t, Factors) for t, _ in scaled):
+        up = torch.cat([t.up * f for t, f in scaled], dim=1)
+        return Factors(up, torch.cat([t.down for t, _ in scaled], dim=0), scaled[0][0].kernel), weight
+    total = sum(f * (t.up @ t.down if isinstance(t, Factors) else t.delta) for t, f in scaled)
+    return DenseDelta(total, scaled[0][0].kernel), weight
+
+
 def _collect(loras, plans, names, shapes):
     per_module: dict[str, list] = {}
     weights: dict[str, list[float]] = {}
     notes: list[str] = []
     for part, part_names in names.items():
-        targets = sorted({t for p in plans for t in p.patches.get(part, {})}, key=str)
-        for target in targets:
-            if isinstance(target, str) and target.endswith(".bias"):
-                notes.append(f"bias change on {target} dropped: kohya LoRA files hold no bias")
+        by_key: dict[str, list] = {}
+        for target in sorted({t for p in plans for t in p.patches.get(part, {})}, key=str):
+            key = _split_target(target)[0]
+            if key.endswith(".bias"):
+                notes.append(f"bias change on {key} dropped: kohya LoRA files hold no bias")
                 continue
-            if not isinstance(target, str) or target not in part_names:
+            if key not in part_names:
                 raise ValueError(
-                    f"{target} has no kohya name in this model's key map: cannot be written as kohya LoRA"
+                    f"{key} has no kohya name in this model's key map: cannot be written as kohya LoRA"
                 )
-            name, shape = part_names[target], tuple(shapes[part][target])
+            by_key.setdefault(key, []).append(target)
+        for key, targets in by_key.items():
+            name, shape = part_names[key], tuple(shapes[part][key])
             terms, ws = [], []
             for lora, plan in zip(loras, plans, strict=True):
-                entry = plan.patches.get(part, {}).get(target)
-                if entry is None:
-                    terms.append(None)
-                    ws.append(0.0)
-                    continue
-                (term,) = entry
-                terms.append(_merge_term(lora, term.adapter, shape, name))
-                ws.append(term.strength)
+                pieces = []
+                for target in targets:
+                    entry = plan.patches.get(part, {}).get(target)
+                    if entry is None:
+                        continue
+                    (term,) = entry
+                    _, offset, function = _split_target(target)
+                    sub = list(shape)
+                    if offset is not None:
+                        sub[offset[0]] = offset[2]
+                    merged = _merge_term(lora, term.adapter, tuple(sub), name)
+                    pieces.append((_lift(merged, shape, offset, function, name), term.strength))
+                term, weight = _combine(pieces) if pieces else (None, 0.0)
+                terms.append(term)
+                ws.append(weight)
             per_module[name], weights[name] = terms, ws
     return per_module, weights, notes
 

@@ -22,12 +22,19 @@ from ..lora_core.patching import Term, apply_steps_, prepare
 log = logging.getLogger("lora_foundry")
 
 
-_PROBE = torch.zeros(1)
+_PROBE = torch.zeros(2, 1)
 
 
 def _is_identity(function) -> bool:
     # ComfyUI passes ``lambda a: a`` when a patch has no function; it returns its argument itself.
-    return function is None or function(_PROBE) is _PROBE
+    # Key maps attach real functions to some targets (Flux's norm_out: swap_scale_shift, which
+    # splits its input in two); any that fails on the probe is not the identity either.
+    if function is None:
+        return True
+    try:
+        return function(_PROBE) is _PROBE
+    except Exception:
+        return False
 
 
 class FoundryPatch(comfy.weight_adapter.WeightAdapterBase):
@@ -140,9 +147,10 @@ def progress(total: int) -> Callable[..., None]:
     """A step callback driving ComfyUI's progress bar, raising if the user pressed Cancel."""
     bar = comfy.utils.ProgressBar(total)
 
-    def step(done: int, _total: int | None = None) -> None:
+    def step(done: int, of: int | None = None) -> None:
+        # ``of``: the caller's own count when it differs from the estimate the bar started with
         comfy.model_management.throw_exception_if_processing_interrupted()
-        bar.update_absolute(done, total)
+        bar.update_absolute(done, of or total)
 
     return step
 

@@ -246,6 +246,36 @@ def build(family: str = "sd15", s: Sizes | None = None, seed: int = 0) -> ComfyM
     return ComfyModels(model=patcher, clip=clip, vae=vae, family=family)
 
 
+def flux_model(seed: int = 0, hidden: int = 64, depth: int = 2, single: int = 2):
+    """A tiny Flux-structured MODEL (ModelPatcher, random weights; no text encoders).
+
+    ComfyUI's Flux key map names its fused weights in diffusers' split form (q, k, v as slices of
+    qkv, through offsets) and attaches a function to some targets (norm_out: scale and shift
+    swapped), so LoRAs for it take the paths an SD model never does.
+    """
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    heads = 2
+    head_dim = hidden // heads
+    axes = [head_dim - 2 * (head_dim * 3 // 8), head_dim * 3 // 8, head_dim * 3 // 8]
+    unet_config = {
+        "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
+        "context_in_dim": 32, "hidden_size": hidden, "mlp_ratio": 4.0, "num_heads": heads,
+        "depth": depth, "depth_single_blocks": single, "axes_dim": axes, "theta": 10000,
+        "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+    }  # fmt: skip
+    config = sm.Flux(unet_config)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    randomize_(model.diffusion_model, seed)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
+
+
 def _vae_state_dict(ch: int, seed: int) -> dict:
     from comfy.ldm.models.autoencoder import AutoencoderKL
 

@@ -1,4 +1,4 @@
-"""In-process ComfyUI: tiny SD1.5 and SDXL models built from ComfyUI's own classes, and
+"""In-process ComfyUI: tiny SD1.5, SDXL and Flux models built from ComfyUI's own classes, and
 folder_paths pointed at a temporary base directory so nodes read and write there."""
 
 from __future__ import annotations
@@ -35,6 +35,12 @@ def loras_dir(comfy_base):
 def sd15():
     """Tiny SD1.5-structured MODEL / CLIP / VAE (random weights). Do not patch in place: clone."""
     return model_factory.build("sd15")
+
+
+@pytest.fixture(scope="session")
+def flux():
+    """Tiny Flux-structured MODEL (no CLIP): fused qkv weights that LoRAs address in slices."""
+    return model_factory.flux_model()
 
 
 @pytest.fixture(scope="session")
