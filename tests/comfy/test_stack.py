@@ -54,6 +54,41 @@ def test_stack_equals_chained_core_loaders(sd15, three_loras):
     assert report.count("matched:") == 4
 
 
+def test_low_vram_loading_gives_the_full_load_output(sd15, three_loras):
+    """Partially loaded (weights patched on the fly at each forward, LowVramPatch), the stack's
+    UNet output equals its fully loaded output and core's chain's."""
+    import torch
+
+    entries = [
+        ("stack_a.safetensors", 0.8, 0.5),
+        ("stack_b.safetensors", -0.4, 1.0),
+        ("stack_c.safetensors", 0.6, 0.3),
+    ]
+    ours = ApplyLoraStack().execute(sd15.model, list(entries), clip=sd15.clip)["result"][0]
+    core = core_chain(sd15, three_loras, entries)[0]
+    g = torch.Generator().manual_seed(3)
+    x, t, ctx = (
+        torch.randn(1, 4, 8, 8, generator=g),
+        torch.tensor([500.0]),
+        torch.randn(1, 77, 64, generator=g),
+    )
+
+    def forward(patcher, low_vram: bool):
+        patcher.patch_model(lowvram_model_memory=1 if low_vram else 0)  # 1 byte: every layer on the fly
+        on_the_fly = sum(1 for m in patcher.model.modules() if getattr(m, "weight_function", None))
+        with torch.no_grad():
+            out = patcher.model.diffusion_model(x, t, context=ctx)
+        patcher.unpatch_model()
+        return out, on_the_fly
+
+    full, _ = forward(ours, False)
+    partial, on_the_fly = forward(ours, True)
+    assert on_the_fly > 50, "the model was not loaded in low-VRAM mode: test is moot"
+    assert torch.allclose(partial, full, atol=1e-5)
+    assert torch.allclose(partial, forward(core, True)[0], atol=1e-4)
+    assert not torch.allclose(full, forward(sd15.model, False)[0], atol=1e-2), "the LoRAs changed nothing"
+
+
 def test_one_patch_per_weight_with_fused_lora_terms(sd15, three_loras):
     entries = [("stack_a.safetensors", 1.0, 1.0, True), ("stack_d.safetensors", 0.5, 0.5, True)]
     (stack,) = LoraStack().execute(**slots(*entries))
