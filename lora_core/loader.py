@@ -17,6 +17,7 @@ from .block_weights import BlockWeights, parse_block_weights
 from .detect import FamilyGuess, detect_family, model_family_from_unet_config
 from .formats import ParsedLora, parse_lora
 from .keymap import resolve, summarize_unmatched
+from .layouts import UnsupportedLayoutError, convert_layout
 from .lorafile import read_lora_file
 from .metadata import trigger_words
 from .patching import Term
@@ -87,12 +88,18 @@ class _LoraCache:
 
 def _load(path: str) -> LoadedLora:
     f = read_lora_file(path)
-    parsed = parse_lora(f.tensors)
+    try:
+        tensors, layout = convert_layout(f.tensors)
+    except UnsupportedLayoutError as e:
+        raise UnsupportedLayoutError(f"{os.path.basename(path)}: {e}") from None
+    parsed = parse_lora(tensors)
+    if layout is not None:
+        parsed = replace(parsed, format=f"{parsed.format} ({layout} layout, renamed as ComfyUI does)")
     return LoadedLora(
         path=path,
         parsed=parsed,
         metadata=dict(f.metadata),
-        family=detect_family(f.tensors, f.metadata),
+        family=detect_family(tensors, f.metadata),
         triggers=tuple(trigger_words(f.metadata)),
     )
 

@@ -253,8 +253,6 @@ def flux_model(seed: int = 0, hidden: int = 64, depth: int = 2, single: int = 2)
     qkv, through offsets) and attaches a function to some targets (norm_out: scale and shift
     swapped), so LoRAs for it take the paths an SD model never does.
     """
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models as sm
 
     heads = 2
@@ -266,7 +264,25 @@ def flux_model(seed: int = 0, hidden: int = 64, depth: int = 2, single: int = 2)
         "depth": depth, "depth_single_blocks": single, "axes_dim": axes, "theta": 10000,
         "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
     }  # fmt: skip
-    config = sm.Flux(unet_config)
+    return _dit_patcher(sm.Flux, unet_config, seed)
+
+
+def wan_model(seed: int = 0, dim: int = 64, layers: int = 2):
+    """A tiny Wan 2.1 text-to-video MODEL (ModelPatcher, random weights; no text encoder)."""
+    import comfy.supported_models as sm
+
+    unet_config = {
+        "image_model": "wan2.1", "model_type": "t2v", "dim": dim, "ffn_dim": 2 * dim, "freq_dim": 32,
+        "text_dim": 32, "num_heads": 2, "num_layers": layers, "in_dim": 16, "out_dim": 16,
+    }  # fmt: skip
+    return _dit_patcher(sm.WAN21_T2V, unet_config, seed)
+
+
+def _dit_patcher(config_class, unet_config: dict, seed: int):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    config = config_class(unet_config)
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({})
     randomize_(model.diffusion_model, seed)
