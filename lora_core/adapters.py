@@ -25,6 +25,7 @@ class LoraAdapter:
     alpha: float | None = None
     mid: Tensor | None = None  # (r, r, kh, kw) for Tucker-decomposed convolutions
     dora_scale: Tensor | None = None
+    reshape: tuple[int, ...] | None = None  # ``.reshape_weight``: the weight is zero-padded to this first
 
     def __post_init__(self) -> None:
         if self.up.dim() < 2 or self.down.dim() < 2:
@@ -177,14 +178,14 @@ def is_linear(adapter: Adapter) -> bool:
     """True when ``apply`` is ``weight + strength * delta``: such adapters can be summed in one pass."""
     if isinstance(adapter, SetAdapter):
         return False
-    return getattr(adapter, "dora_scale", None) is None
+    return getattr(adapter, "dora_scale", None) is None and getattr(adapter, "reshape", None) is None
 
 
 def delta(adapter: Adapter, shape: Shape, device: torch.device | str = "cpu") -> Tensor:
     """Dense float32 change at strength 1, shaped like the target weight (linear adapters only)."""
     if not is_linear(adapter):
         raise ValueError(
-            f"{type(adapter).__name__} with DoRA or set_weight is not a plain sum; use apply() for it"
+            f"{type(adapter).__name__} with DoRA, set_weight or a reshape is not a plain sum; use apply() for it"
         )
     return _scaled_raw(adapter, tuple(shape), torch.device(device))
 
@@ -244,6 +245,9 @@ def apply(adapter: Adapter, weight: Tensor, strength: float = 1.0) -> Tensor:
     """New weight = weight patched by ``adapter`` at ``strength``; ``weight`` is left untouched."""
     if isinstance(adapter, SetAdapter):
         return adapter.weight.to(device=weight.device, dtype=weight.dtype, copy=True)
+    reshape = getattr(adapter, "reshape", None)
+    if reshape is not None:
+        weight = padded(weight, reshape)
     w32 = weight.to(dtype=torch.float32, copy=True)
     shape = tuple(weight.shape)
     if isinstance(adapter, DiffAdapter):
@@ -257,6 +261,18 @@ def apply(adapter: Adapter, weight: Tensor, strength: float = 1.0) -> Tensor:
     else:
         out = w32 + strength * scaled
     return out.to(weight.dtype)
+
+
+def padded(weight: Tensor, shape: Shape) -> Tensor:
+    """``weight`` in the top-left corner of a zero tensor of ``shape`` (a LoRA's ``reshape_weight``)."""
+    shape = tuple(shape)
+    if len(shape) != weight.dim() or any(n < o for n, o in zip(shape, weight.shape, strict=True)):
+        raise ValueError(
+            f"reshape_weight {shape} cannot hold the weight {tuple(weight.shape)}: it may only grow it"
+        )
+    out = weight.new_zeros(shape)
+    out[tuple(slice(0, n) for n in weight.shape)] = weight
+    return out
 
 
 def rank_of(adapter: Adapter) -> int | None:

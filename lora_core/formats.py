@@ -30,6 +30,7 @@ _SUFFIXES: dict[str, tuple[str, str]] = {
     ".lora_linear_layer.down.weight": ("lora", "down:linear_layer"),
     ".alpha": ("extra", "alpha"),
     ".dora_scale": ("extra", "dora_scale"),
+    ".reshape_weight": ("extra", "reshape"),
     ".hada_w1_a": ("loha", "hada_w1_a"),
     ".hada_w1_b": ("loha", "hada_w1_b"),
     ".hada_w2_a": ("loha", "hada_w2_a"),
@@ -99,8 +100,12 @@ def _build_lora(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] |
         if up and down:
             mid = m.keys.get("mid") if spelling == "kohya" else None
             used = [up, down] + ([mid] if mid else [])
+            reshape = None
+            if "reshape" in m.keys:  # the weight is first zero-padded to this shape (Flux control LoRAs)
+                reshape = tuple(int(v) for v in t[m.keys["reshape"]].flatten().tolist())
+                used.append(m.keys["reshape"])
             m.label = "kohya LoRA" if spelling == "kohya" else "diffusers"
-            return LoraAdapter(up=t[up], down=t[down], mid=t[mid] if mid else None), used
+            return LoraAdapter(up=t[up], down=t[down], mid=t[mid] if mid else None, reshape=reshape), used
     return None
 
 
@@ -209,7 +214,7 @@ def parse_lora(tensors: dict[str, Tensor]) -> ParsedLora:
             if built is None:
                 labels[_label(name, "full diff")] += 1
         left = [k for k in m.keys.values() if k not in used]
-        if built is None and any(not k.endswith((".alpha", ".dora_scale")) for k in left):
+        if built is None and any(not k.endswith((".alpha", ".dora_scale", ".reshape_weight")) for k in left):
             incomplete.append(name)
         unused.extend(left)
     if incomplete:

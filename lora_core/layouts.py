@@ -2,14 +2,14 @@
 
 A few trainers write LoRA files whose module names no key map knows. ComfyUI core recognises
 them by a signature key and renames every key; the same signatures and renames are applied here,
-so such files load as they do in core. One such layout cannot be loaded by a LoRA loader that
-keeps the model's shapes and is refused with a message saying where to load it.
+so such files load as they do in core.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor
 
 # Wan "Fun" LoRAs (VideoX-Fun): kohya names with a doubled underscore after "lora_unet".
@@ -32,23 +32,22 @@ _USO_RENAMES = (
     (".processor.", "."),
 )
 
-# Black Forest Labs' Flux control LoRAs (Canny, Depth): they widen img_in's input channels.
+# Black Forest Labs' Flux control LoRAs (Canny, Depth): bare Flux names, norm scales replaced
+# (set_weight), bias changes (lora_B.bias), and img_in widened for the control image's channels.
 _BFL_CONTROL_SIGNATURE = ("img_in.lora_A.weight", "single_blocks.0.norm.key_norm.scale")
 
 
-class UnsupportedLayoutError(ValueError):
-    pass
-
-
 def convert_layout(tensors: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], str | None]:
-    """(tensors with renamed keys, the layout's name) for a known whole-file layout, else
-    (tensors, None). Raises UnsupportedLayoutError for layouts this pack cannot load."""
+    """(tensors with renamed keys, the layout's name) for a known whole-file layout, else (tensors, None)."""
     if all(k in tensors for k in _BFL_CONTROL_SIGNATURE):
-        raise UnsupportedLayoutError(
-            "a Black Forest Labs Flux control LoRA (Canny / Depth): it widens the model's img_in input "
-            "(reshape_weight) for control images, which Load LoRA does not do; load it with ComfyUI's "
-            "LoraLoaderModelOnly and feed the control image with InstructPixToPixConditioning"
-        )
+        out = {}
+        for key, value in tensors.items():
+            key = key.replace(".lora_B.bias", ".diff_b").replace("_norm.scale", "_norm.scale.set_weight")
+            out["diffusion_model." + key] = value
+        # img_in grows to take the control image's latent channels next to the noise's
+        grown = (tensors["img_in.lora_B.weight"].shape[0], tensors["img_in.lora_A.weight"].shape[1])
+        out["diffusion_model.img_in.reshape_weight"] = torch.tensor(grown)
+        return out, "Flux control"
     if _WAN_FUN_SIGNATURE in tensors:
         renamed = {("lora_unet_" + k[len("lora_unet__") :] if k.startswith("lora_unet__") else k): v
                    for k, v in tensors.items()}  # fmt: skip

@@ -17,7 +17,7 @@ from .block_weights import BlockWeights, parse_block_weights
 from .detect import FamilyGuess, detect_family, model_family_from_unet_config
 from .formats import ParsedLora, parse_lora
 from .keymap import resolve, summarize_unmatched
-from .layouts import UnsupportedLayoutError, convert_layout
+from .layouts import convert_layout
 from .lorafile import read_lora_file
 from .metadata import trigger_words
 from .patching import Term
@@ -88,10 +88,7 @@ class _LoraCache:
 
 def _load(path: str) -> LoadedLora:
     f = read_lora_file(path)
-    try:
-        tensors, layout = convert_layout(f.tensors)
-    except UnsupportedLayoutError as e:
-        raise UnsupportedLayoutError(f"{os.path.basename(path)}: {e}") from None
+    tensors, layout = convert_layout(f.tensors)
     parsed = parse_lora(tensors)
     if layout is not None:
         parsed = replace(parsed, format=f"{parsed.format} ({layout} layout, renamed as ComfyUI does)")
@@ -158,6 +155,11 @@ def _shape_error(adapter: Adapter, shape: tuple[int, ...]) -> str | None:
     if isinstance(adapter, SetAdapter):
         ok = tuple(adapter.weight.shape) == shape
         return None if ok else f"set_weight {tuple(adapter.weight.shape)} vs weight {shape}"
+    if isinstance(adapter, LoraAdapter) and adapter.reshape is not None:
+        grown = tuple(adapter.reshape)
+        if len(grown) != len(shape) or any(n < o for n, o in zip(grown, shape, strict=True)):
+            return f"reshape_weight {grown} cannot hold the weight {shape}: it may only grow it"
+        shape = grown
     if isinstance(adapter, LoraAdapter):
         if adapter.up.shape[0] != shape[0]:
             return f"LoRA up {tuple(adapter.up.shape)} has {adapter.up.shape[0]} outputs, the weight {shape} has {shape[0]}"
@@ -166,7 +168,11 @@ def _shape_error(adapter: Adapter, shape: tuple[int, ...]) -> str | None:
             if inputs != math.prod(shape[1:]):
                 return f"LoRA down {tuple(adapter.down.shape)} takes {inputs} inputs, the weight {shape} has {math.prod(shape[1:])}"
             return None
-    plain = replace(adapter, dora_scale=None) if getattr(adapter, "dora_scale", None) is not None else adapter
+    plain = adapter
+    if getattr(adapter, "dora_scale", None) is not None or getattr(adapter, "reshape", None) is not None:
+        plain = replace(
+            adapter, dora_scale=None, **({"reshape": None} if isinstance(adapter, LoraAdapter) else {})
+        )
     try:
         delta(plain, shape, "meta")
     except (ValueError, RuntimeError) as e:

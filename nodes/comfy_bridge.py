@@ -61,10 +61,21 @@ class FoundryPatch(comfy.weight_adapter.WeightAdapterBase):
         if _is_identity(function) and weight.dtype == torch.float32:
             # The usual case: ModelPatcher hands over a float32 working copy; patch it in place.
             new = apply_steps_(steps, weight)
-            if new is not weight:
-                weight.copy_(new)
+            if new is weight:
+                return weight
+            if new.shape != weight.shape:  # a reshape_weight grew it: the model takes the new tensor
+                if offset is not None:
+                    raise ValueError(f"{key}: a LoRA that grows a weight cannot patch a slice of it")
+                return new
+            weight.copy_(new)
             return weight
         new = apply_steps_(steps, weight.to(torch.float32, copy=True)).to(weight.dtype)
+        if new.shape != weight.shape:
+            if offset is not None or not _is_identity(function):
+                raise ValueError(
+                    f"{key}: a LoRA that grows a weight cannot patch a slice of it or go through a function"
+                )
+            return new
         if not _is_identity(function):
             # ComfyUI's convention: ``function`` maps the change before it is added.
             new = weight + function(new - weight)

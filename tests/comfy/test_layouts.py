@@ -1,12 +1,11 @@
-"""Whole-file layouts ComfyUI core renames before loading (Wan Fun, USO) load here with core's
-weights; a Flux control LoRA, which needs the model's input widened, is refused with a pointer."""
+"""Whole-file layouts ComfyUI core converts before loading (Wan Fun, USO, BFL's Flux control
+LoRAs) load here with core's weights."""
 
 from __future__ import annotations
 
 import comfy.sd
 import comfy.utils
 import model_factory
-import pytest
 import torch
 from patch_compare import assert_same, patched, write
 
@@ -68,14 +67,36 @@ def test_uso_layout_equals_core(loras_dir):
     assert_same(patched(out["result"][0]), patched(core_loader(flux, loras_dir, name, 0.75)))
 
 
-def test_flux_control_lora_is_refused_with_a_pointer(flux, loras_dir):
+def test_flux_control_lora_equals_core_and_grows_img_in(flux, loras_dir):
+    """BFL's Canny / Depth layout: img_in widened for the control latents (reshape_weight), norm
+    scales replaced (set_weight), bias changes; weights equal core's, and unloading restores shapes."""
     sd = flux.model.diffusion_model.state_dict()
+    hidden, channels = sd["img_in.weight"].shape
     g = torch.Generator().manual_seed(73)
-    up, down = _pair(g, sd["img_in.weight"].shape[0], 2 * sd["img_in.weight"].shape[1])
+    up, down = _pair(g, hidden, 2 * channels)
     tensors = {"img_in.lora_B.weight": up, "img_in.lora_A.weight": down,
-               "single_blocks.0.norm.key_norm.scale": torch.ones(sd["single_blocks.0.norm.key_norm.scale"].shape)}  # fmt: skip
+               "img_in.lora_B.bias": torch.randn(hidden, generator=g) * 0.1}  # fmt: skip
+    for i in range(2):
+        key = f"single_blocks.{i}.norm.key_norm.scale"
+        tensors[key] = torch.rand(sd[key].shape, generator=g) + 0.5
+        w = sd[f"double_blocks.{i}.img_attn.qkv.weight"]
+        up, down = _pair(g, *w.shape)
+        tensors |= {
+            f"double_blocks.{i}.img_attn.qkv.lora_B.weight": up,
+            f"double_blocks.{i}.img_attn.qkv.lora_A.weight": down,
+        }
     name = write(loras_dir, "flux_depth_control.safetensors", tensors)
-    with pytest.raises(
-        RuntimeError, match=r"flux_depth_control\.safetensors: .*control LoRA.*LoraLoaderModelOnly"
-    ):
-        LoadLoraModelOnly().execute(flux, name, 1.0)
+    out = LoadLoraModelOnly().execute(flux, name, 0.8)
+    report = out["ui"]["text"][0]
+    assert "Flux control layout" in report and "unmatched" not in report, report
+    ours, core = out["result"][0], core_loader(flux, loras_dir, name, 0.8)
+    weights = patched(ours)
+    assert tuple(weights["diffusion_model.img_in.weight"].shape) == (hidden, 2 * channels)
+    assert_same(weights, patched(core))
+
+    ours.patch_model()  # the real load: the model takes the grown weight, and gives it back
+    grown = ours.model.diffusion_model.img_in.weight
+    assert tuple(grown.shape) == (hidden, 2 * channels)
+    assert torch.allclose(grown, weights["diffusion_model.img_in.weight"], atol=1e-6)
+    ours.unpatch_model()
+    assert tuple(flux.model.diffusion_model.img_in.weight.shape) == (hidden, channels)

@@ -1,9 +1,8 @@
 """Whole-file layout renames (lora_core/layouts.py) on plain dicts."""
 
-import pytest
 import torch
 
-from lora_foundry.lora_core.layouts import UnsupportedLayoutError, convert_layout
+from lora_foundry.lora_core.layouts import convert_layout
 
 
 def test_ordinary_files_pass_unchanged():
@@ -43,7 +42,14 @@ def test_uso_keys_become_comfyui_trainer_keys():
     }
 
 
-def test_flux_control_layout_is_refused():
-    t = torch.zeros(1)
-    with pytest.raises(UnsupportedLayoutError, match="LoraLoaderModelOnly"):
-        convert_layout({"img_in.lora_A.weight": t, "single_blocks.0.norm.key_norm.scale": t})
+def test_flux_control_layout_gets_comfyui_names_and_a_reshape():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 128, generator=g), torch.randn(64, 4, generator=g)
+    tensors = {"img_in.lora_A.weight": a, "img_in.lora_B.weight": b, "img_in.lora_B.bias": torch.zeros(64),
+               "single_blocks.0.norm.key_norm.scale": torch.ones(32)}  # fmt: skip
+    out, layout = convert_layout(tensors)
+    assert layout == "Flux control"
+    assert set(out) == {"diffusion_model.img_in.lora_A.weight", "diffusion_model.img_in.lora_B.weight",
+                        "diffusion_model.img_in.diff_b", "diffusion_model.single_blocks.0.norm.key_norm.scale.set_weight",
+                        "diffusion_model.img_in.reshape_weight"}  # fmt: skip
+    assert out["diffusion_model.img_in.reshape_weight"].tolist() == [64, 128]
