@@ -14,8 +14,11 @@ encoder (264 modules each). Every round gives all three graphs a new strength, s
 so ComfyUI re-runs the loaders, patches anew and samples; the order of the graphs is rotated every
 round. Printed per side: the patch phase, and the whole run (the server's execution_start to
 execution_success) with and without the "none" graph's time; medians and per-round core / ours.
+Last, runs that change strength_model alone (the text encoder's strength stays), in blocks of
+the same graph as a user tweaks it: core patches MODEL and CLIP again; this pack hands out the
+same CLIP, which ComfyUI finds loaded with its patches, and patches the MODEL only.
 
-    .venv/bin/python bench/bench_stack_server.py [--rounds 9]
+    .venv/bin/python bench/bench_stack_server.py [--rounds 9] [--model-only-rounds 3]
 """
 
 from __future__ import annotations
@@ -57,10 +60,12 @@ class PatchTimer:
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         comfy.model_management.load_models_gpu([model])
+        middle = time.perf_counter()
         clip.load_model()
         seconds = time.perf_counter() - start
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-        return {{"ui": {{"patch_seconds": [seconds], "page_faults": [faults]}}, "result": (model, clip)}}
+        ui = {{"patch_seconds": [seconds], "clip_seconds": [seconds - (middle - start)], "page_faults": [faults]}}
+        return {{"ui": ui, "result": (model, clip)}}
 
 
 NODE_CLASS_MAPPINGS = {{"{TIMER}": PatchTimer}}
@@ -86,8 +91,11 @@ def write_loras(folder: Path) -> list[str]:
     return names
 
 
-def graph(side: str, loras: list[str], strength: float, seed: int) -> dict:
+def graph(
+    side: str, loras: list[str], strength: float, seed: int, clip_strength: float | None = None
+) -> dict:
     """The API prompt of one side: LoRAs on MODEL and CLIP, the timer, encode, one step, decode, preview."""
+    clip_strength = strength if clip_strength is None else clip_strength
     g: dict[str, dict] = {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_NAME}}
     }
@@ -97,11 +105,13 @@ def graph(side: str, loras: list[str], strength: float, seed: int) -> dict:
             g[f"lora{i}"] = {
                 "class_type": "LoraLoader",
                 "inputs": {"model": model, "clip": clip, "lora_name": name,
-                           "strength_model": strength, "strength_clip": strength},
+                           "strength_model": strength, "strength_clip": clip_strength},
             }  # fmt: skip
             model, clip = [f"lora{i}", 0], [f"lora{i}", 1]
     elif side == "ours":
-        rows = [{"lora": n, "on": True, "strength_model": strength, "strength_clip": strength} for n in loras]
+        rows = [
+            {"lora": n, "on": True, "strength_model": strength, "strength_clip": clip_strength} for n in loras
+        ]
         g["stack"] = {"class_type": "LoraFoundry_LoraStack", "inputs": {"rows_json": json.dumps(rows)}}
         g["apply"] = {
             "class_type": "LoraFoundry_ApplyLoraStack",
@@ -124,14 +134,14 @@ def graph(side: str, loras: list[str], strength: float, seed: int) -> dict:
     return g
 
 
-def run_once(server: ComfyServer, prompt: dict) -> tuple[float, float, int]:
-    """(patch phase s, whole run s, page faults of the patch phase): the timer node's figures and the
-    server's own run time."""
+def run_once(server: ComfyServer, prompt: dict) -> tuple[float, float, int, float]:
+    """(patch phase s, whole run s, page faults of the patch phase, the CLIP's part of the patch s):
+    the timer node's figures and the server's own run time."""
     entry = server.run(prompt, timeout=900)
     stamps = {name: data["timestamp"] for name, data in entry["status"]["messages"]}
     whole = (stamps["execution_success"] - stamps["execution_start"]) / 1000.0
     timer = entry["outputs"]["timer"]
-    return timer["patch_seconds"][0], whole, timer["page_faults"][0]
+    return timer["patch_seconds"][0], whole, timer["page_faults"][0], timer["clip_seconds"][0]
 
 
 def ratio_line(label: str, core: list[float], ours: list[float]) -> str:
@@ -148,6 +158,8 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=9, help="timed rounds (default 9)")
+    parser.add_argument("--model-only-rounds", type=int, default=3,
+                        help="then runs per block of one graph (4 blocks) that change strength_model alone (default 3)")  # fmt: skip
     args = parser.parse_args()
     comfy_dir = default_comfy_dir()
     ckpt = comfy_dir / "models" / "checkpoints" / CKPT_NAME
@@ -157,6 +169,8 @@ def main() -> int:
     patch: dict[str, list[float]] = {side: [] for side in SIDES}
     whole: dict[str, list[float]] = {side: [] for side in SIDES}
     faults: dict[str, list[int]] = {side: [] for side in SIDES}
+    model_only: dict[str, list[float]] = {"core": [], "ours": []}
+    model_only_clip: dict[str, list[float]] = {"core": [], "ours": []}
     with tempfile.TemporaryDirectory(prefix="lf_bench_server_") as tmp:
         base = prepare_base_dir(Path(tmp))
         (base / "custom_nodes" / "lora_foundry_bench_timer.py").write_text(TIMER_NODE)
@@ -169,12 +183,23 @@ def main() -> int:
                 run_once(server, graph(side, loras, 0.4, 0))
             for r in range(args.rounds):
                 for side in SIDES[r % 3 :] + SIDES[: r % 3]:
-                    p, w, f = run_once(server, graph(side, loras, 0.5 + 0.01 * r, r + 1))
+                    p, w, f, _ = run_once(server, graph(side, loras, 0.5 + 0.01 * r, r + 1))
                     patch[side].append(p)
                     whole[side].append(w)
                     faults[side].append(f)
                 cells = "  ".join(f"{s} {patch[s][-1]:.2f} / {whole[s][-1]:.2f} s" for s in SIDES)
                 print(f"round {r + 1} (patch / whole run): {cells}")
+            # strength_model alone changes, run after run of the same graph, as a user tweaks it: in
+            # blocks per side (core, ours, ours, core), each after an untimed run that loads its models
+            # (the sides share the base models, so running the other graph unloads them).
+            if args.model_only_rounds:
+                for block, side in enumerate(("core", "ours", "ours", "core")):
+                    run_once(server, graph(side, loras, 0.69, 200 + block, clip_strength=0.5))
+                    for r in range(args.model_only_rounds):
+                        prompt = graph(side, loras, 0.7 + 0.01 * r, 300 + 10 * block + r, clip_strength=0.5)
+                        p, _, _, c = run_once(server, prompt)
+                        model_only[side].append(p)
+                        model_only_clip[side].append(c)
         finally:
             server.stop()
     added = {s: [w - n for w, n in zip(whole[s], whole["none"], strict=True)] for s in ("core", "ours")}
@@ -183,6 +208,12 @@ def main() -> int:
     print(ratio_line("patch phase (MODEL + CLIP)", patch["core"], patch["ours"]))
     print(ratio_line("whole run minus 'none' run", added["core"], added["ours"]))
     print(ratio_line("whole run", whole["core"], whole["ours"]))
+    if model_only["core"]:
+        print(ratio_line("patch, strength_model changed", model_only["core"], model_only["ours"]))
+        clip_part = {s: statistics.median(v) for s, v in model_only_clip.items()}
+        print(
+            f"  of which the CLIP's load (median): core {clip_part['core']:.3f} s, ours {clip_part['ours']:.3f} s"
+        )
     none_patch, none_whole = statistics.median(patch["none"]), statistics.median(whole["none"])
     print(f"'none' graph: patch {none_patch:.3f} s, whole run {none_whole:.3f} s")
     print(

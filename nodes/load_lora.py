@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..lora_core.stack import StackEntry
 from . import comfy_bridge as bridge
-from .lora_apply import apply_entries
+from .lora_apply import LastPatched, apply_entries
 
 CATEGORY = "LoRA Foundry"
 STRENGTH = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
@@ -35,11 +35,12 @@ def lora_inputs(with_clip: bool) -> dict:
 
 
 def apply_lora(
-    node: str, model, clip, lora_name: str, strength_model: float, strength_clip: float, block_weights: str
-):
+    node: str, model, clip, lora_name: str, strength_model: float, strength_clip: float, block_weights: str,
+    last: LastPatched | None = None,
+):  # fmt: skip
     """Returns (model, clip, trigger words, report text)."""
     return apply_entries(
-        node, model, clip, [StackEntry(lora_name, strength_model, strength_clip, block_weights)]
+        node, model, clip, [StackEntry(lora_name, strength_model, strength_clip, block_weights)], last
     )
 
 
@@ -62,8 +63,13 @@ class LoadLora:
     def INPUT_TYPES(cls):
         return lora_inputs(with_clip=True)
 
+    def __init__(self):
+        self.last = LastPatched()  # a change on one side only re-patches that side
+
     def execute(self, model, lora_name, strength_model, strength_clip, clip=None, block_weights=""):
-        out = apply_lora("Load LoRA", model, clip, lora_name, strength_model, strength_clip, block_weights)
+        out = apply_lora(
+            "Load LoRA", model, clip, lora_name, strength_model, strength_clip, block_weights, self.last
+        )
         return {"ui": {"text": [out[3]], "trigger_words": [out[2]]}, "result": out}
 
 
@@ -79,8 +85,11 @@ class LoadLoraModelOnly:
     def INPUT_TYPES(cls):
         return lora_inputs(with_clip=False)
 
+    def __init__(self):
+        self.last = LastPatched()
+
     def execute(self, model, lora_name, strength_model, block_weights=""):
         m, _, triggers, report = apply_lora(
-            "Load LoRA (model only)", model, None, lora_name, strength_model, 0.0, block_weights
+            "Load LoRA (model only)", model, None, lora_name, strength_model, 0.0, block_weights, self.last
         )
         return {"ui": {"text": [report], "trigger_words": [triggers]}, "result": (m, triggers, report)}

@@ -5,8 +5,9 @@ model's family by lora_core; all entries' terms for one weight then become one f
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..lora_core.detect import FamilyGuess
 from ..lora_core.loader import LoadedLora, LoraMismatchError, LoraPlan, load_lora, model_family, plan_lora
@@ -44,17 +45,41 @@ def plan_entries(node: str, model, clip, entries: Sequence[StackEntry]) -> Stack
     return StackPlan(tuple(loras), tuple(plans), key_maps, shapes, family)
 
 
-def apply_entries(node: str, model, clip, entries: Sequence[StackEntry]):
-    """Returns (model, clip, trigger words, report text)."""
+@dataclass
+class LastPatched:
+    """A node's last patched MODEL and CLIP, each with its source object and what was applied.
+
+    When a run changes only one side (say strength_model), the other side's object is handed out
+    again, and ComfyUI, which finds it already loaded with the same patches, does not patch that
+    model a second time. Held per node instance, so it pins nothing ComfyUI's own output cache
+    does not already hold.
+    """
+
+    sides: dict = field(default_factory=dict)  # "unet" / "clip" -> (source, applied, patched)
+
+    def patched(self, side: str, source, entries: Sequence[StackEntry], plans) -> object:
+        applied = []
+        for e in entries:
+            st = os.stat(bridge.lora_path(e.lora_name))
+            strength = e.strength_model if side == "unet" else e.strength_clip
+            applied.append((e.lora_name, st.st_size, st.st_mtime_ns, float(strength), e.block_weights))
+        kept = self.sides.get(side)
+        if kept is not None and kept[0] is source and kept[1] == applied:
+            return kept[2]
+        new = source.clone()
+        bridge.add_patches(new, fuse_patches([p.patches[side] for p in plans]))
+        self.sides[side] = (source, applied, new)
+        return new
+
+
+def apply_entries(node: str, model, clip, entries: Sequence[StackEntry], last: LastPatched | None = None):
+    """Returns (model, clip, trigger words, report text); ``last``: the node's LastPatched."""
     if not entries:
         return model, clip, "", "no LoRA enabled: MODEL and CLIP pass through unchanged"
     sp = plan_entries(node, model, clip, entries)
-    new_model = model.clone()
-    bridge.add_patches(new_model, fuse_patches([p.patches["unet"] for p in sp.plans]))
-    new_clip = None
-    if clip is not None:
-        new_clip = clip.clone()
-        bridge.add_patches(new_clip, fuse_patches([p.patches["clip"] for p in sp.plans]))
+    last = last if last is not None else LastPatched()
+    new_model = last.patched("unet", model, entries, sp.plans)
+    new_clip = None if clip is None else last.patched("clip", clip, entries, sp.plans)
     triggers: list[str] = []
     for lora in sp.loras:
         triggers += [t for t in lora.triggers if t not in triggers]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..lora_core.stack import ROWS, StackEntry, read_rows, read_stack, to_stack_items
 from . import comfy_bridge as bridge
 from .load_lora import BLOCK_WEIGHTS_TIP, CATEGORY, STRENGTH
-from .lora_apply import apply_entries
+from .lora_apply import LastPatched, apply_entries
 
 SLOTS = 4
 NONE = "None"
@@ -96,10 +96,13 @@ class ApplyLoraStack:
             },
         }
 
+    def __init__(self):
+        self.last = LastPatched()  # a change on one side only re-patches that side
+
     def execute(self, model, lora_stack, clip=None):
         try:
             entries = read_stack(lora_stack)
         except ValueError as e:
             raise RuntimeError(f"[Apply LoRA Stack] {e}") from e
-        out = apply_entries("Apply LoRA Stack", model, clip, entries)
+        out = apply_entries("Apply LoRA Stack", model, clip, entries, self.last)
         return {"ui": {"text": [out[3]], "trigger_words": [out[2]]}, "result": out}

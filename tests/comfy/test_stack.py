@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import comfy.sd
 import lora_factory as lf
 import pytest
@@ -159,3 +161,37 @@ def test_rows_json_entries_follow_the_slots(three_loras):
 def test_bad_rows_json_is_named(rows, message):
     with pytest.raises(RuntimeError, match=rf"\[LoRA Stack\] rows_json.*{message}|{message}"):
         LoraStack().execute(rows_json=rows)
+
+
+def test_a_change_on_one_side_repatches_only_that_side(sd15, three_loras, loras_dir):
+    """The node hands out its last MODEL (or CLIP) again when only the other side changed, so
+    ComfyUI, finding it loaded with the same patches, does not patch it again."""
+    node = ApplyLoraStack()
+
+    def run(sm, sc, model=sd15.model, clip=sd15.clip):
+        stack = [("stack_a.safetensors", sm, sc), ("stack_d.safetensors", 0.5, 0.5)]
+        return node.execute(model, stack, clip=clip)["result"][:2]
+
+    m1, c1 = run(0.5, 0.5)
+    m2, c2 = run(0.9, 0.5)  # strength_model only
+    assert m2 is not m1 and c2 is c1
+    assert_same(
+        patched(m2),
+        patched(
+            ApplyLoraStack().execute(
+                sd15.model, [("stack_a.safetensors", 0.9, 0.5), ("stack_d.safetensors", 0.5, 0.5)]
+            )["result"][0]
+        ),
+    )
+    m3, c3 = run(0.9, -0.2)  # strength_clip only
+    assert m3 is m2 and c3 is not c2
+    assert run(0.9, -0.2) == (m3, c3)  # nothing changed: both kept
+    other = sd15.model.clone()  # another source model (an upstream node ran again)
+    m4, c4 = run(0.9, -0.2, model=other)
+    assert m4 is not m3 and c4 is c3
+
+    path = loras_dir / "stack_a.safetensors"  # the file changed on disk: both sides again
+    path.write_bytes(path.read_bytes())
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    m5, c5 = run(0.9, -0.2, model=other)
+    assert m5 is not m4 and c5 is not c4
