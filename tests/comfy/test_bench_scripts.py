@@ -38,6 +38,10 @@ def test_caption_bench_runs_on_a_tiny_set(tmp_path):
 @pytest.mark.server
 def test_server_bench_runs_one_round():
     """Its three graphs run in a real server (5 core loaders, our stack, no LoRA) and the timer node reports."""
-    out = _run([str(REPO / "bench" / "bench_stack_server.py"), "--rounds", "1"], timeout=900)
+    out = _run(
+        [str(REPO / "bench" / "bench_stack_server.py"), "--rounds", "1", "--model-only-rounds", "1"],
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "patch phase (MODEL + CLIP)" in out.stdout and "round 1 (patch / whole run)" in out.stdout
+    assert "patch, strength_model changed" in out.stdout
