@@ -48,23 +48,15 @@ class FusedLora:
     factors: FusedFactors
     strengths: tuple[float, ...]
 
-    @property
-    def up(self) -> Tensor:
-        """(out, R) with the strengths folded in (a new tensor unless every strength is 1)."""
-        return self.scaled(self.factors.up.device, fold_into="up")[0]
-
-    @property
-    def down(self) -> Tensor:
-        return self.factors.down
-
-    def scaled(self, device: torch.device | str, fold_into: str | None = None) -> tuple[Tensor, Tensor]:
-        """(up, down) on ``device`` with the strengths folded into the smaller factor (or the one named)."""
+    def scaled(self, device: torch.device | str) -> tuple[Tensor, Tensor]:
+        """(up, down) on ``device``, the strengths folded into the smaller of the two (a new tensor
+        unless every strength is 1): the change is ``up @ down``."""
         up, down = self.factors.up.to(device), self.factors.down.to(device)
         if all(s == 1.0 for s in self.strengths):
             return up, down
         per_column = torch.tensor(self.strengths, dtype=torch.float32, device=device)
         per_column = per_column.repeat_interleave(torch.tensor(self.factors.ranks, device=device))
-        if fold_into == "up" or (fold_into is None and up.numel() <= down.numel()):
+        if up.numel() <= down.numel():
             return up * per_column, down
         return up, down * per_column[:, None]
 

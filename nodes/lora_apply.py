@@ -57,12 +57,13 @@ class LastPatched:
 
     sides: dict = field(default_factory=dict)  # "unet" / "clip" -> (source, applied, patched)
 
-    def patched(self, side: str, source, entries: Sequence[StackEntry], plans) -> object:
-        applied = []
-        for e in entries:
-            st = os.stat(bridge.lora_path(e.lora_name))
-            strength = e.strength_model if side == "unet" else e.strength_clip
-            applied.append((e.lora_name, st.st_size, st.st_mtime_ns, float(strength), e.block_weights))
+    def patched(
+        self, side: str, source, entries: Sequence[StackEntry], files: Sequence[tuple], plans
+    ) -> object:
+        """``source`` patched with the plans' ``side``; the last one again when nothing it depends on
+        changed (the source object, the files as on disk, this side's strengths, block weights)."""
+        strengths = [e.strength_model if side == "unet" else e.strength_clip for e in entries]
+        applied = [(*f, float(s), e.block_weights) for f, s, e in zip(files, strengths, entries, strict=True)]
         kept = self.sides.get(side)
         if kept is not None and kept[0] is source and kept[1] == applied:
             return kept[2]
@@ -72,14 +73,20 @@ class LastPatched:
         return new
 
 
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
 def apply_entries(node: str, model, clip, entries: Sequence[StackEntry], last: LastPatched | None = None):
     """Returns (model, clip, trigger words, report text); ``last``: the node's LastPatched."""
     if not entries:
         return model, clip, "", "no LoRA enabled: MODEL and CLIP pass through unchanged"
     sp = plan_entries(node, model, clip, entries)
     last = last if last is not None else LastPatched()
-    new_model = last.patched("unet", model, entries, sp.plans)
-    new_clip = None if clip is None else last.patched("clip", clip, entries, sp.plans)
+    files = [(lora.path, *_identity(lora.path)) for lora in sp.loras]
+    new_model = last.patched("unet", model, entries, files, sp.plans)
+    new_clip = None if clip is None else last.patched("clip", clip, entries, files, sp.plans)
     triggers: list[str] = []
     for lora in sp.loras:
         triggers += [t for t in lora.triggers if t not in triggers]

@@ -74,8 +74,9 @@ def test_prepare_fuses_each_run_of_plain_loras_once():
     )
     kinds = [type(s).__name__ for s in steps]
     assert kinds == ["FusedLora", "Term", "Term", "FusedLora"]
-    assert steps[0].up.shape == (8, 5) and steps[0].down.shape == (5, 6)  # ranks 3 + 2
-    assert torch.allclose(steps[0].up @ steps[0].down, 0.5 * (a.up @ a.down) + b.up @ b.down, atol=1e-5)
+    up, down = steps[0].scaled("cpu")
+    assert up.shape == (8, 5) and down.shape == (5, 6)  # ranks 3 + 2
+    assert torch.allclose(up @ down, 0.5 * (a.up @ a.down) + b.up @ b.down, atol=1e-5)
 
 
 def test_strength_change_reuses_the_concatenated_factors():
