@@ -278,6 +278,20 @@ def wan_model(seed: int = 0, dim: int = 64, layers: int = 2):
     return _dit_patcher(sm.WAN21_T2V, unet_config, seed)
 
 
+def sd3_model(seed: int = 0, depth: int = 2):
+    """A tiny SD3-structured MODEL (MMDiT, hidden size 64 x depth; no text encoders). Like Flux, its
+    key map addresses q, k, v as slices of fused weights and passes some changes through functions."""
+    import comfy.supported_models as sm
+
+    hidden = 64 * depth
+    unet_config = {
+        "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": depth, "num_patches": 64 * 64,
+        "pos_embed_max_size": 64, "adm_in_channels": 64,
+        "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": hidden}},
+    }  # fmt: skip
+    return _dit_patcher(sm.SD3, unet_config, seed)
+
+
 def _dit_patcher(config_class, unet_config: dict, seed: int):
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -286,6 +300,11 @@ def _dit_patcher(config_class, unet_config: dict, seed: int):
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({})
     randomize_(model.diffusion_model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # buffers a checkpoint would fill (SD3's pos_embed) start as torch.empty
+        for _, buf in model.diffusion_model.named_buffers():
+            if buf.is_floating_point():
+                buf.copy_(torch.randn(buf.shape, generator=g) * 0.02)
     model.eval()
     return comfy.model_patcher.ModelPatcher(
         model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()

@@ -1,4 +1,4 @@
-"""In-process ComfyUI: tiny SD1.5, SDXL and Flux models built from ComfyUI's own classes, and
+"""In-process ComfyUI: tiny SD1.5, SDXL, Flux and SD3 models built from ComfyUI's own classes, and
 folder_paths pointed at a temporary base directory so nodes read and write there."""
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ def sd15():
 def flux():
     """Tiny Flux-structured MODEL (no CLIP): fused qkv weights that LoRAs address in slices."""
     return model_factory.flux_model()
+
+
+@pytest.fixture(scope="session")
+def sd3():
+    """Tiny SD3-structured MODEL (no CLIP): MMDiT joint blocks with fused qkv weights."""
+    return model_factory.sd3_model()
 
 
 @pytest.fixture(scope="session")
