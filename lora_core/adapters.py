@@ -112,7 +112,18 @@ class SetAdapter:
     weight: Tensor
 
 
-Adapter = LoraAdapter | LohaAdapter | LokrAdapter | DiffAdapter | SetAdapter
+@dataclass(frozen=True, eq=False)
+class OftAdapter:
+    """LyCORIS (diag-)OFT: the weight's rows, in blocks, turned by orthogonal matrices (Cayley
+    transform of the skew part of ``blocks``); ``alpha`` > 0 bounds the norm of that skew part.
+    The change depends on the weight itself, so it is never summed with others."""
+
+    blocks: Tensor  # (block_num, block_size, block_size); block_num * block_size = the weight's rows
+    alpha: float | None = None
+    dora_scale: Tensor | None = None
+
+
+Adapter = LoraAdapter | LohaAdapter | LokrAdapter | DiffAdapter | SetAdapter | OftAdapter
 
 
 def _f32(t: Tensor, device: torch.device) -> Tensor:
@@ -176,7 +187,7 @@ def scale_of(adapter: Adapter) -> float:
 
 def is_linear(adapter: Adapter) -> bool:
     """True when ``apply`` is ``weight + strength * delta``: such adapters can be summed in one pass."""
-    if isinstance(adapter, SetAdapter):
+    if isinstance(adapter, (SetAdapter, OftAdapter)):
         return False
     return getattr(adapter, "dora_scale", None) is None and getattr(adapter, "reshape", None) is None
 
@@ -250,6 +261,8 @@ def apply(adapter: Adapter, weight: Tensor, strength: float = 1.0) -> Tensor:
         weight = padded(weight, reshape)
     w32 = weight.to(dtype=torch.float32, copy=True)
     shape = tuple(weight.shape)
+    if isinstance(adapter, OftAdapter):
+        return _oft(w32, adapter, strength).to(weight.dtype)
     if isinstance(adapter, DiffAdapter):
         if strength == 0.0:
             return weight.clone()
@@ -261,6 +274,32 @@ def apply(adapter: Adapter, weight: Tensor, strength: float = 1.0) -> Tensor:
     else:
         out = w32 + strength * scaled
     return out.to(weight.dtype)
+
+
+def _oft(weight: Tensor, adapter: OftAdapter, strength: float) -> Tensor:
+    """OFT as ComfyUI's OFTAdapter computes it (float32), block by block; see the quirk below."""
+    blocks = _f32(adapter.blocks, weight.device)
+    num, size = blocks.shape[0], blocks.shape[1]
+    if blocks.dim() != 3 or blocks.shape[2] != size or num * size != weight.shape[0]:
+        raise ValueError(f"OFT blocks {tuple(blocks.shape)} do not fit a weight with {weight.shape[0]} rows")
+    eye = torch.eye(size, device=weight.device, dtype=torch.float32)
+    skew = blocks - blocks.transpose(1, 2)
+    alpha = adapter.alpha or 0.0
+    if alpha > 0:  # in OFT, alpha is a bound on the skew part's norm
+        norm = torch.norm(skew) + 1e-8
+        if norm > alpha:
+            skew = skew * alpha / norm
+    rotation = (eye + skew) @ torch.linalg.inv(eye - skew)
+    change = torch.einsum(
+        "k n m, k n ... -> k m ...",
+        rotation * strength - strength * eye,
+        weight.view(num, size, *weight.shape[1:]),
+    ).reshape(weight.shape)
+    if adapter.dora_scale is not None:  # ComfyUI passes the OFT alpha (0 when absent) as DoRA's alpha
+        return _dora(weight, alpha * change, adapter.dora_scale, strength)
+    # ComfyUI quirk kept on purpose (results must match core): the strength is applied a second
+    # time here, so a plain OFT at strength s changes the weight by s^2 (R - I) W.
+    return weight + strength * change
 
 
 def padded(weight: Tensor, shape: Shape) -> Tensor:

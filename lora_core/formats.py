@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from .adapters import Adapter, DiffAdapter, LohaAdapter, LokrAdapter, LoraAdapter, SetAdapter
+from .adapters import Adapter, DiffAdapter, LohaAdapter, LokrAdapter, LoraAdapter, OftAdapter, SetAdapter
 
 # suffix -> (family, role). Families: "lora" (up/down pairs in several spellings), "loha", "lokr",
 # "extra" (alpha, dora_scale), "diff", "set", "bias", "unsupported". The module name is the key
@@ -44,6 +44,8 @@ _SUFFIXES: dict[str, tuple[str, str]] = {
     ".lokr_w2_a": ("lokr", "lokr_w2_a"),
     ".lokr_w2_b": ("lokr", "lokr_w2_b"),
     ".lokr_t2": ("lokr", "lokr_t2"),
+    ".oft_blocks": ("oft", "oft_blocks"),
+    ".rescale": ("oft", "rescale"),
     ".diff": ("diff", "diff"),
     ".w_norm": ("diff", "w_norm"),
     ".set_weight": ("set", "set_weight"),
@@ -134,6 +136,16 @@ def _build_lokr(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] |
     return LokrAdapter(**{r: t[k[r]] for r in roles}), [k[r] for r in roles]
 
 
+def _build_oft(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] | None:
+    blocks = m.keys.get("oft_blocks")
+    if blocks is None or t[blocks].dim() != 3:
+        return None
+    # ComfyUI reads ``rescale`` but does not use it; it is taken here too, with the same effect.
+    used = [blocks] + ([m.keys["rescale"]] if "rescale" in m.keys else [])
+    m.label = "LyCORIS OFT"
+    return OftAdapter(t[blocks]), used
+
+
 def _build(m: _Module, t: dict[str, Tensor], notes: list[str]) -> tuple[Adapter, list[str]] | None:
     """The module's weight patch and the keys it used; precedence mirrors ComfyUI's override order."""
     if "set_weight" in m.keys:
@@ -143,7 +155,7 @@ def _build(m: _Module, t: dict[str, Tensor], notes: list[str]) -> tuple[Adapter,
         if role in m.keys:
             m.label = "full diff"
             return DiffAdapter(t[m.keys[role]]), [m.keys[role]]
-    for builder in (_build_lora, _build_loha, _build_lokr):
+    for builder in (_build_lora, _build_loha, _build_lokr, _build_oft):
         built = builder(m, t)
         if built is None:
             continue

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from .adapters import Adapter, LoraAdapter, SetAdapter, delta, rank_of
+from .adapters import Adapter, LoraAdapter, OftAdapter, SetAdapter, delta, rank_of
 from .block_weights import BlockWeights, parse_block_weights
 from .detect import FamilyGuess, detect_family, model_family_from_unet_config
 from .formats import ParsedLora, parse_lora
@@ -155,6 +155,14 @@ def _shape_error(adapter: Adapter, shape: tuple[int, ...]) -> str | None:
     if isinstance(adapter, SetAdapter):
         ok = tuple(adapter.weight.shape) == shape
         return None if ok else f"set_weight {tuple(adapter.weight.shape)} vs weight {shape}"
+    if isinstance(adapter, OftAdapter):
+        num, size, size2 = adapter.blocks.shape
+        ok = size == size2 and num * size == shape[0]
+        return (
+            None
+            if ok
+            else f"OFT blocks {tuple(adapter.blocks.shape)} do not cover the weight's {shape[0]} rows"
+        )
     if isinstance(adapter, LoraAdapter) and adapter.reshape is not None:
         grown = tuple(adapter.reshape)
         if len(grown) != len(shape) or any(n < o for n, o in zip(grown, shape, strict=True)):

@@ -135,6 +135,25 @@ def loha_lora(
     return sd
 
 
+def oft_lora(
+    modules: list[Module], sdxl: bool = False, block_size: int = 4, seed: int = 0, alpha: float | None = None
+) -> dict[str, torch.Tensor]:
+    """LyCORIS diag-OFT: ``oft_blocks`` (rows / block_size, block_size, block_size) per 2-D weight."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for m in modules:
+        if len(m.shape) != 2 or m.shape[0] % block_size:
+            continue
+        n = kohya_name(m, sdxl)
+        sd[f"{n}.oft_blocks"] = (
+            torch.randn(m.shape[0] // block_size, block_size, block_size, generator=g) * 0.2
+        )
+        sd[f"{n}.rescale"] = torch.ones(m.shape[0], 1)  # written by LyCORIS, ignored by ComfyUI
+        if alpha is not None:
+            sd[f"{n}.alpha"] = torch.tensor(alpha)
+    return sd
+
+
 def lokr_lora(
     modules: list[Module], sdxl: bool = False, factor: int = 4, seed: int = 0
 ) -> dict[str, torch.Tensor]:

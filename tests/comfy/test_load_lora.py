@@ -66,13 +66,19 @@ def test_peft_unet_lora_is_not_dropped(sd15, loras_dir):
     assert len(core_on_peft.patches) < len(factors)  # the gap this pack closes
 
 
-@pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
+@pytest.mark.parametrize("kind", ["loha", "lokr", "dora", "oft", "oft_bounded", "oft_dora"])
 def test_lycoris_kinds_equal_core(sd15, loras_dir, kind):
     mods = modules(sd15)
     if kind == "loha":
         sd = lf.loha_lora(mods, seed=4)
     elif kind == "lokr":
         sd = lf.lokr_lora(mods, seed=5)
+    elif kind == "oft":
+        sd = lf.oft_lora(mods, seed=9)
+    elif kind == "oft_bounded":  # alpha bounds the norm of the skew part
+        sd = lf.oft_lora(mods, seed=10, alpha=0.5)
+    elif kind == "oft_dora":
+        sd = lf.with_dora(lf.oft_lora(mods, seed=11, alpha=2.0), mods, seed=12)
     else:
         sd = lf.with_dora(lf.kohya_lora(lf.random_factors(mods, seed=6)), mods, seed=7)
     name = write(loras_dir, f"{kind}.safetensors", sd)

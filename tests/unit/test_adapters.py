@@ -157,3 +157,24 @@ def test_scaled_factors_concatenate_to_sum_of_deltas():
     (ua, da), (ub, db) = scaled_factors(a), scaled_factors(b)
     fused = torch.cat([ua, ub], dim=1) @ torch.cat([da, db], dim=0)
     torch.testing.assert_close(fused, delta(a, (6, 5)) + delta(b, (6, 5)))
+
+
+def test_oft_turns_each_block_of_rows_by_an_orthogonal_matrix():
+    """Checked without ComfyUI: at strength 1 the rows of each block are rotated (R orthogonal, from
+    the Cayley transform of the skew part), so each block's Gram matrix over columns is kept."""
+    from lora_foundry.lora_core.adapters import OftAdapter
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 5, generator=g)
+    blocks = torch.randn(2, 4, 4, generator=g) * 0.3
+    out = apply(OftAdapter(blocks), w, 1.0)
+    for k in range(2):
+        a, b = w[4 * k : 4 * k + 4], out[4 * k : 4 * k + 4]
+        assert torch.allclose(a.T @ a, b.T @ b, atol=1e-5)  # R^T R = I
+    skew = blocks - blocks.transpose(1, 2)
+    eye = torch.eye(4)
+    r = (eye + skew[0]) @ torch.linalg.inv(eye - skew[0])
+    assert torch.allclose(out[:4], r.T @ w[:4], atol=1e-5)
+    assert torch.equal(apply(OftAdapter(torch.zeros(2, 4, 4)), w, 1.0), w)  # no skew part: no change
+    bounded = apply(OftAdapter(blocks * 100, alpha=0.1), w, 1.0)  # alpha bounds the skew norm
+    assert (bounded - w).norm() < (out - w).norm()
