@@ -123,7 +123,20 @@ class OftAdapter:
     dora_scale: Tensor | None = None
 
 
-Adapter = LoraAdapter | LohaAdapter | LokrAdapter | DiffAdapter | SetAdapter | OftAdapter
+@dataclass(frozen=True, eq=False)
+class GloraAdapter:
+    """LyCORIS GLoRA: change = alpha/rank * (W @ a1 @ a2 + b1 @ b2) (the older layout: b2 @ b1 +
+    W @ a2 @ a1), told apart by the factors' shapes as ComfyUI does. Depends on the weight itself."""
+
+    a1: Tensor
+    a2: Tensor
+    b1: Tensor
+    b2: Tensor
+    alpha: float | None = None
+    dora_scale: Tensor | None = None
+
+
+Adapter = LoraAdapter | LohaAdapter | LokrAdapter | DiffAdapter | SetAdapter | OftAdapter | GloraAdapter
 
 
 def _f32(t: Tensor, device: torch.device) -> Tensor:
@@ -187,7 +200,7 @@ def scale_of(adapter: Adapter) -> float:
 
 def is_linear(adapter: Adapter) -> bool:
     """True when ``apply`` is ``weight + strength * delta``: such adapters can be summed in one pass."""
-    if isinstance(adapter, (SetAdapter, OftAdapter)):
+    if isinstance(adapter, (SetAdapter, OftAdapter, GloraAdapter)):
         return False
     return getattr(adapter, "dora_scale", None) is None and getattr(adapter, "reshape", None) is None
 
@@ -263,6 +276,8 @@ def apply(adapter: Adapter, weight: Tensor, strength: float = 1.0) -> Tensor:
     shape = tuple(weight.shape)
     if isinstance(adapter, OftAdapter):
         return _oft(w32, adapter, strength).to(weight.dtype)
+    if isinstance(adapter, GloraAdapter):
+        return _glora(w32, adapter, strength).to(weight.dtype)
     if isinstance(adapter, DiffAdapter):
         if strength == 0.0:
             return weight.clone()
@@ -300,6 +315,33 @@ def _oft(weight: Tensor, adapter: OftAdapter, strength: float) -> Tensor:
     # ComfyUI quirk kept on purpose (results must match core): the strength is applied a second
     # time here, so a plain OFT at strength s changes the weight by s^2 (R - I) W.
     return weight + strength * change
+
+
+def _glora(weight: Tensor, adapter: GloraAdapter, strength: float) -> Tensor:
+    """GLoRA as ComfyUI's GLoRAAdapter computes it (float32), layout and rank read from the shapes."""
+    s0, s1, s2, s3 = (tuple(t.shape) for t in (adapter.a1, adapter.a2, adapter.b1, adapter.b2))
+    old, rank = False, None
+    if s3[1] == s2[0] == s0[0] == s1[1]:
+        old, rank = True, s0[0]
+    if s3[0] == s2[1] == s0[1] == s1[0] and not (old and s1[0] == weight.shape[0] == weight.shape[1]):
+        old, rank = False, s1[0]
+    if rank is None:
+        raise ValueError(f"GLoRA factors {s0}, {s1}, {s2}, {s3} do not fit together")
+    a1, a2, b1, b2 = (
+        _f32(t, weight.device).flatten(start_dim=1) for t in (adapter.a1, adapter.a2, adapter.b1, adapter.b2)
+    )
+    if old:
+        change = (b2 @ b1 + weight.flatten(start_dim=1) @ a2 @ a1).reshape(weight.shape)
+    elif weight.dim() > 2:
+        inner = torch.einsum("o i ..., i j -> o j ...", weight, a1)
+        change = torch.einsum("o i ..., i j -> o j ...", inner, a2).reshape(weight.shape)
+        change = change + (b1 @ b2).reshape(weight.shape)
+    else:
+        change = (weight @ a1 @ a2 + b1 @ b2).reshape(weight.shape)
+    alpha = 1.0 if adapter.alpha is None else adapter.alpha / rank
+    if adapter.dora_scale is not None:
+        return _dora(weight, alpha * change, adapter.dora_scale, strength)
+    return weight + strength * alpha * change
 
 
 def padded(weight: Tensor, shape: Shape) -> Tensor:

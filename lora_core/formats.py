@@ -7,7 +7,16 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from .adapters import Adapter, DiffAdapter, LohaAdapter, LokrAdapter, LoraAdapter, OftAdapter, SetAdapter
+from .adapters import (
+    Adapter,
+    DiffAdapter,
+    GloraAdapter,
+    LohaAdapter,
+    LokrAdapter,
+    LoraAdapter,
+    OftAdapter,
+    SetAdapter,
+)
 
 # suffix -> (family, role). Families: "lora" (up/down pairs in several spellings), "loha", "lokr",
 # "extra" (alpha, dora_scale), "diff", "set", "bias", "unsupported". The module name is the key
@@ -45,6 +54,10 @@ _SUFFIXES: dict[str, tuple[str, str]] = {
     ".lokr_w2_b": ("lokr", "lokr_w2_b"),
     ".lokr_t2": ("lokr", "lokr_t2"),
     ".oft_blocks": ("oft", "oft_blocks"),
+    ".a1.weight": ("glora", "a1"),
+    ".a2.weight": ("glora", "a2"),
+    ".b1.weight": ("glora", "b1"),
+    ".b2.weight": ("glora", "b2"),
     ".rescale": ("oft", "rescale"),
     ".diff": ("diff", "diff"),
     ".w_norm": ("diff", "w_norm"),
@@ -136,6 +149,14 @@ def _build_lokr(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] |
     return LokrAdapter(**{r: t[k[r]] for r in roles}), [k[r] for r in roles]
 
 
+def _build_glora(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] | None:
+    keys = [m.keys.get(r) for r in ("a1", "a2", "b1", "b2")]
+    if not all(keys):
+        return None
+    m.label = "LyCORIS GLoRA"
+    return GloraAdapter(*(t[k] for k in keys)), keys
+
+
 def _build_oft(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] | None:
     blocks = m.keys.get("oft_blocks")
     if blocks is None or t[blocks].dim() != 3:
@@ -155,7 +176,7 @@ def _build(m: _Module, t: dict[str, Tensor], notes: list[str]) -> tuple[Adapter,
         if role in m.keys:
             m.label = "full diff"
             return DiffAdapter(t[m.keys[role]]), [m.keys[role]]
-    for builder in (_build_lora, _build_loha, _build_lokr, _build_oft):
+    for builder in (_build_lora, _build_loha, _build_lokr, _build_glora, _build_oft):
         built = builder(m, t)
         if built is None:
             continue

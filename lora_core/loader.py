@@ -12,7 +12,9 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from .adapters import Adapter, LoraAdapter, OftAdapter, SetAdapter, delta, rank_of
+import torch
+
+from .adapters import Adapter, GloraAdapter, LoraAdapter, OftAdapter, SetAdapter, apply, delta, rank_of
 from .block_weights import BlockWeights, parse_block_weights
 from .detect import FamilyGuess, detect_family, model_family_from_unet_config
 from .formats import ParsedLora, parse_lora
@@ -155,6 +157,15 @@ def _shape_error(adapter: Adapter, shape: tuple[int, ...]) -> str | None:
     if isinstance(adapter, SetAdapter):
         ok = tuple(adapter.weight.shape) == shape
         return None if ok else f"set_weight {tuple(adapter.weight.shape)} vs weight {shape}"
+    if isinstance(adapter, GloraAdapter):
+        try:
+            meta = GloraAdapter(
+                *(t.to("meta") for t in (adapter.a1, adapter.a2, adapter.b1, adapter.b2)), adapter.alpha
+            )
+            apply(meta, torch.empty(shape, device="meta"))
+        except (ValueError, RuntimeError) as e:
+            return f"GLoRA: {e}"
+        return None
     if isinstance(adapter, OftAdapter):
         num, size, size2 = adapter.blocks.shape
         ok = size == size2 and num * size == shape[0]

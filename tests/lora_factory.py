@@ -135,6 +135,27 @@ def loha_lora(
     return sd
 
 
+def glora_lora(
+    modules: list[Module], sdxl: bool = False, rank: int = 4, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """LyCORIS GLoRA (current layout): a1 (in, r), a2 (r, in), b1 (out, r), b2 (r, in) per 2-D weight."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for m in modules:
+        if len(m.shape) != 2:
+            continue
+        n, (d_out, d_in) = kohya_name(m, sdxl), m.shape
+        for part, shape in (
+            ("a1", (d_in, rank)),
+            ("a2", (rank, d_in)),
+            ("b1", (d_out, rank)),
+            ("b2", (rank, d_in)),
+        ):
+            sd[f"{n}.{part}.weight"] = torch.randn(*shape, generator=g) * 0.2
+        sd[f"{n}.alpha"] = torch.tensor(float(rank) / 2)
+    return sd
+
+
 def oft_lora(
     modules: list[Module], sdxl: bool = False, block_size: int = 4, seed: int = 0, alpha: float | None = None
 ) -> dict[str, torch.Tensor]:

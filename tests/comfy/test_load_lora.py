@@ -66,7 +66,9 @@ def test_peft_unet_lora_is_not_dropped(sd15, loras_dir):
     assert len(core_on_peft.patches) < len(factors)  # the gap this pack closes
 
 
-@pytest.mark.parametrize("kind", ["loha", "lokr", "dora", "oft", "oft_bounded", "oft_dora"])
+@pytest.mark.parametrize(
+    "kind", ["loha", "lokr", "dora", "oft", "oft_bounded", "oft_dora", "glora", "glora_dora"]
+)
 def test_lycoris_kinds_equal_core(sd15, loras_dir, kind):
     mods = modules(sd15)
     if kind == "loha":
@@ -79,6 +81,10 @@ def test_lycoris_kinds_equal_core(sd15, loras_dir, kind):
         sd = lf.oft_lora(mods, seed=10, alpha=0.5)
     elif kind == "oft_dora":
         sd = lf.with_dora(lf.oft_lora(mods, seed=11, alpha=2.0), mods, seed=12)
+    elif kind == "glora":
+        sd = lf.glora_lora(mods, seed=13)
+    elif kind == "glora_dora":
+        sd = lf.with_dora(lf.glora_lora(mods, seed=14), mods, seed=15)
     else:
         sd = lf.with_dora(lf.kohya_lora(lf.random_factors(mods, seed=6)), mods, seed=7)
     name = write(loras_dir, f"{kind}.safetensors", sd)

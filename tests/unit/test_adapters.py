@@ -178,3 +178,18 @@ def test_oft_turns_each_block_of_rows_by_an_orthogonal_matrix():
     assert torch.equal(apply(OftAdapter(torch.zeros(2, 4, 4)), w, 1.0), w)  # no skew part: no change
     bounded = apply(OftAdapter(blocks * 100, alpha=0.1), w, 1.0)  # alpha bounds the skew norm
     assert (bounded - w).norm() < (out - w).norm()
+
+
+def test_glora_is_w_a1_a2_plus_b1_b2():
+    """Checked without ComfyUI: W + s * alpha / r * (W @ a1 @ a2 + b1 @ b2), on a non-square weight."""
+    from lora_foundry.lora_core.adapters import GloraAdapter
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 5, generator=g)
+    a1, a2 = torch.randn(5, 2, generator=g), torch.randn(2, 5, generator=g)
+    b1, b2 = torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g)
+    out = apply(GloraAdapter(a1, a2, b1, b2, alpha=1.0), w, 0.7)
+    assert torch.allclose(out, w + 0.7 * 0.5 * (w @ a1 @ a2 + b1 @ b2), atol=1e-5)
+    assert not is_linear(GloraAdapter(a1, a2, b1, b2))
+    with pytest.raises(ValueError, match="GLoRA factors"):
+        apply(GloraAdapter(a1, a2, b1, torch.randn(3, 4)), w)
