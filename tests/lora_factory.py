@@ -119,18 +119,20 @@ def diffusers_lora(factors: dict, style: str = "AB") -> dict[str, torch.Tensor]:
     return sd
 
 
+def _linear(modules: list[Module], sdxl: bool):
+    """(kohya name, (out, in)) of each 2-D weight: the layers the LyCORIS test files cover."""
+    return [(kohya_name(m, sdxl), tuple(m.shape)) for m in modules if len(m.shape) == 2]
+
+
 def loha_lora(
     modules: list[Module], sdxl: bool = False, rank: int = 4, seed: int = 0
 ) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    for m in modules:
-        if len(m.shape) != 2:
-            continue
-        n = kohya_name(m, sdxl)
+    for n, shape in _linear(modules, sdxl):
         for w in ("w1", "w2"):
-            sd[f"{n}.hada_{w}_a"] = torch.randn(m.shape[0], rank, generator=g) * 0.3
-            sd[f"{n}.hada_{w}_b"] = torch.randn(rank, m.shape[1], generator=g) * 0.3
+            sd[f"{n}.hada_{w}_a"] = torch.randn(shape[0], rank, generator=g) * 0.3
+            sd[f"{n}.hada_{w}_b"] = torch.randn(rank, shape[1], generator=g) * 0.3
         sd[f"{n}.alpha"] = torch.tensor(float(rank))
     return sd
 
@@ -141,10 +143,7 @@ def glora_lora(
     """LyCORIS GLoRA (current layout): a1 (in, r), a2 (r, in), b1 (out, r), b2 (r, in) per 2-D weight."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    for m in modules:
-        if len(m.shape) != 2:
-            continue
-        n, (d_out, d_in) = kohya_name(m, sdxl), m.shape
+    for n, (d_out, d_in) in _linear(modules, sdxl):
         for part, shape in (
             ("a1", (d_in, rank)),
             ("a2", (rank, d_in)),
@@ -162,14 +161,11 @@ def oft_lora(
     """LyCORIS diag-OFT: ``oft_blocks`` (rows / block_size, block_size, block_size) per 2-D weight."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    for m in modules:
-        if len(m.shape) != 2 or m.shape[0] % block_size:
+    for n, (d_out, _) in _linear(modules, sdxl):
+        if d_out % block_size:
             continue
-        n = kohya_name(m, sdxl)
-        sd[f"{n}.oft_blocks"] = (
-            torch.randn(m.shape[0] // block_size, block_size, block_size, generator=g) * 0.2
-        )
-        sd[f"{n}.rescale"] = torch.ones(m.shape[0], 1)  # written by LyCORIS, ignored by ComfyUI
+        sd[f"{n}.oft_blocks"] = torch.randn(d_out // block_size, block_size, block_size, generator=g) * 0.2
+        sd[f"{n}.rescale"] = torch.ones(d_out, 1)  # written by LyCORIS, ignored by ComfyUI
         if alpha is not None:
             sd[f"{n}.alpha"] = torch.tensor(alpha)
     return sd
