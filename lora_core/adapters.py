@@ -124,6 +124,18 @@ class OftAdapter:
 
 
 @dataclass(frozen=True, eq=False)
+class BoftAdapter:
+    """LyCORIS butterfly OFT: ``levels`` rounds of block-diagonal rotations (Cayley transforms, as in
+    OFT), each round pairing rows ``2**i * block_size / 2`` apart, so the product mixes every row
+    with every other one; then ``rescale`` (one factor per row) if the file has it."""
+
+    blocks: Tensor  # (levels, block_num, block_size, block_size); block_num * block_size = rows
+    rescale: Tensor | None = None
+    alpha: float | None = None
+    dora_scale: Tensor | None = None
+
+
+@dataclass(frozen=True, eq=False)
 class GloraAdapter:
     """LyCORIS GLoRA: change = alpha/rank * (W @ a1 @ a2 + b1 @ b2) (the older layout: b2 @ b1 +
     W @ a2 @ a1), told apart by the factors' shapes as ComfyUI does. Depends on the weight itself."""
@@ -136,7 +148,16 @@ class GloraAdapter:
     dora_scale: Tensor | None = None
 
 
-Adapter = LoraAdapter | LohaAdapter | LokrAdapter | DiffAdapter | SetAdapter | OftAdapter | GloraAdapter
+Adapter = (
+    LoraAdapter
+    | LohaAdapter
+    | LokrAdapter
+    | DiffAdapter
+    | SetAdapter
+    | OftAdapter
+    | BoftAdapter
+    | GloraAdapter
+)
 
 
 def _f32(t: Tensor, device: torch.device) -> Tensor:
@@ -200,7 +221,7 @@ def scale_of(adapter: Adapter) -> float:
 
 def is_linear(adapter: Adapter) -> bool:
     """True when ``apply`` is ``weight + strength * delta``: such adapters can be summed in one pass."""
-    if isinstance(adapter, (SetAdapter, OftAdapter, GloraAdapter)):
+    if isinstance(adapter, (SetAdapter, OftAdapter, BoftAdapter, GloraAdapter)):
         return False
     return getattr(adapter, "dora_scale", None) is None and getattr(adapter, "reshape", None) is None
 
@@ -276,6 +297,8 @@ def apply(adapter: Adapter, weight: Tensor, strength: float = 1.0) -> Tensor:
     shape = tuple(weight.shape)
     if isinstance(adapter, OftAdapter):
         return _oft(w32, adapter, strength).to(weight.dtype)
+    if isinstance(adapter, BoftAdapter):
+        return _boft(w32, adapter, strength).to(weight.dtype)
     if isinstance(adapter, GloraAdapter):
         return _glora(w32, adapter, strength).to(weight.dtype)
     if isinstance(adapter, DiffAdapter):
@@ -314,6 +337,61 @@ def _oft(weight: Tensor, adapter: OftAdapter, strength: float) -> Tensor:
         return _dora(weight, alpha * change, adapter.dora_scale, strength)
     # ComfyUI quirk kept on purpose (results must match core): the strength is applied a second
     # time here, so a plain OFT at strength s changes the weight by s^2 (R - I) W.
+    return weight + strength * change
+
+
+def boft_fit_error(blocks_shape: Shape, rows: int) -> str | None:
+    """Why butterfly blocks of ``blocks_shape`` cannot turn a weight with ``rows`` rows, or None."""
+    if len(blocks_shape) != 4 or blocks_shape[2] != blocks_shape[3] or blocks_shape[2] % 2:
+        return f"BOFT blocks {tuple(blocks_shape)} are not (levels, blocks, size, size) with an even size"
+    levels, num, size = blocks_shape[:3]
+    if num * size != rows or rows % (size << (levels - 1)):
+        return f"BOFT blocks {tuple(blocks_shape)} do not cover the weight's {rows} rows"
+    return None
+
+
+def _butterfly(weight: Tensor, rotations: Tensor) -> Tensor:
+    """``weight`` with its rows turned by every level of ``rotations`` in turn.
+
+    Level i pairs row j with row j + k (k = 2**i * size / 2) inside each run of 2k rows; the
+    rows so interleaved are cut into blocks of ``size`` and each block is multiplied by its
+    rotation, then the interleaving is undone."""
+    levels, num, size = rotations.shape[:3]
+    rows, tail = weight.shape[0], tuple(weight.shape[1:])
+    x = weight
+    for i in range(levels):
+        k = (size // 2) << i
+        x = x.reshape(rows // (2 * k), 2, k, *tail).transpose(1, 2).reshape(num, size, *tail)
+        x = torch.einsum("b i j, b j ... -> b i ...", rotations[i], x)
+        x = x.reshape(rows // (2 * k), k, 2, *tail).transpose(1, 2).reshape(rows, *tail)
+    return x
+
+
+def _boft(weight: Tensor, adapter: BoftAdapter, strength: float) -> Tensor:
+    """Butterfly OFT as ComfyUI's BOFTAdapter computes it (float32); same quirks as ``_oft``."""
+    error = boft_fit_error(tuple(adapter.blocks.shape), weight.shape[0])
+    if error:
+        raise ValueError(error)
+    blocks = _f32(adapter.blocks, weight.device)
+    size = blocks.shape[2]
+    eye = torch.eye(size, device=weight.device, dtype=torch.float32)
+    skew = blocks - blocks.transpose(-1, -2)
+    # A file without alpha: no bound, as in OFT (ComfyUI core fails on it and skips the module).
+    alpha = adapter.alpha or 0.0
+    if alpha > 0:
+        norm = torch.norm(skew) + 1e-8
+        if norm > alpha:
+            skew = skew * alpha / norm
+    rotations = (eye + skew) @ torch.linalg.inv(eye - skew)
+    if strength != 1.0:  # each level is pulled toward the identity ...
+        rotations = strength * rotations + (1.0 - strength) * eye
+    turned = _butterfly(weight, rotations)
+    if adapter.rescale is not None:
+        turned = turned * _f32(adapter.rescale, weight.device)
+    change = turned - weight
+    if adapter.dora_scale is not None:
+        return _dora(weight, alpha * change, adapter.dora_scale, strength)
+    # ... and, as ComfyUI does (kept so results match core), the change is scaled by it again.
     return weight + strength * change
 
 

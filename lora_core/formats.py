@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .adapters import (
     Adapter,
+    BoftAdapter,
     DiffAdapter,
     GloraAdapter,
     LohaAdapter,
@@ -159,10 +160,14 @@ def _build_glora(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] 
 
 def _build_oft(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] | None:
     blocks = m.keys.get("oft_blocks")
-    if blocks is None or t[blocks].dim() != 3:
+    if blocks is None or t[blocks].dim() not in (3, 4):
         return None
-    # ComfyUI reads ``rescale`` but does not use it; it is taken here too, with the same effect.
-    used = [blocks] + ([m.keys["rescale"]] if "rescale" in m.keys else [])
+    rescale = m.keys.get("rescale")
+    used = [blocks] + ([rescale] if rescale else [])
+    if t[blocks].dim() == 4:  # (levels, blocks, size, size): butterfly OFT
+        m.label = "LyCORIS BOFT"
+        return BoftAdapter(t[blocks], t[rescale] if rescale else None), used
+    # ComfyUI reads a diag-OFT's ``rescale`` but does not use it; it is taken here too, with the same effect.
     m.label = "LyCORIS OFT"
     return OftAdapter(t[blocks]), used
 

@@ -14,7 +14,18 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .adapters import Adapter, GloraAdapter, LoraAdapter, OftAdapter, SetAdapter, apply, delta, rank_of
+from .adapters import (
+    Adapter,
+    BoftAdapter,
+    GloraAdapter,
+    LoraAdapter,
+    OftAdapter,
+    SetAdapter,
+    apply,
+    boft_fit_error,
+    delta,
+    rank_of,
+)
 from .block_weights import BlockWeights, parse_block_weights
 from .detect import FamilyGuess, detect_family, model_family_from_unet_config
 from .formats import ParsedLora, parse_lora
@@ -174,6 +185,17 @@ def _shape_error(adapter: Adapter, shape: tuple[int, ...]) -> str | None:
             if ok
             else f"OFT blocks {tuple(adapter.blocks.shape)} do not cover the weight's {shape[0]} rows"
         )
+    if isinstance(adapter, BoftAdapter):
+        error = boft_fit_error(tuple(adapter.blocks.shape), shape[0])
+        rescale = adapter.rescale
+        if error is None and rescale is not None:
+            try:
+                fits = torch.broadcast_shapes(tuple(rescale.shape), shape) == torch.Size(shape)
+            except RuntimeError:
+                fits = False
+            if not fits:
+                error = f"BOFT rescale {tuple(rescale.shape)} does not fit the weight {shape}"
+        return error
     if isinstance(adapter, LoraAdapter) and adapter.reshape is not None:
         grown = tuple(adapter.reshape)
         if len(grown) != len(shape) or any(n < o for n, o in zip(grown, shape, strict=True)):

@@ -171,6 +171,28 @@ def oft_lora(
     return sd
 
 
+def boft_lora(
+    modules: list[Module], sdxl: bool = False, block_size: int = 4, seed: int = 0, alpha: float | None = 1.0
+) -> dict[str, torch.Tensor]:
+    """LyCORIS butterfly OFT: ``oft_blocks`` (levels, rows / block_size, block_size, block_size) and a
+    per-row ``rescale``; as many levels (up to 3) as the row count allows."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for n, (d_out, _) in _linear(modules, sdxl):
+        if d_out % block_size:
+            continue
+        levels = 1
+        while levels < 3 and d_out % (block_size << levels) == 0:
+            levels += 1
+        sd[f"{n}.oft_blocks"] = (
+            torch.randn(levels, d_out // block_size, block_size, block_size, generator=g) * 0.2
+        )
+        sd[f"{n}.rescale"] = 1 + 0.1 * torch.randn(d_out, 1, generator=g)
+        if alpha is not None:
+            sd[f"{n}.alpha"] = torch.tensor(alpha)
+    return sd
+
+
 def lokr_lora(
     modules: list[Module], sdxl: bool = False, factor: int = 4, seed: int = 0
 ) -> dict[str, torch.Tensor]:

@@ -108,6 +108,18 @@ def test_tensor_that_does_not_fit_its_weight(sd15, loras_dir):
     clear_error(sd15, name, TO_Q)
 
 
+@pytest.mark.parametrize("part", ["blocks", "rescale"])
+def test_butterfly_that_does_not_fit_its_weight(sd15, loras_dir, part):
+    sd = lf.boft_lora(modules(sd15), seed=3)
+    rows = sd[f"{TO_Q}.oft_blocks"].shape[1] * sd[f"{TO_Q}.oft_blocks"].shape[2]
+    if part == "blocks":  # one block short of the weight's rows
+        sd[f"{TO_Q}.oft_blocks"] = sd[f"{TO_Q}.oft_blocks"][:, 1:]
+    else:
+        sd[f"{TO_Q}.rescale"] = torch.ones(rows + 4, 1)
+    name = write(loras_dir, f"bad_boft_{part}.safetensors", sd)
+    assert "BOFT" in clear_error(sd15, name, TO_Q)
+
+
 @pytest.mark.parametrize("ext", [".safetensors", ".pt"])
 def test_empty_file(sd15, loras_dir, ext):
     (loras_dir / f"empty{ext}").write_bytes(b"")

@@ -67,7 +67,20 @@ def test_peft_unet_lora_is_not_dropped(sd15, loras_dir):
 
 
 @pytest.mark.parametrize(
-    "kind", ["loha", "lokr", "dora", "oft", "oft_bounded", "oft_dora", "glora", "glora_dora"]
+    "kind",
+    [
+        "loha",
+        "lokr",
+        "dora",
+        "oft",
+        "oft_bounded",
+        "oft_dora",
+        "boft",
+        "boft_bounded",
+        "boft_dora",
+        "glora",
+        "glora_dora",
+    ],
 )
 def test_lycoris_kinds_equal_core(sd15, loras_dir, kind):
     mods = modules(sd15)
@@ -81,17 +94,31 @@ def test_lycoris_kinds_equal_core(sd15, loras_dir, kind):
         sd = lf.oft_lora(mods, seed=10, alpha=0.5)
     elif kind == "oft_dora":
         sd = lf.with_dora(lf.oft_lora(mods, seed=11, alpha=2.0), mods, seed=12)
+    elif kind == "boft":
+        sd = lf.boft_lora(mods, seed=16, alpha=0.0)  # alpha 0: no bound
+    elif kind == "boft_bounded":
+        sd = lf.boft_lora(mods, seed=17, alpha=0.5)
+    elif kind == "boft_dora":
+        sd = lf.with_dora(lf.boft_lora(mods, seed=18, alpha=2.0), mods, seed=19)
     elif kind == "glora":
         sd = lf.glora_lora(mods, seed=13)
     elif kind == "glora_dora":
         sd = lf.with_dora(lf.glora_lora(mods, seed=14), mods, seed=15)
     else:
         sd = lf.with_dora(lf.kohya_lora(lf.random_factors(mods, seed=6)), mods, seed=7)
+    if kind.startswith("boft"):  # butterflies of several levels are among them
+        assert max(v.shape[0] for k, v in sd.items() if k.endswith(".oft_blocks")) == 3
     name = write(loras_dir, f"{kind}.safetensors", sd)
-    m, c, _, _ = run_ours(sd15, name)
+    m, c, _, report = run_ours(sd15, name)
     cm, cc = run_core(sd15, sd)
-    assert_same(patched(m), patched(cm))
+    ours = patched(m)
+    assert_same(ours, patched(cm))
     assert_same(patched(c), patched(cc))
+    base = sd15.model.model.state_dict()
+    changed = [k for k, w in ours.items() if not torch.allclose(w, base[k].float(), atol=1e-4)]
+    assert len(changed) == len(ours)  # every module was really patched, on both sides
+    if kind.startswith("boft"):
+        assert "LyCORIS BOFT" in report and "NOT applied" not in report and "unknown keys" not in report
 
 
 def test_model_only_node_patches_the_unet_only(sd15, loras_dir):

@@ -36,6 +36,9 @@ def sources(sd15, loras_dir):
     write(
         loras_dir, "m_dora.safetensors", lf.with_dora(lf.kohya_lora(lf.random_factors(mods, seed=35)), mods)
     )
+    write(loras_dir, "m_oft.safetensors", lf.oft_lora(mods, seed=36))
+    write(loras_dir, "m_boft.safetensors", lf.boft_lora(mods, seed=37))
+    write(loras_dir, "m_glora.safetensors", lf.glora_lora(mods, seed=38))
     return loras_dir
 
 
@@ -117,9 +120,11 @@ def test_lycoris_entries_merge_through_their_dense_delta(sd15, sources):
         merge(sd15, entries, "concat", name="loha_concat")
 
 
-def test_dora_entries_are_refused(sd15, sources):
-    with pytest.raises(RuntimeError, match=r"m_dora\.safetensors uses DoRA"):
-        merge(sd15, [("m_dora.safetensors", 1.0, 1.0)], "svd", rank=8, name="dora_merge")
+@pytest.mark.parametrize("kind", ["dora", "oft", "boft", "glora"])
+def test_weight_dependent_entries_are_refused(sd15, sources, kind):
+    with pytest.raises(RuntimeError, match=rf"m_{kind}\.safetensors uses DoRA, OFT, BOFT, GLoRA"):
+        merge(sd15, [(f"m_{kind}.safetensors", 1.0, 1.0)], "svd", rank=8, name=f"{kind}_merge")
+    assert not (sources / f"{kind}_merge.safetensors").exists()
 
 
 def test_existing_file_kept_unless_overwrite(sd15, sources):

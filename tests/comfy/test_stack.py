@@ -56,6 +56,23 @@ def test_stack_equals_chained_core_loaders(sd15, three_loras):
     assert report.count("matched:") == 4
 
 
+def test_weight_dependent_entries_keep_their_place_in_the_stack(sd15, three_loras, loras_dir):
+    """A rotation (OFT, BOFT) or GLoRA acts on the weight as the entries before it left it, so the
+    plain LoRAs around it must not be fused across it: equal to core's chain in that order."""
+    mods = modules(sd15)
+    files = dict(three_loras)
+    files["stack_boft.safetensors"] = lf.boft_lora(mods, seed=26, alpha=0.0)
+    files["stack_oft.safetensors"] = lf.oft_lora(mods, seed=27)
+    for name in ("stack_boft.safetensors", "stack_oft.safetensors"):
+        write(loras_dir, name, files[name])
+    entries = [("stack_a.safetensors", 0.8, 0.5), ("stack_boft.safetensors", 0.7, 1.0),
+               ("stack_d.safetensors", 1.2, -0.7), ("stack_oft.safetensors", 1.0, 0.6)]  # fmt: skip
+    m, c, *_ = ApplyLoraStack().execute(sd15.model, entries, clip=sd15.clip)["result"]
+    cm, cc = core_chain(sd15, files, entries)
+    assert_same(patched(m), patched(cm))
+    assert_same(patched(c), patched(cc))
+
+
 def test_low_vram_loading_gives_the_full_load_output(sd15, three_loras):
     """Partially loaded (weights patched on the fly at each forward, LowVramPatch), the stack's
     UNet output equals its fully loaded output and core's chain's."""

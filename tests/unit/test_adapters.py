@@ -180,6 +180,71 @@ def test_oft_turns_each_block_of_rows_by_an_orthogonal_matrix():
     assert (bounded - w).norm() < (out - w).norm()
 
 
+def _cayley(blocks: torch.Tensor) -> torch.Tensor:
+    skew = blocks - blocks.transpose(-1, -2)
+    eye = torch.eye(blocks.shape[-1])
+    return (eye + skew) @ torch.linalg.inv(eye - skew)
+
+
+def test_boft_is_a_product_of_butterfly_rotations():
+    """Checked without ComfyUI, by building each level as a dense matrix row by row: level i mixes
+    row j with row j + k (k = 2**i * size / 2) in each run of 2k rows; the new weight is
+    rescale * (L_last ... L_1) W, and at strength 1 its Gram matrix over columns is kept."""
+    from lora_foundry.lora_core.adapters import BoftAdapter
+
+    g = torch.Generator().manual_seed(2)
+    levels, size, rows = 3, 4, 16
+    w = torch.randn(rows, 5, generator=g)
+    blocks = torch.randn(levels, rows // size, size, size, generator=g) * 0.3
+    rot = _cayley(blocks)
+    total = torch.eye(rows)
+    for i in range(levels):
+        k = (size // 2) << i
+        order = []  # rows in the order the level's blocks see them
+        for start in range(0, rows, 2 * k):
+            for j in range(k):
+                order += [start + j, start + j + k]
+        dense = torch.zeros(rows, rows)
+        for b in range(rows // size):
+            idx = order[b * size : (b + 1) * size]
+            dense[torch.tensor(idx)[:, None], torch.tensor(idx)[None, :]] = rot[i, b]
+        total = dense @ total
+    out = apply(BoftAdapter(blocks), w, 1.0)
+    torch.testing.assert_close(out, total @ w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.T @ out, w.T @ w, atol=1e-4, rtol=1e-4)  # orthogonal
+    scale = torch.rand(rows, 1, generator=g) + 0.5
+    torch.testing.assert_close(
+        apply(BoftAdapter(blocks, scale), w, 1.0), scale * (total @ w), atol=1e-5, rtol=1e-5
+    )
+    assert not is_linear(BoftAdapter(blocks))
+    with pytest.raises(ValueError, match="do not cover the weight's 12 rows"):
+        apply(BoftAdapter(blocks), torch.randn(12, 5))
+
+
+def test_one_level_boft_is_oft_of_the_transposed_interleaved_blocks():
+    """A butterfly of one level is a diag-OFT whose blocks see their rows interleaved (j, j + size/2):
+    BOFT multiplies by R, OFT by R^T = R(blocks^T). Both apply a strength s as s^2 (R - I) W
+    (ComfyUI's convention, kept to match it)."""
+    from lora_foundry.lora_core.adapters import BoftAdapter, OftAdapter
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(8, 6, generator=g)
+    blocks = torch.randn(2, 4, 4, generator=g) * 0.3
+    perm = torch.tensor([0, 2, 1, 3])  # its own inverse
+    as_oft = blocks[:, perm][:, :, perm].transpose(1, 2)
+    for s in (1.0, 0.6, -0.5):
+        torch.testing.assert_close(
+            apply(BoftAdapter(blocks[None]), w, s), apply(OftAdapter(as_oft), w, s), atol=1e-5, rtol=1e-5
+        )
+    rot = _cayley(blocks)
+    out = apply(BoftAdapter(blocks[None]), w, 0.6)
+    for b in range(2):
+        rows = 4 * b + perm
+        torch.testing.assert_close(
+            out[rows], w[rows] + 0.36 * (rot[b] - torch.eye(4)) @ w[rows], atol=1e-5, rtol=1e-5
+        )
+
+
 def test_glora_is_w_a1_a2_plus_b1_b2():
     """Checked without ComfyUI: W + s * alpha / r * (W @ a1 @ a2 + b1 @ b2), on a non-square weight."""
     from lora_foundry.lora_core.adapters import GloraAdapter
