@@ -246,8 +246,9 @@ def build(family: str = "sd15", s: Sizes | None = None, seed: int = 0) -> ComfyM
     return ComfyModels(model=patcher, clip=clip, vae=vae, family=family)
 
 
-def flux_model(seed: int = 0, hidden: int = 64, depth: int = 2, single: int = 2):
-    """A tiny Flux-structured MODEL (ModelPatcher, random weights; no text encoders).
+def flux_model(seed: int = 0, hidden: int = 64, depth: int = 2, single: int = 2, dtype=torch.float32):
+    """A tiny Flux-structured MODEL (ModelPatcher, random weights; no text encoders), its weights
+    stored in ``dtype`` (float8_e4m3fn, bfloat16 and float16 computed in float32, as on a CPU).
 
     ComfyUI's Flux key map names its fused weights in diffusers' split form (q, k, v as slices of
     qkv, through offsets) and attaches a function to some targets (norm_out: scale and shift
@@ -264,7 +265,7 @@ def flux_model(seed: int = 0, hidden: int = 64, depth: int = 2, single: int = 2)
         "depth": depth, "depth_single_blocks": single, "axes_dim": axes, "theta": 10000,
         "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
     }  # fmt: skip
-    return _dit_patcher(sm.Flux, unet_config, seed)
+    return _dit_patcher(sm.Flux, unet_config, seed, dtype)
 
 
 def wan_model(seed: int = 0, dim: int = 64, layers: int = 2):
@@ -292,12 +293,12 @@ def sd3_model(seed: int = 0, depth: int = 2):
     return _dit_patcher(sm.SD3, unet_config, seed)
 
 
-def _dit_patcher(config_class, unet_config: dict, seed: int):
+def _dit_patcher(config_class, unet_config: dict, seed: int, dtype=torch.float32):
     import comfy.model_management as mm
     import comfy.model_patcher
 
     config = config_class(unet_config)
-    config.set_inference_dtype(torch.float32, None)
+    config.set_inference_dtype(dtype, None if dtype == torch.float32 else torch.float32)
     model = config.get_model({})
     randomize_(model.diffusion_model, seed)
     g = torch.Generator().manual_seed(seed + 1)
