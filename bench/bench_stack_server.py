@@ -94,7 +94,8 @@ def write_loras(folder: Path) -> list[str]:
 def graph(
     side: str, loras: list[str], strength: float, seed: int, clip_strength: float | None = None
 ) -> dict:
-    """The API prompt of one side: LoRAs on MODEL and CLIP, the timer, encode, one step, decode, preview."""
+    """The API prompt of one side: LoRAs on MODEL and CLIP, the timer, encode, one step, decode, preview.
+    Entry i gets ``strength + 0.05 * i`` (each LoRA its own strength, as users set them)."""
     clip_strength = strength if clip_strength is None else clip_strength
     g: dict[str, dict] = {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_NAME}}
@@ -105,12 +106,18 @@ def graph(
             g[f"lora{i}"] = {
                 "class_type": "LoraLoader",
                 "inputs": {"model": model, "clip": clip, "lora_name": name,
-                           "strength_model": strength, "strength_clip": clip_strength},
+                           "strength_model": strength + 0.05 * i, "strength_clip": clip_strength + 0.05 * i},
             }  # fmt: skip
             model, clip = [f"lora{i}", 0], [f"lora{i}", 1]
     elif side == "ours":
         rows = [
-            {"lora": n, "on": True, "strength_model": strength, "strength_clip": clip_strength} for n in loras
+            {
+                "lora": n,
+                "on": True,
+                "strength_model": strength + 0.05 * i,
+                "strength_clip": clip_strength + 0.05 * i,
+            }
+            for i, n in enumerate(loras)
         ]
         g["stack"] = {"class_type": "LoraFoundry_LoraStack", "inputs": {"rows_json": json.dumps(rows)}}
         g["apply"] = {

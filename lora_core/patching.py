@@ -11,6 +11,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -48,17 +49,25 @@ class FusedLora:
     factors: FusedFactors
     strengths: tuple[float, ...]
 
-    def scaled(self, device: torch.device | str) -> tuple[Tensor, Tensor]:
-        """(up, down) on ``device``, the strengths folded into the smaller of the two (a new tensor
-        unless every strength is 1): the change is ``up @ down``."""
+    @cached_property
+    def _per_column(self) -> Tensor:
+        """Each term's strength repeated over its rank: the scale of each column of ``up``."""
+        strengths = torch.tensor(self.strengths, dtype=torch.float32)
+        return strengths.repeat_interleave(torch.tensor(self.factors.ranks))
+
+    def scaled(self, device: torch.device | str) -> tuple[Tensor, Tensor, float]:
+        """(up, down, alpha) on ``device`` with the change ``alpha * up @ down``.
+
+        One strength for every term (one LoRA, or a stack at one strength): it is ``alpha`` and
+        the shared factors are used as they are. Otherwise the strengths are folded into the
+        smaller of the two factors, a new tensor."""
         up, down = self.factors.up.to(device), self.factors.down.to(device)
-        if all(s == 1.0 for s in self.strengths):
-            return up, down
-        per_column = torch.tensor(self.strengths, dtype=torch.float32, device=device)
-        per_column = per_column.repeat_interleave(torch.tensor(self.factors.ranks, device=device))
+        if len(set(self.strengths)) == 1:
+            return up, down, self.strengths[0]
+        per_column = self._per_column.to(device)
         if up.numel() <= down.numel():
-            return up * per_column, down
-        return up, down * per_column[:, None]
+            return up * per_column, down, 1.0
+        return up, down * per_column[:, None], 1.0
 
 
 # Concatenated factors by the ids of their adapters. Weak: an entry lives while some patch uses it,
@@ -130,11 +139,11 @@ def apply_steps_(steps: Sequence[Step], work: Tensor) -> Tensor:
     """Applies prepared steps to ``work`` (float32) in place where the math allows; returns the result."""
     for step in steps:
         if isinstance(step, FusedLora):
-            up, down = step.scaled(work.device)
+            up, down, alpha = step.scaled(work.device)
             if work.is_contiguous():
-                work.view(work.shape[0], -1).addmm_(up, down)  # (out, R) @ (R, in)
+                work.view(work.shape[0], -1).addmm_(up, down, alpha=alpha)  # (out, R) @ (R, in)
             else:
-                work += (up @ down).reshape(work.shape)
+                work += (up @ down).reshape(work.shape) * alpha
         elif is_linear(step.adapter):
             work += delta(step.adapter, tuple(work.shape), work.device) * step.strength
         else:

@@ -74,9 +74,11 @@ def test_prepare_fuses_each_run_of_plain_loras_once():
     )
     kinds = [type(s).__name__ for s in steps]
     assert kinds == ["FusedLora", "Term", "Term", "FusedLora"]
-    up, down = steps[0].scaled("cpu")
+    up, down, alpha = steps[0].scaled("cpu")
     assert up.shape == (8, 5) and down.shape == (5, 6)  # ranks 3 + 2
-    assert torch.allclose(up @ down, 0.5 * (a.up @ a.down) + b.up @ b.down, atol=1e-5)
+    assert torch.allclose(alpha * up @ down, 0.5 * (a.up @ a.down) + b.up @ b.down, atol=1e-5)
+    up, down, alpha = prepare([Term(a, 0.5), Term(b, 0.5)])[0].scaled("cpu")  # one strength: alpha
+    assert alpha == 0.5 and up is steps[0].factors.up and down is steps[0].factors.down
 
 
 def test_strength_change_reuses_the_concatenated_factors():
