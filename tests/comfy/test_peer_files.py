@@ -42,6 +42,7 @@ LYCORIS_KINDS = {
     "boft": {"algo": "boft"},  # butterflies of up to 9 levels on these widths
     "boft_rescaled": {"algo": "boft", "rescaled": True},
     "glora": {"algo": "glora"},
+    "full": {"algo": "full"},  # the whole difference (diff, diff_b)
 }
 # ComfyUI core normalises an output-axis DoRA by the norm of the ORIGINAL weight; LyCORIS by the
 # norm of weight + delta. We follow core on purpose (lora_core.adapters._dora), so this kind
@@ -118,7 +119,7 @@ def lycoris_files(sd15, loras_dir, tmp_path_factory):
 def lycoris_truth(models, peer, net) -> dict[str, torch.Tensor]:
     """ComfyUI key -> the effective weight of each LyCORIS Linear module (multiplier 1).
 
-    Read off the module's own forward on an identity batch (x = I gives W_eff^T + bias), the
+    Read off the module's own forward on an identity batch (x = I gives W_eff^T + bias; x = 0 the bias), the
     computation LyCORIS trains and infers with. Not its get_merged_weight / merge_to: in
     lycoris-lora 4.1.3 those apply alpha/rank twice for LoHa and LoKr.
     """
@@ -136,8 +137,9 @@ def lycoris_truth(models, peer, net) -> dict[str, torch.Tensor]:
             key = (
                 umap[path + ".weight"] if part == "unet" else peer_models.clip_key_to_comfy(path + ".weight")
             )
-            y = lora(torch.eye(org.in_features))  # (in, out) = W_eff^T + bias
-            out[key] = (y - (org.bias if org.bias is not None else 0)).T.float()
+            # (in, out) = W_eff^T + bias, less the bias (LyCORIS's "full" holds its own, changed one)
+            y = lora(torch.eye(org.in_features)) - lora(torch.zeros(1, org.in_features))
+            out[key] = y.T.float()
     return out
 
 
@@ -146,7 +148,8 @@ def test_lycoris_file_every_module_applied_and_equal_to_core(sd15, lycoris_files
     name, net, _ = lycoris_files[kind]
     m, c, report = run_ours(sd15, name, 0.8, -0.6)
     assert "NOT applied" not in report and "unknown keys" not in report, report
-    assert matched_count(report) == len(net.loras) == len(m.patches) + len(c.patcher.patches)
+    weights = [k for k in (*m.patches, *c.patcher.patches) if k.endswith(".weight")]  # "full" adds biases
+    assert matched_count(report) == len(net.loras) == len(weights)
     cm, cc = comfy.sd.load_lora_for_models(sd15.model, sd15.clip, load_file(loras_dir / name), 0.8, -0.6)
     assert_same(patched(m), patched(cm))
     assert_same(patched(c), patched(cc))
