@@ -167,6 +167,30 @@ def test_lycoris_file_equals_lycoris_own_forward(sd15, lycoris_files, kind):
     assert_same(ours, truth)
 
 
+@pytest.mark.parametrize("algo", ["lora", "lokr"])
+def test_lycoris_wrapper_file_as_simpletuner_writes_it(sd15, loras_dir, monkeypatch, algo):
+    """LyCORIS's own wrapper (what SimpleTuner trains with) names modules ``lycoris_<diffusers
+    path>``: every module applied, equal to core and to the wrapper network's own forward."""
+    wrapper = pytest.importorskip("lycoris.wrapper")
+    monkeypatch.setattr(wrapper.LycorisNetwork, "TARGET_REPLACE_MODULE", ["Attention", "FeedForward"])
+    unet, te = peer_models.sd15_peers(sd15)
+    net = wrapper.create_lycoris(unet, 1.0, linear_dim=4, linear_alpha=2, algo=algo, factor=4)
+    net.apply_to()
+    perturb_lycoris_(net, 40)
+    name = f"simpletuner_{algo}.safetensors"
+    net.save_weights(str(loras_dir / name), torch.float32, {})
+    sd = load_file(loras_dir / name)
+    assert all(k.startswith("lycoris_") for k in sd)
+    m, _, report = run_ours(sd15, name, 0.8, 1.0)
+    assert "NOT applied" not in report and "unknown keys" not in report, report
+    assert matched_count(report) == len(net.loras) == len(m.patches) > 50
+    cm, _ = comfy.sd.load_lora_for_models(sd15.model, sd15.clip, sd, 0.8, 1.0)
+    assert_same(patched(m), patched(cm))
+    m, _, _ = run_ours(sd15, name, 1.0, 1.0)
+    truth = lycoris_truth(sd15, (unet, te), net)
+    assert_same({k: w for k, w in patched(m).items() if k in truth}, truth)
+
+
 def test_lycoris_modules_cover_convs_attention_and_clip(lycoris_files):
     """The files exercise every layer kind LyCORIS adapts on SD1.x, not attention alone."""
     _, net, _ = lycoris_files["lora"]
