@@ -53,3 +53,13 @@ def sd3():
 def sdxl():
     """Tiny SDXL-structured MODEL / CLIP / VAE: two text encoders, adm conditioning."""
     return model_factory.build("sdxl")
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(comfy_base):
+    """input/train_set: three captioned images of different shapes, a repeat folder, a stray folder."""
+    import train_run
+
+    root = comfy_base / "input" / "train_set"
+    train_run.write_dataset(root)
+    return root

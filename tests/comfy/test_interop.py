@@ -1,0 +1,137 @@
+"""Files this pack writes, read by other tools.
+
+A merged LoRA (Merge LoRAs, with LoCon convs) and a trained one (Train LoRA, UNet and text
+encoder) are loaded by:
+- LyCORIS's kohya reader (``create_network_from_weights``), which reads kohya files the way
+  sd-scripts and the A1111/Forge networks do: by ``lora_unet_`` / ``lora_te_`` names built from
+  diffusers / transformers module paths, with ``alpha / rank`` scaling;
+- diffusers (``lora_state_dict`` converts kohya files, ``load_lora_into_unet`` /
+  ``load_lora_into_text_encoder`` inject them with PEFT, ``fuse_lora`` bakes them in).
+Each must take every module of the file and give the weights this pack's Load LoRA gives.
+"""
+
+from __future__ import annotations
+
+import lora_factory as lf
+import peer_models
+import pytest
+import torch
+from patch_compare import assert_same, modules, patched, write
+from safetensors.torch import load_file
+
+from lora_foundry.nodes.load_lora import LoadLora
+from lora_foundry.nodes.merge import MergeLoras
+
+lycoris_kohya = pytest.importorskip("lycoris.kohya")
+pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module", params=["merged", "trained"])
+def written(request, sd15, loras_dir):
+    """A file this pack wrote: two LoRAs with LoCon convs merged by concat (Merge LoRAs), or a
+    LoRA on the UNet's attention and feed-forward layers and the text encoder (Train LoRA)."""
+    if request.param == "trained":
+        import train_run
+
+        request.getfixturevalue("dataset_dir")
+        dataset, _ = train_run.make_dataset(sd15)
+        out = train_run.train(
+            sd15, dataset, output_name="interop_trained", te_lr=1e-3, targets="attention_ff"
+        )
+        return out["result"][2]
+    mods = modules(sd15, convs=True)
+    write(loras_dir, "interop_a.safetensors", lf.kohya_lora(lf.random_factors(mods, rank=4, seed=71)))
+    write(loras_dir, "interop_b.safetensors", lf.kohya_lora(lf.random_factors(mods, rank=2, seed=72)))
+    entries = [("interop_a.safetensors", 0.8, 0.5), ("interop_b.safetensors", -0.6, 1.1)]
+    args = dict(
+        conv_rank=0, density=0.5, seed=0, save_dtype="fp32", output_name="interop_merged", overwrite=True
+    )
+    name, _ = MergeLoras().execute(sd15.model, entries, "concat", 64, clip=sd15.clip, **args)["result"]
+    return name
+
+
+def ours(sd15, name) -> dict[str, torch.Tensor]:
+    """ComfyUI key -> weight after this pack's Load LoRA at strength 1."""
+    m, c, _, _ = LoadLora().execute(sd15.model, name, 1.0, 1.0, clip=sd15.clip)["result"]
+    return {**patched(m), **patched(c)}
+
+
+def file_modules(sd: dict) -> set[str]:
+    return {k.split(".", 1)[0] for k in sd}
+
+
+def comfy_key(sd15, part: str, path: str) -> str:
+    if part == "unet":
+        return peer_models.unet_key_to_comfy(sd15)[path + ".weight"]
+    return peer_models.clip_key_to_comfy(path + ".weight")
+
+
+def effective_weight(module: torch.nn.Module, org: torch.nn.Module) -> torch.Tensor:
+    """The weight a module's forward applies, read off an identity batch (less the bias)."""
+    with torch.no_grad():
+        if isinstance(org, torch.nn.Linear):
+            eye = torch.eye(org.in_features)
+            return (module(eye) - module(torch.zeros(1, org.in_features))).T.float()
+        # a conv: one unit impulse per input channel and window position, placed where output
+        # position (o, o) sees exactly one whole window through the conv's padding and stride
+        c_in, (kh, kw) = org.in_channels, org.kernel_size
+        (p, _), (st, _) = org.padding, org.stride
+        o = -(-p // st)
+        q = o * st - p
+        probe = torch.zeros(c_in * kh * kw, c_in, q + kh, q + kw)
+        probe[:, :, q:, q:] = torch.eye(c_in * kh * kw).reshape(-1, c_in, kh, kw)
+        y = module(probe) - module(torch.zeros_like(probe[:1]))
+        return y[:, :, o, o].T.reshape(org.weight.shape).float()
+
+
+def test_lycoris_kohya_reader_takes_every_module_with_our_weights(sd15, loras_dir, written, monkeypatch):
+    # The reader first builds a default network, which in lycoris-lora 4.1.3 names
+    # time_embedding.linear_1 twice and fails; name targets play no part in reading a file.
+    monkeypatch.setattr(lycoris_kohya.LycorisNetworkKohya, "UNET_TARGET_REPLACE_NAME", [])
+    path = loras_dir / written
+    sd = load_file(path)
+    unet, te = peer_models.sd15_peers(sd15)
+    net, weights_sd = lycoris_kohya.create_network_from_weights(
+        1.0, str(path), None, te, unet, for_inference=False
+    )
+    net.apply_to(te, unet, apply_text_encoder=True, apply_unet=True)
+    missing, unexpected = net.load_state_dict(weights_sd, strict=False)
+    assert not unexpected, unexpected[:5]
+    names = {lora.lora_name for lora in net.loras}
+    assert names == file_modules(sd), sorted(file_modules(sd) - names)[:5]  # every module taken
+    paths = {}
+    for part, root in (("unet", unet), ("te", te)):
+        for p, mod in root.named_modules():
+            paths[id(mod)] = (part, p)
+    expected = ours(sd15, written)
+    theirs = {}
+    net.eval()
+    for lora in net.loras:
+        org = lora.org_module[0]
+        theirs[comfy_key(sd15, *paths[id(org)])] = effective_weight(lora, org)
+    if "merged" in written:
+        assert any(w.dim() == 4 and w.shape[-1] == 3 for w in theirs.values()), "no 3x3 conv compared"
+    assert_same(theirs, expected)
+
+
+def test_diffusers_loads_and_fuses_it_to_our_weights(sd15, loras_dir, written):
+    from diffusers import StableDiffusionPipeline
+    from diffusers.loaders.lora_base import fuse_text_encoder_lora
+
+    state_dict, alphas = StableDiffusionPipeline.lora_state_dict(str(loras_dir / written))
+    unet, te = peer_models.sd15_peers(sd15)
+    StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, unet=unet, adapter_name="ours")
+    StableDiffusionPipeline.load_lora_into_text_encoder(
+        state_dict, alphas, text_encoder=te.text_model, prefix="text_encoder", adapter_name="ours"
+    )
+    unet.fuse_lora(adapter_names=["ours"])
+    fuse_text_encoder_lora(te.text_model, adapter_names=["ours"])
+
+    theirs = {}  # every layer diffusers wrapped (its weight now under base_layer), fused
+    for part, model in (("unet", unet), ("te", te)):
+        for key, w in model.state_dict().items():
+            if key.endswith(".base_layer.weight"):
+                path = key[: -len(".base_layer.weight")]
+                theirs[comfy_key(sd15, part, path)] = w.float()
+    expected = ours(sd15, written)
+    assert_same(theirs, expected)
