@@ -40,7 +40,15 @@ def make_dataset(models, folder="train_set", **changes):
 
 
 def train(models, dataset, **changes):
-    with torch.inference_mode():
-        return TrainLora().execute(
-            models.model, models.clip, dataset, **{**TRAIN_ARGS, **changes}, unique_id="7"
-        )
+    """Runs Train LoRA, then unloads every model, as the next graph's load would: the session's
+    shared models are left as found (not held loaded by the training's patchers), so later tests
+    that call ``patch_model`` on them directly start from the same state whatever ran before."""
+    import comfy.model_management
+
+    try:
+        with torch.inference_mode():
+            return TrainLora().execute(
+                models.model, models.clip, dataset, **{**TRAIN_ARGS, **changes}, unique_id="7"
+            )
+    finally:
+        comfy.model_management.unload_all_models()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import comfy.model_management
 import comfy.sd
 import lora_factory as lf
 import pytest
@@ -91,6 +92,8 @@ def test_low_vram_loading_gives_the_full_load_output(sd15, three_loras):
         torch.tensor([500.0]),
         torch.randn(1, 77, 64, generator=g),
     )
+
+    comfy.model_management.unload_all_models()  # no other patcher of this model may hold it loaded
 
     def forward(patcher, low_vram: bool):
         patcher.patch_model(lowvram_model_memory=1 if low_vram else 0)  # 1 byte: every layer on the fly
