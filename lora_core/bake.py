@@ -22,28 +22,6 @@ _ARCHITECTURES = {"SD1.x": "stable-diffusion-v1/lora", "SD2.x": "stable-diffusio
                   "SDXL": "stable-diffusion-xl-v1-base/lora"}  # fmt: skip
 
 
-_DIFFUSERS_STYLE = ("down_blocks", "up_blocks", "mid_block", "text_model")
-
-
-def kohya_names(key_map: Mapping[str, object]) -> dict[str, str]:
-    """Model weight key -> the kohya module name for it, as kohya's trainers write it: the
-    diffusers-style path over ComfyUI's LDM-style alias, and with two text encoders (SDXL)
-    ``lora_te1_`` / ``lora_te2_`` rather than the bare ``lora_te_`` ComfyUI also accepts."""
-    two_encoders = any(isinstance(t, str) and t.startswith("clip_g.") for t in key_map.values())
-
-    def rank(name: str) -> tuple[bool, bool]:
-        te_ok = not name.startswith("lora_te") or name.startswith(("lora_te1_", "lora_te2_")) == two_encoders
-        return any(s in name for s in _DIFFUSERS_STYLE), te_ok
-
-    best: dict[str, str] = {}
-    for name, target in key_map.items():
-        if not isinstance(target, str) or not name.startswith(("lora_unet_", "lora_te")):
-            continue
-        if target not in best or rank(name) > rank(best[target]):
-            best[target] = name
-    return best
-
-
 def _merge_term(lora: LoadedLora, adapter: Adapter, shape: tuple[int, ...], key: str):
     kernel = tuple(shape[2:]) if len(shape) == 4 else None
     if not is_linear(adapter):

@@ -110,3 +110,33 @@ def summarize_unmatched(names: Iterable[str], max_lines: int = 8) -> list[str]:
         rest = sum(n for _, n in counts.most_common()[max_lines:])
         lines.append(f"... and {rest} more modules in {len(counts) - max_lines} other groups")
     return lines
+
+
+# --- naming the modules of a file this pack writes -----------------------------------------
+
+_DIFFUSERS_STYLE = ("down_blocks", "up_blocks", "mid_block", "text_model")
+
+
+def kohya_names(key_map: Mapping[str, object], sgm_unet: bool = False) -> dict[str, str]:
+    """Model weight key -> the kohya module name for it, as kohya's trainers write it: for the
+    UNet, the diffusers-style path (SD1.x, SD2.x: sd-scripts trains them on diffusers' UNet) or,
+    with ``sgm_unet`` (SDXL: sd-scripts trains it on its own SGM UNet), the SGM / LDM path
+    (``lora_unet_input_blocks_4_1_...``), of the aliases ComfyUI's key map holds; with two text
+    encoders (SDXL) ``lora_te1_`` / ``lora_te2_`` rather than the bare ``lora_te_`` ComfyUI also
+    accepts."""
+    two_encoders = any(isinstance(t, str) and t.startswith("clip_g.") for t in key_map.values())
+
+    def rank(name: str) -> tuple[bool, bool]:
+        te_ok = not name.startswith("lora_te") or name.startswith(("lora_te1_", "lora_te2_")) == two_encoders
+        styled = any(s in name for s in _DIFFUSERS_STYLE)
+        if sgm_unet and name.startswith("lora_unet_"):
+            styled = not styled
+        return styled, te_ok
+
+    best: dict[str, str] = {}
+    for name, target in key_map.items():
+        if not isinstance(target, str) or not name.startswith(("lora_unet_", "lora_te")):
+            continue
+        if target not in best or rank(name) > rank(best[target]):
+            best[target] = name
+    return best

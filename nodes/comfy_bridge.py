@@ -110,6 +110,14 @@ def model_class_name(model) -> str:
     return type(model.model.model_config).__name__
 
 
+def sgm_unet(model) -> bool:
+    """True for SDXL-structured UNets (ComfyUI's SDXL and SDXL refiner classes and those built on
+    them), which kohya's trainer names by their SGM paths (lora_unet_input_blocks_...)."""
+    import comfy.supported_models as sm
+
+    return isinstance(model.model.model_config, (sm.SDXL, sm.SDXLRefiner))
+
+
 def model_unet_config(model) -> dict:
     return dict(model.model.model_config.unet_config)
 
@@ -172,54 +180,32 @@ def progress(total: int) -> Callable[..., None]:
 TRAIN_EVENT = "lora_foundry.train"  # live training progress; the frontend listens for this name
 
 
-def _kohya_name(names, ldm_name: str, prefer: str) -> str | None:
-    """The spelling kohya's trainers write: diffusers-style (``lora_unet_down_blocks_...``) over
-    the ComfyUI/LDM-style alias (``lora_unet_input_blocks_...``) when ComfyUI knows both."""
-    kohya = [n for n in names if isinstance(n, str) and n.startswith(prefer)]
-    if not kohya:
-        return None
-    other = [n for n in kohya if n != ldm_name]
-    return sorted(other or kohya, key=len)[0]
+def _train_targets(key_map: Mapping[str, object], root, sgm_unet: bool = False) -> list:
+    """The weights of ``root`` that ``key_map`` names, as lora_core Targets under the kohya name
+    kohya's trainers write (lora_core.keymap.kohya_names)."""
+    from ..lora_core.keymap import kohya_names
+    from ..lora_core.train.network import Target
+
+    present = set(root.state_dict())  # ComfyUI's map also names weights a model may lack
+    named = {
+        n: k for n, k in key_map.items() if isinstance(k, str) and k.endswith(".weight") and k in present
+    }
+    out = []
+    for key, name in kohya_names(named, sgm_unet).items():
+        path = key[: -len(".weight")]
+        out.append(Target(name, path, root.get_submodule(path)))
+    return out
 
 
 def unet_train_targets(model) -> list:
-    """Every weight of the MODEL a LoRA file can address, as lora_core Targets (kohya names)."""
-    from ..lora_core.train.network import Target
-
-    by_key: dict[str, list[str]] = {}
-    present = set(model.model.state_dict())  # ComfyUI's map also names weights a model may lack
-    for name, key in unet_key_map(model).items():
-        if isinstance(key, str) and key.endswith(".weight") and key in present:
-            by_key.setdefault(key, []).append(name)
-    out = []
-    for key, names in by_key.items():
-        path = key[: -len(".weight")]
-        ldm = "lora_unet_" + path[len("diffusion_model.") :].replace(".", "_")
-        name = _kohya_name(names, ldm, "lora_unet_")
-        if name is not None:
-            out.append(Target(name, path, model.model.get_submodule(path)))
-    return out
+    """Every weight of the MODEL a LoRA file can address, as lora_core Targets (kohya names:
+    diffusers-style paths for SD1.x / SD2.x, SGM paths for SDXL, as kohya's trainers write them)."""
+    return _train_targets(unet_key_map(model), model.model, sgm_unet(model))
 
 
 def clip_train_targets(clip) -> list:
     """The text encoder's weights as Targets: lora_te_ (one encoder) or lora_te1_/lora_te2_ (SDXL)."""
-    from ..lora_core.train.network import Target
-
-    encoder = clip.cond_stage_model
-    by_key: dict[str, list[str]] = {}
-    present = set(encoder.state_dict())
-    for name, key in clip_key_map(clip).items():
-        if isinstance(key, str) and key.endswith(".weight") and key in present:
-            by_key.setdefault(key, []).append(name)
-    two = any(k.startswith("clip_g.") for k in by_key)
-    out = []
-    for key, names in by_key.items():
-        prefixes = ("lora_te1_", "lora_te2_") if two else ("lora_te_", "lora_te1_")
-        name = next((n for p in prefixes for n in sorted(names) if n.startswith(p)), None)
-        if name is not None:
-            path = key[: -len(".weight")]
-            out.append(Target(name, path, encoder.get_submodule(path)))
-    return out
+    return _train_targets(clip_key_map(clip), clip.cond_stage_model)
 
 
 def _trainable_weights(module) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..lora_core.bake import bake_stack, kohya_names
+from ..lora_core.bake import bake_stack
+from ..lora_core.keymap import kohya_names
 from ..lora_core.merge import METHODS, MergeSpec
 from ..lora_core.resize import RESIZE_MODES
 from ..lora_core.resize_file import resize_file
@@ -62,7 +63,7 @@ class MergeLoras:
         if not entries:
             raise RuntimeError(f"[{node}] the stack has no enabled entry: nothing to merge")
         sp = plan_entries(node, model, clip, entries)
-        names = {part: kohya_names(km) for part, km in sp.key_maps.items()}
+        names = {part: kohya_names(km, bridge.sgm_unet(model)) for part, km in sp.key_maps.items()}
         try:
             spec = MergeSpec(method, rank, conv_rank or None, density, seed)
             n_modules = len({t for p in sp.plans for part in p.patches.values() for t in part})

@@ -76,7 +76,13 @@ def test_trained_file_loads_in_ours_and_core_with_equal_weights(
     with safetensors.safe_open(str(path), "pt") as f:
         meta, keys = f.metadata(), set(f.keys())
     te_prefix = ("lora_te1_", "lora_te2_") if family == "sdxl" else ("lora_te_",)
-    assert any(k.startswith("lora_unet_down_blocks_") for k in keys)
+    # kohya's names: diffusers-style paths for SD1.5, the SGM paths sd-scripts trains SDXL on
+    unet_prefix = "lora_unet_input_blocks_" if family == "sdxl" else "lora_unet_down_blocks_"
+    assert any(k.startswith(unet_prefix) for k in keys)
+    assert not any(
+        k.startswith(("lora_unet_down_blocks_", "lora_unet_input_blocks_")) and not k.startswith(unet_prefix)
+        for k in keys
+    )
     assert any(k.startswith(te_prefix) for k in keys)
     assert json.loads(meta["ss_tag_frequency"])["train_set"]["zkw"] == 2
     assert meta["ss_base_model_version"] == ("sdxl_base_v1-0" if family == "sdxl" else "sd_v1")
