@@ -200,3 +200,31 @@ def test_sdxl_merge_uses_te1_te2_names_and_loads_in_core(sdxl, loras_dir, caplog
         patches = comfy.lora.load_lora(merged, key_map)
     assert not [r for r in caplog.records if "not loaded" in r.getMessage()]
     assert len(patches) == sum(1 for k in merged if k.endswith(".alpha"))
+
+
+def test_sdxl_merge_uses_the_names_kohya_writes_and_loads_in_core(sdxl, loras_dir, caplog):
+    """SDXL: UNet modules by the SGM paths sd-scripts trains SDXL on, text encoders as lora_te1_ /
+    lora_te2_; core takes every module, with the stack's weights."""
+    mods = modules(sdxl)
+    for name, seed in (("xl_a.safetensors", 41), ("xl_b.safetensors", 42)):
+        write(loras_dir, name, lf.kohya_lora(lf.random_factors(mods, seed=seed), sdxl=True))
+    entries = [("xl_a.safetensors", 0.7, 0.4), ("xl_b.safetensors", -0.5, 0.9)]
+    name, _ = merge(sdxl, entries, "concat", name="xl_concat")
+    sd = load_file(str(loras_dir / name))
+    modules_written = {k.split(".", 1)[0] for k in sd}
+    unet = {m for m in modules_written if m.startswith("lora_unet_")}
+    assert unet and all(
+        m.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
+        for m in unet
+    )
+    te = modules_written - unet
+    assert te and all(m.startswith(("lora_te1_", "lora_te2_")) for m in te)
+    assert any(m.startswith("lora_te2_") for m in te)
+    key_map = clip_key_map(sdxl.clip) | unet_key_map(sdxl.model)
+    with caplog.at_level(logging.WARNING):
+        patches = comfy.lora.load_lora(sd, key_map)
+    assert not [r for r in caplog.records if "not loaded" in r.getMessage()]
+    stack, merged = stack_and_file(sdxl, entries, name)
+    assert len(patches) == len(stack) and set(stack) == set(merged)
+    for k in stack:
+        assert rel_err(merged[k], stack[k]) < 1e-5, k
