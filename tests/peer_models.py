@@ -12,6 +12,7 @@ import model_factory
 import torch
 
 SD15 = model_factory.SD15_TINY
+SDXL = model_factory.SDXL_TINY
 
 
 def _build(make, seed: int | None):
@@ -72,6 +73,73 @@ def sd15_peers(models):
     unet, te = sd15_unet(None), sd15_text_encoder(None)
     load_comfy_weights(models, unet, te)
     return unet, te
+
+
+def sdxl_unet(s: model_factory.Sizes = SDXL):
+    """diffusers UNet2DConditionModel laid out like model_factory's SDXL UNet (on 'meta')."""
+    from diffusers import UNet2DConditionModel
+
+    return _build(
+        lambda: UNet2DConditionModel(
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(s.model_channels, s.model_channels * 2, s.model_channels * 4),
+            layers_per_block=2,
+            transformer_layers_per_block=(1, 1, 2),
+            cross_attention_dim=s.clip_l_hidden + s.clip_g_hidden,
+            attention_head_dim=s.heads,  # the number of heads, as in SD1.5
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=s.clip_g_hidden + 6 * 256,
+            norm_num_groups=32,
+        ),
+        None,
+    )
+
+
+def sdxl_peers(models, s: model_factory.Sizes = SDXL):
+    """(UNet, CLIPTextModel, CLIPTextModelWithProjection) holding the ComfyUI SDXL models' weights.
+
+    The text encoders are transformers' own classes as diffusers' SDXL pipeline holds them (in
+    transformers 5 the first has no ``text_model`` level, the second keeps it)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def encoder(cls, hidden, layers):
+        cfg = model_factory.clip_text_config(hidden, layers, s.heads)
+        cfg.pop("model_type")
+        return _build(lambda: cls(CLIPTextConfig(**cfg)), None)
+
+    unet = sdxl_unet(s)
+    te1 = encoder(CLIPTextModel, s.clip_l_hidden, s.clip_l_layers)
+    te2 = encoder(CLIPTextModelWithProjection, s.clip_g_hidden, s.clip_g_layers)
+    load_comfy_weights(models, unet)
+    _load_encoder(models, te1, sdxl_clip_key_to_comfy(te1, "clip_l"))
+    _load_encoder(models, te2, sdxl_clip_key_to_comfy(te2, "clip_g"))
+    return unet, te1, te2
+
+
+def sdxl_clip_key_to_comfy(encoder: torch.nn.Module, part: str):
+    """A function: key of ``encoder`` (a transformers CLIP text model) -> the ComfyUI SDXL CLIP key."""
+    flat = not hasattr(encoder, "text_model")  # transformers 5 CLIPTextModel
+
+    def to_comfy(key: str) -> str:
+        return f"{part}.transformer." + ("text_model." + key if flat else key)
+
+    return to_comfy
+
+
+def _load_encoder(models, encoder: torch.nn.Module, to_comfy) -> None:
+    csd = models.clip.cond_stage_model.state_dict()
+    encoder.load_state_dict({k: csd[to_comfy(k)].clone() for k in encoder.state_dict()}, assign=True)
+    for emb in [m for m in encoder.modules() if hasattr(m, "position_ids")]:
+        if emb.position_ids.is_meta:  # a non-persistent buffer: not in any state dict
+            emb.position_ids = torch.arange(emb.position_ids.shape[1]).expand((1, -1))
+    left = [n for n, t in [*encoder.named_parameters(), *encoder.named_buffers()] if t.is_meta]
+    assert not left, f"weights the ComfyUI model does not have: {left[:5]}"
 
 
 def load_comfy_weights(models, unet=None, te=None) -> None:

@@ -8,6 +8,7 @@ encoder) are loaded by:
 - diffusers (``lora_state_dict`` converts kohya files, ``load_lora_into_unet`` /
   ``load_lora_into_text_encoder`` inject them with PEFT, ``fuse_lora`` bakes them in).
 Each must take every module of the file and give the weights this pack's Load LoRA gives.
+An SDXL merge (SGM UNet paths, two text encoders) is read by diffusers' SDXL loader too.
 """
 
 from __future__ import annotations
@@ -135,3 +136,42 @@ def test_diffusers_loads_and_fuses_it_to_our_weights(sd15, loras_dir, written):
                 theirs[comfy_key(sd15, part, path)] = w.float()
     expected = ours(sd15, written)
     assert_same(theirs, expected)
+
+
+def test_diffusers_reads_an_sdxl_merge_named_as_sd_scripts_names_it(sdxl, loras_dir):
+    """SDXL files carry the SGM UNet paths (lora_unet_input_blocks_...) and lora_te1_ / lora_te2_;
+    diffusers' SDXL loader maps them onto its UNet and both text encoders, to our weights."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.loaders.lora_base import fuse_text_encoder_lora
+
+    mods = modules(sdxl, convs=True)
+    for name, seed in (("interop_xl_a.safetensors", 73), ("interop_xl_b.safetensors", 74)):
+        write(loras_dir, name, lf.kohya_lora(lf.random_factors(mods, rank=4, seed=seed), sdxl=True))
+    entries = [("interop_xl_a.safetensors", 0.8, 0.5), ("interop_xl_b.safetensors", -0.6, 1.1)]
+    args = dict(conv_rank=0, density=0.5, seed=0, save_dtype="fp32", output_name="interop_xl", overwrite=True)
+    name, _ = MergeLoras().execute(sdxl.model, entries, "concat", 64, clip=sdxl.clip, **args)["result"]
+    assert any(k.startswith("lora_unet_input_blocks_") for k in load_file(loras_dir / name))
+
+    unet, te1, te2 = peer_models.sdxl_peers(sdxl)
+    state_dict, alphas = StableDiffusionXLPipeline.lora_state_dict(
+        str(loras_dir / name), unet_config=unet.config
+    )
+    StableDiffusionXLPipeline.load_lora_into_unet(state_dict, alphas, unet=unet, adapter_name="ours")
+    for te, prefix in ((te1, "text_encoder"), (te2, "text_encoder_2")):
+        StableDiffusionXLPipeline.load_lora_into_text_encoder(
+            state_dict, alphas, text_encoder=te, prefix=prefix, adapter_name="ours"
+        )
+        fuse_text_encoder_lora(te, adapter_names=["ours"])
+    unet.fuse_lora(adapter_names=["ours"])
+
+    umap = peer_models.unet_key_to_comfy(sdxl)
+    to_comfy = {"unet": umap.__getitem__, "te1": peer_models.sdxl_clip_key_to_comfy(te1, "clip_l"),
+                "te2": peer_models.sdxl_clip_key_to_comfy(te2, "clip_g")}  # fmt: skip
+    theirs = {}  # every layer diffusers wrapped (its weight now under base_layer), fused
+    for part, model in (("unet", unet), ("te1", te1), ("te2", te2)):
+        for key, w in model.state_dict().items():
+            if key.endswith(".base_layer.weight"):
+                theirs[to_comfy[part](key.replace(".base_layer", ""))] = w.float()
+    assert any(k.startswith("clip_g.") for k in theirs) and any(k.startswith("clip_l.") for k in theirs)
+    assert any(w.dim() == 4 and w.shape[-1] == 3 for w in theirs.values()), "no 3x3 conv compared"
+    assert_same(theirs, ours(sdxl, name))
