@@ -136,6 +136,18 @@ class BoftAdapter:
 
 
 @dataclass(frozen=True, eq=False)
+class Ia3Adapter:
+    """LyCORIS (IA)^3: the weight scaled by ``1 + strength * w``, one factor per input column
+    (``on_input``) or per output row. Depends on the weight itself. No alpha or DoRA applies; the
+    fields are there because every parsed adapter carries them."""
+
+    weight: Tensor  # (n,) or (1, n, 1, 1): n = the weight's inputs or outputs
+    on_input: bool
+    alpha: float | None = None
+    dora_scale: Tensor | None = None
+
+
+@dataclass(frozen=True, eq=False)
 class GloraAdapter:
     """LyCORIS GLoRA: change = alpha/rank * (W @ a1 @ a2 + b1 @ b2) (the older layout: b2 @ b1 +
     W @ a2 @ a1), told apart by the factors' shapes as ComfyUI does. Depends on the weight itself."""
@@ -157,6 +169,7 @@ Adapter = (
     | OftAdapter
     | BoftAdapter
     | GloraAdapter
+    | Ia3Adapter
 )
 
 
@@ -221,7 +234,7 @@ def scale_of(adapter: Adapter) -> float:
 
 def is_linear(adapter: Adapter) -> bool:
     """True when ``apply`` is ``weight + strength * delta``: such adapters can be summed in one pass."""
-    if isinstance(adapter, (SetAdapter, OftAdapter, BoftAdapter, GloraAdapter)):
+    if isinstance(adapter, (SetAdapter, OftAdapter, BoftAdapter, GloraAdapter, Ia3Adapter)):
         return False
     return getattr(adapter, "dora_scale", None) is None and getattr(adapter, "reshape", None) is None
 
@@ -301,6 +314,8 @@ def apply(adapter: Adapter, weight: Tensor, strength: float = 1.0) -> Tensor:
         return _boft(w32, adapter, strength).to(weight.dtype)
     if isinstance(adapter, GloraAdapter):
         return _glora(w32, adapter, strength).to(weight.dtype)
+    if isinstance(adapter, Ia3Adapter):
+        return _ia3(w32, adapter, strength).to(weight.dtype)
     if isinstance(adapter, DiffAdapter):
         if strength == 0.0:
             return weight.clone()
@@ -393,6 +408,28 @@ def _boft(weight: Tensor, adapter: BoftAdapter, strength: float) -> Tensor:
         return _dora(weight, alpha * change, adapter.dora_scale, strength)
     # ... and, as ComfyUI does (kept so results match core), the change is scaled by it again.
     return weight + strength * change
+
+
+def ia3_fit_error(adapter: Ia3Adapter, shape: Shape) -> str | None:
+    """Why an (IA)^3 vector cannot scale a weight of ``shape``, or None."""
+    axis = 1 if adapter.on_input else 0
+    if len(shape) < 2 or adapter.weight.numel() != shape[axis]:
+        side = "inputs" if adapter.on_input else "outputs"
+        return f"(IA)3 vector of {adapter.weight.numel()} does not fit the weight {tuple(shape)}'s {side}"
+    if adapter.dora_scale is not None:
+        return "(IA)3 with dora_scale is not a known layout"
+    return None
+
+
+def _ia3(weight: Tensor, adapter: Ia3Adapter, strength: float) -> Tensor:
+    """W * (1 + strength * w), w along the input or the output axis, as LyCORIS's IA3 module merges."""
+    error = ia3_fit_error(adapter, tuple(weight.shape))
+    if error:
+        raise ValueError(error)
+    axis = 1 if adapter.on_input else 0
+    shape = [1] * weight.dim()
+    shape[axis] = -1
+    return weight * (1.0 + strength * _f32(adapter.weight, weight.device).reshape(shape))
 
 
 def _glora(weight: Tensor, adapter: GloraAdapter, strength: float) -> Tensor:

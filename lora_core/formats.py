@@ -12,6 +12,7 @@ from .adapters import (
     BoftAdapter,
     DiffAdapter,
     GloraAdapter,
+    Ia3Adapter,
     LohaAdapter,
     LokrAdapter,
     LoraAdapter,
@@ -60,6 +61,7 @@ _SUFFIXES: dict[str, tuple[str, str]] = {
     ".b1.weight": ("glora", "b1"),
     ".b2.weight": ("glora", "b2"),
     ".rescale": ("oft", "rescale"),
+    ".on_input": ("ia3", "on_input"),  # its vector is the module's bare ".weight" (see parse_lora)
     ".diff": ("diff", "diff"),
     ".w_norm": ("diff", "w_norm"),
     ".set_weight": ("set", "set_weight"),
@@ -172,6 +174,14 @@ def _build_oft(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] | 
     return OftAdapter(t[blocks]), used
 
 
+def _build_ia3(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] | None:
+    if "ia3_weight" not in m.keys or "on_input" not in m.keys:
+        return None
+    m.label = "LyCORIS (IA)3"
+    used = [m.keys["ia3_weight"], m.keys["on_input"]]
+    return Ia3Adapter(t[m.keys["ia3_weight"]], bool(t[m.keys["on_input"]].flatten()[0].item())), used
+
+
 def _build(m: _Module, t: dict[str, Tensor], notes: list[str]) -> tuple[Adapter, list[str]] | None:
     """The module's weight patch and the keys it used; precedence mirrors ComfyUI's override order."""
     if "set_weight" in m.keys:
@@ -181,7 +191,7 @@ def _build(m: _Module, t: dict[str, Tensor], notes: list[str]) -> tuple[Adapter,
         if role in m.keys:
             m.label = "full diff"
             return DiffAdapter(t[m.keys[role]]), [m.keys[role]]
-    for builder in (_build_lora, _build_loha, _build_lokr, _build_glora, _build_oft):
+    for builder in (_build_lora, _build_loha, _build_lokr, _build_glora, _build_oft, _build_ia3):
         built = builder(m, t)
         if built is None:
             continue
@@ -226,7 +236,12 @@ def parse_lora(tensors: dict[str, Tensor]) -> ParsedLora:
     notes: list[str] = []
     magnitude: list[str] = []
     incomplete: list[str] = []
+    # (IA)^3 stores its vector as the module's bare ".weight", told apart by an ".on_input" beside it
+    ia3_vectors = {k[: -len(".on_input")] + ".weight" for k in tensors if k.endswith(".on_input")}
     for key in tensors:
+        if key in ia3_vectors:
+            groups[key[: -len(".weight")]].keys["ia3_weight"] = key
+            continue
         split = split_key(key)
         if split is None:
             unused.append(key)

@@ -18,12 +18,14 @@ from .adapters import (
     Adapter,
     BoftAdapter,
     GloraAdapter,
+    Ia3Adapter,
     LoraAdapter,
     OftAdapter,
     SetAdapter,
     apply,
     boft_fit_error,
     delta,
+    ia3_fit_error,
     rank_of,
 )
 from .block_weights import BlockWeights, parse_block_weights
@@ -185,6 +187,8 @@ def _shape_error(adapter: Adapter, shape: tuple[int, ...]) -> str | None:
             if ok
             else f"OFT blocks {tuple(adapter.blocks.shape)} do not cover the weight's {shape[0]} rows"
         )
+    if isinstance(adapter, Ia3Adapter):
+        return ia3_fit_error(adapter, shape)
     if isinstance(adapter, BoftAdapter):
         error = boft_fit_error(tuple(adapter.blocks.shape), shape[0])
         rescale = adapter.rescale

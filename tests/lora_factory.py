@@ -193,6 +193,18 @@ def boft_lora(
     return sd
 
 
+def ia3_lora(modules: list[Module], sdxl: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
+    """LyCORIS (IA)^3: a vector per 2-D weight (``.weight``) and ``.on_input``; fc2-like layers on
+    their inputs, the rest on their outputs."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for i, (n, (d_out, d_in)) in enumerate(_linear(modules, sdxl)):
+        on_input = i % 2 == 1
+        sd[f"{n}.weight"] = torch.randn(d_in if on_input else d_out, generator=g) * 0.3
+        sd[f"{n}.on_input"] = torch.tensor(int(on_input))
+    return sd
+
+
 def lokr_lora(
     modules: list[Module], sdxl: bool = False, factor: int = 4, seed: int = 0
 ) -> dict[str, torch.Tensor]:

@@ -39,6 +39,7 @@ def sources(sd15, loras_dir):
     write(loras_dir, "m_oft.safetensors", lf.oft_lora(mods, seed=36))
     write(loras_dir, "m_boft.safetensors", lf.boft_lora(mods, seed=37))
     write(loras_dir, "m_glora.safetensors", lf.glora_lora(mods, seed=38))
+    write(loras_dir, "m_ia3.safetensors", lf.ia3_lora(mods, seed=39))
     return loras_dir
 
 
@@ -120,7 +121,7 @@ def test_lycoris_entries_merge_through_their_dense_delta(sd15, sources):
         merge(sd15, entries, "concat", name="loha_concat")
 
 
-@pytest.mark.parametrize("kind", ["dora", "oft", "boft", "glora"])
+@pytest.mark.parametrize("kind", ["dora", "oft", "boft", "glora", "ia3"])
 def test_weight_dependent_entries_are_refused(sd15, sources, kind):
     with pytest.raises(RuntimeError, match=rf"m_{kind}\.safetensors uses DoRA, OFT, BOFT, GLoRA"):
         merge(sd15, [(f"m_{kind}.safetensors", 1.0, 1.0)], "svd", rank=8, name=f"{kind}_merge")

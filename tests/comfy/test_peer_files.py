@@ -14,7 +14,7 @@ import comfy.sd
 import peer_models
 import pytest
 import torch
-from patch_compare import assert_same, patched
+from patch_compare import assert_same, patched, write
 from safetensors.torch import load_file, save_file
 
 from lora_foundry.nodes.load_lora import LoadLora
@@ -43,7 +43,9 @@ LYCORIS_KINDS = {
     "boft_rescaled": {"algo": "boft", "rescaled": True},
     "glora": {"algo": "glora"},
     "full": {"algo": "full"},  # the whole difference (diff, diff_b)
+    "ia3": {"algo": "ia3"},  # ComfyUI core does not read (IA)^3; this pack does
 }
+CORE_CANNOT_READ = {"ia3"}
 # ComfyUI core normalises an output-axis DoRA by the norm of the ORIGINAL weight; LyCORIS by the
 # norm of weight + delta. We follow core on purpose (lora_core.adapters._dora), so this kind
 # differs from LyCORIS's own forward (max abs diff about 0.06 on these tiny weights).
@@ -107,7 +109,10 @@ def lycoris_files(sd15, loras_dir, tmp_path_factory):
     for seed, (kind, kw) in enumerate(LYCORIS_KINDS.items()):
         # apply_to hooks the peer models' forwards: a fresh pair per network
         unet, te = peer_models.sd15_peers(sd15)
-        net = lycoris_kohya.create_network(1.0, 4, 2, None, te, unet, preset=str(preset), **kw)
+        kw = dict(kw)
+        net = lycoris_kohya.create_network(
+            1.0, 4, 2, None, te, unet, preset=kw.pop("preset", str(preset)), **kw
+        )
         net.apply_to(te, unet, apply_text_encoder=True, apply_unet=True)
         perturb_lycoris_(net, seed)
         name = f"lycoris_{kind}.safetensors"
@@ -144,13 +149,18 @@ def lycoris_truth(models, peer, net) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("kind", list(LYCORIS_KINDS))
-def test_lycoris_file_every_module_applied_and_equal_to_core(sd15, lycoris_files, loras_dir, kind):
+def test_lycoris_file_every_module_applied_and_equal_to_core_where_core_reads_it(
+    sd15, lycoris_files, loras_dir, kind
+):
     name, net, _ = lycoris_files[kind]
     m, c, report = run_ours(sd15, name, 0.8, -0.6)
     assert "NOT applied" not in report and "unknown keys" not in report, report
     weights = [k for k in (*m.patches, *c.patcher.patches) if k.endswith(".weight")]  # "full" adds biases
     assert matched_count(report) == len(net.loras) == len(weights)
     cm, cc = comfy.sd.load_lora_for_models(sd15.model, sd15.clip, load_file(loras_dir / name), 0.8, -0.6)
+    if kind in CORE_CANNOT_READ:  # the gap this pack closes; compared with LyCORIS's own forward below
+        assert not cm.patches and not cc.patcher.patches
+        return
     assert_same(patched(m), patched(cm))
     assert_same(patched(c), patched(cc))
 
@@ -189,6 +199,44 @@ def test_lycoris_wrapper_file_as_simpletuner_writes_it(sd15, loras_dir, monkeypa
     m, _, _ = run_ours(sd15, name, 1.0, 1.0)
     truth = lycoris_truth(sd15, (unet, te), net)
     assert_same({k: w for k, w in patched(m).items() if k in truth}, truth)
+
+
+def test_ia3_scaled_on_the_input_as_lycoris_computes_it(sd15, loras_dir):
+    """(IA)^3 modules that scale their input (what LyCORIS's ia3 preset does to the feed-forward
+    output layers), built with LyCORIS's own IA3Module: ours equals the module's forward."""
+    from lycoris.modules.ia3 import IA3Module
+
+    unet, te = peer_models.sd15_peers(sd15)
+    g = torch.Generator().manual_seed(50)
+    picked = [("unet", p, m) for p, m in unet.named_modules() if p.endswith(("ff.net.2", "attn1.to_k"))]
+    picked += [("te", p, m) for p, m in te.named_modules() if p.endswith(("mlp.fc2", "self_attn.v_proj"))]
+    sd, nets = {}, []
+    for part, path, org in picked:
+        name = ("lora_unet_" if part == "unet" else "lora_te_") + path.replace(".", "_")
+        on_input = path.endswith(("ff.net.2", "mlp.fc2"))
+        module = IA3Module(name, org, 1.0, train_on_input=on_input)
+        with torch.no_grad():
+            module.weight.copy_(torch.randn(module.weight.shape, generator=g) * 0.3)
+        module.apply_to()
+        nets.append(module)
+        sd |= {f"{name}.{k}": v.detach().clone() for k, v in module.state_dict().items()}
+    assert {int(v) for k, v in sd.items() if k.endswith(".on_input")} == {0, 1}
+    name = write(loras_dir, "ia3_on_input.safetensors", sd)
+    m, c, report = run_ours(sd15, name, 1.0, 1.0)
+    assert "(IA)3" in report and "NOT applied" not in report and "unknown keys" not in report, report
+    paths = module_paths(("unet", unet), ("te", te))
+    umap = peer_models.unet_key_to_comfy(sd15)
+    truth = {}
+    with torch.no_grad():
+        for module in nets:
+            org = module.org_module[0]
+            part, path = paths[id(org)]
+            key = (
+                umap[path + ".weight"] if part == "unet" else peer_models.clip_key_to_comfy(path + ".weight")
+            )
+            y = module(torch.eye(org.in_features)) - module(torch.zeros(1, org.in_features))
+            truth[key] = y.T.float()
+    assert_same({**patched(m), **patched(c)}, truth)
 
 
 def test_lycoris_modules_cover_convs_attention_and_clip(lycoris_files):

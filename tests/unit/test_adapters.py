@@ -245,6 +245,25 @@ def test_one_level_boft_is_oft_of_the_transposed_interleaved_blocks():
         )
 
 
+def test_ia3_scales_rows_or_columns():
+    """Checked without ComfyUI: W * (1 + s w), w per output row or (on_input) per input column,
+    for a linear and a conv weight; a vector of the wrong length is a named error."""
+    from lora_foundry.lora_core.adapters import Ia3Adapter
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(6, 5, generator=g)
+    rows, cols = torch.randn(6, generator=g), torch.randn(5, generator=g)
+    torch.testing.assert_close(apply(Ia3Adapter(rows, on_input=False), w, 0.5), w * (1 + 0.5 * rows)[:, None])
+    torch.testing.assert_close(apply(Ia3Adapter(cols, on_input=True), w, -0.3), w * (1 - 0.3 * cols)[None, :])
+    conv = torch.randn(6, 5, 3, 3, generator=g)
+    out = apply(Ia3Adapter(cols.reshape(1, 5, 1, 1), on_input=True), conv, 1.0)
+    torch.testing.assert_close(out, conv * (1 + cols)[None, :, None, None])
+    assert torch.equal(apply(Ia3Adapter(rows, on_input=False), w, 0.0), w)
+    assert not is_linear(Ia3Adapter(rows, on_input=False))
+    with pytest.raises(ValueError, match="does not fit the weight"):
+        apply(Ia3Adapter(rows, on_input=True), w)
+
+
 def test_glora_is_w_a1_a2_plus_b1_b2():
     """Checked without ComfyUI: W + s * alpha / r * (W @ a1 @ a2 + b1 @ b2), on a non-square weight."""
     from lora_foundry.lora_core.adapters import GloraAdapter
