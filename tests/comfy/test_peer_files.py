@@ -45,6 +45,7 @@ LYCORIS_KINDS = {
     "full": {"algo": "full"},  # the whole difference (diff, diff_b)
     "ia3": {"algo": "ia3"},  # ComfyUI core does not read (IA)^3; this pack does
     "dylora": {"algo": "dylora", "block_size": 2},  # saved as a plain LoRA of the full rank
+    "norms": {"algo": "lora", "train_norm": True},  # and the norm layers' w_norm / b_norm
 }
 CORE_CANNOT_READ = {"ia3"}
 # DyLoRA's forward samples a rank at random on every call; its file is a plain full-rank LoRA,
