@@ -29,17 +29,20 @@ class Term:
 
 @dataclass(frozen=True, eq=False)
 class FusedFactors:
-    """A run of plain LoRAs concatenated once, strengths not yet applied.
+    """A run of plain LoRAs concatenated once, scales and strengths not yet applied.
 
-    ``up`` holds each adapter's alpha/rank scale; the change at strengths s is
-    ``(up * s per column) @ down``. One object serves every strength of the same adapters, so a
-    strength change builds nothing new (see ``fused_factors``).
+    The change at strengths s is ``(up * (scale * s) per column) @ down``. ``up`` and ``down``
+    keep the files' dtype when every factor shares one (fp16 / bf16 files: half the memory of
+    float32 copies, converted weight by weight when a patch runs, exactly); else float32. One
+    object serves every strength of the same adapters, so a strength change builds nothing new
+    (see ``fused_factors``).
     """
 
     adapters: tuple[Adapter, ...]  # kept alive with the factors: the cache key is their ids
-    up: Tensor  # (out, R) float32, R = sum of ranks
-    down: Tensor  # (R, in) float32
+    up: Tensor  # (out, R), R = sum of ranks
+    down: Tensor  # (R, in)
     ranks: tuple[int, ...]
+    scales: tuple[float, ...]  # each term's alpha / rank (1.0 where it is already in ``up``)
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,24 +53,29 @@ class FusedLora:
     strengths: tuple[float, ...]
 
     @cached_property
+    def _coefficients(self) -> tuple[float, ...]:
+        return tuple(c * s for c, s in zip(self.factors.scales, self.strengths, strict=True))
+
+    @cached_property
     def _per_column(self) -> Tensor:
-        """Each term's strength repeated over its rank: the scale of each column of ``up``."""
-        strengths = torch.tensor(self.strengths, dtype=torch.float32)
-        return strengths.repeat_interleave(torch.tensor(self.factors.ranks))
+        """Each term's coefficient (scale * strength) repeated over its rank: one per column of ``up``."""
+        coefficients = torch.tensor(self._coefficients, dtype=torch.float32)
+        return coefficients.repeat_interleave(torch.tensor(self.factors.ranks))
 
     def scaled(self, device: torch.device | str) -> tuple[Tensor, Tensor, float]:
-        """(up, down, alpha) on ``device`` with the change ``alpha * up @ down``.
+        """(up, down, alpha), float32 on ``device``, with the change ``alpha * up @ down``.
 
-        One strength for every term (one LoRA, or a stack at one strength): it is ``alpha`` and
-        the shared factors are used as they are. Otherwise the strengths are folded into the
-        smaller of the two factors, a new tensor."""
+        One coefficient for every term (one LoRA, or a stack whose terms share scale and
+        strength): it is ``alpha`` and the factors are used as they are. Otherwise the
+        coefficients are folded into the smaller of the two factors, a new tensor."""
         up, down = self.factors.up.to(device), self.factors.down.to(device)
-        if len(set(self.strengths)) == 1:
-            return up, down, self.strengths[0]
+        if len(set(self._coefficients)) == 1:
+            return up.float(), down.float(), self._coefficients[0]
         per_column = self._per_column.to(device)
+        # a half-precision factor times float32 coefficients gives float32 in one pass
         if up.numel() <= down.numel():
-            return up * per_column, down, 1.0
-        return up, down * per_column[:, None], 1.0
+            return up * per_column, down.float(), 1.0
+        return up.float(), down * per_column[:, None], 1.0
 
 
 # Concatenated factors by the ids of their adapters. Weak: an entry lives while some patch uses it,
@@ -81,26 +89,25 @@ def fused_factors(adapters: Sequence[LoraAdapter]) -> FusedFactors:
     found = _FUSED.get(key)
     if found is not None:
         return found
-    pieces = []  # (up 2-D, down 2-D, scale), any float dtype
+    pieces = []  # (up 2-D, down 2-D, scale): the file's tensors, or float32 for a Tucker mid
     for adapter in adapters:
         if adapter.mid is None:
             pieces.append((adapter.up.flatten(1), adapter.down.flatten(1), scale_of(adapter)))
-        else:  # Tucker (LoCon with lora_mid): the mid folds into down
+        else:  # Tucker (LoCon with lora_mid): the mid folds into down, the scale into up
             up, down = scaled_factors(adapter)
             pieces.append((up, down, 1.0))
+    dtypes = {t.dtype for up, down, _ in pieces for t in (up, down)}
+    dtype = dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)).is_floating_point else torch.float32
     device = pieces[0][0].device
     ranks = tuple(down.shape[0] for _, down, _ in pieces)
-    up_all = torch.empty(pieces[0][0].shape[0], sum(ranks), dtype=torch.float32, device=device)
-    down_all = torch.empty(sum(ranks), pieces[0][1].shape[1], dtype=torch.float32, device=device)
+    up_all = torch.empty(pieces[0][0].shape[0], sum(ranks), dtype=dtype, device=device)
+    down_all = torch.empty(sum(ranks), pieces[0][1].shape[1], dtype=dtype, device=device)
     at = 0
-    for (up, down, scale), rank in zip(pieces, ranks, strict=True):
-        part = up_all[:, at : at + rank]
-        part.copy_(up)
-        if scale != 1.0:
-            part.mul_(scale)
+    for (up, down, _), rank in zip(pieces, ranks, strict=True):
+        up_all[:, at : at + rank].copy_(up)
         down_all[at : at + rank].copy_(down)
         at += rank
-    fused = FusedFactors(tuple(adapters), up_all, down_all, ranks)
+    fused = FusedFactors(tuple(adapters), up_all, down_all, ranks, tuple(scale for *_, scale in pieces))
     _FUSED[key] = fused
     return fused
 

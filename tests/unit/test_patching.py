@@ -111,3 +111,22 @@ def test_factors_are_freed_with_the_last_patch_using_them():
     del steps
     gc.collect()
     assert ref() is None, "the factor cache kept concatenated factors no patch uses"
+
+
+def test_half_precision_files_fuse_in_their_own_dtype_with_float32_results():
+    """fp16 / bf16 factors are concatenated as they are (half the memory of float32 copies); the
+    alpha / rank scales and strengths are applied in float32 when the weight is patched."""
+    w = torch.randn(24, 16)
+    for dtype in (torch.float16, torch.bfloat16):
+        a, b = _lora(24, 16, 4, 5, alpha=3.0), _lora(24, 16, 2, 6, alpha=0.5)
+        a, b = (LoraAdapter(up=x.up.to(dtype), down=x.down.to(dtype), alpha=x.alpha) for x in (a, b))
+        terms = [Term(a, 0.8), Term(b, -1.3)]
+        (fused,) = prepare(terms)
+        assert fused.factors.up.dtype == fused.factors.down.dtype == dtype
+        assert torch.equal(fused.factors.up[:, :4], a.up)  # stored exactly, scale not folded in
+        expected = (
+            w + 0.8 * 0.75 * (a.up.float() @ a.down.float()) - 1.3 * 0.25 * (b.up.float() @ b.down.float())
+        )
+        torch.testing.assert_close(apply_terms(terms, w), expected, atol=1e-5, rtol=1e-5)
+    mixed = prepare([Term(_lora(24, 16, 4, 7), 1.0), Term(LoraAdapter(up=a.up, down=a.down), 1.0)])
+    assert mixed[0].factors.up.dtype == torch.float32  # files of two dtypes: float32
