@@ -173,6 +173,32 @@ def clip_key_to_comfy(key: str) -> str:
     return "clip_l.transformer." + key
 
 
+def comfy_weight_key(models, part: str, path: str) -> str:
+    """The ComfyUI key of the weight of module ``path`` of a peer model ('unet' or 'te', SD1.5)."""
+    if part == "unet":
+        return unet_key_to_comfy(models)[path + ".weight"]
+    return clip_key_to_comfy(path + ".weight")
+
+
+def effective_weight(module: torch.nn.Module, org: torch.nn.Module) -> torch.Tensor:
+    """The weight a module's forward applies (a peer tool's adapter wrapped around ``org``, a
+    Linear or a Conv2d), read off unit inputs, less the bias."""
+    with torch.no_grad():
+        if isinstance(org, torch.nn.Linear):
+            eye = torch.eye(org.in_features)
+            return (module(eye) - module(torch.zeros(1, org.in_features))).T.float()
+        # a conv: one unit impulse per input channel and window position, placed where output
+        # position (o, o) sees exactly one whole window through the conv's padding and stride
+        c_in, (kh, kw) = org.in_channels, org.kernel_size
+        (p, _), (st, _) = org.padding, org.stride
+        o = -(-p // st)
+        q = o * st - p
+        probe = torch.zeros(c_in * kh * kw, c_in, q + kh, q + kw)
+        probe[:, :, q:, q:] = torch.eye(c_in * kh * kw).reshape(-1, c_in, kh, kw)
+        y = module(probe) - module(torch.zeros_like(probe[:1]))
+        return y[:, :, o, o].T.reshape(org.out_channels, c_in, kh, kw).float()
+
+
 def peer_to_comfy(models, unet_keys=(), clip_keys=()) -> dict[str, str]:
     """Peer weight keys ('unet.<key>' / 'te.<key>') to ComfyUI keys; raises on a key ComfyUI lacks."""
     umap = unet_key_to_comfy(models)

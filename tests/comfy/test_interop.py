@@ -61,30 +61,6 @@ def file_modules(sd: dict) -> set[str]:
     return {k.split(".", 1)[0] for k in sd}
 
 
-def comfy_key(sd15, part: str, path: str) -> str:
-    if part == "unet":
-        return peer_models.unet_key_to_comfy(sd15)[path + ".weight"]
-    return peer_models.clip_key_to_comfy(path + ".weight")
-
-
-def effective_weight(module: torch.nn.Module, org: torch.nn.Module) -> torch.Tensor:
-    """The weight a module's forward applies, read off an identity batch (less the bias)."""
-    with torch.no_grad():
-        if isinstance(org, torch.nn.Linear):
-            eye = torch.eye(org.in_features)
-            return (module(eye) - module(torch.zeros(1, org.in_features))).T.float()
-        # a conv: one unit impulse per input channel and window position, placed where output
-        # position (o, o) sees exactly one whole window through the conv's padding and stride
-        c_in, (kh, kw) = org.in_channels, org.kernel_size
-        (p, _), (st, _) = org.padding, org.stride
-        o = -(-p // st)
-        q = o * st - p
-        probe = torch.zeros(c_in * kh * kw, c_in, q + kh, q + kw)
-        probe[:, :, q:, q:] = torch.eye(c_in * kh * kw).reshape(-1, c_in, kh, kw)
-        y = module(probe) - module(torch.zeros_like(probe[:1]))
-        return y[:, :, o, o].T.reshape(org.weight.shape).float()
-
-
 def test_lycoris_kohya_reader_takes_every_module_with_our_weights(sd15, loras_dir, written, monkeypatch):
     # The reader first builds a default network, which in lycoris-lora 4.1.3 names
     # time_embedding.linear_1 twice and fails; name targets play no part in reading a file.
@@ -109,7 +85,7 @@ def test_lycoris_kohya_reader_takes_every_module_with_our_weights(sd15, loras_di
     net.eval()
     for lora in net.loras:
         org = lora.org_module[0]
-        theirs[comfy_key(sd15, *paths[id(org)])] = effective_weight(lora, org)
+        theirs[peer_models.comfy_weight_key(sd15, *paths[id(org)])] = peer_models.effective_weight(lora, org)
     if "merged" in written:
         assert any(w.dim() == 4 and w.shape[-1] == 3 for w in theirs.values()), "no 3x3 conv compared"
     assert_same(theirs, expected)
@@ -133,7 +109,7 @@ def test_diffusers_loads_and_fuses_it_to_our_weights(sd15, loras_dir, written):
         for key, w in model.state_dict().items():
             if key.endswith(".base_layer.weight"):
                 path = key[: -len(".base_layer.weight")]
-                theirs[comfy_key(sd15, part, path)] = w.float()
+                theirs[peer_models.comfy_weight_key(sd15, part, path)] = w.float()
     expected = ours(sd15, written)
     assert_same(theirs, expected)
 

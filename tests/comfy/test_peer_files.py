@@ -114,10 +114,7 @@ def lycoris_files(sd15, loras_dir, tmp_path_factory):
     for seed, (kind, kw) in enumerate(LYCORIS_KINDS.items()):
         # apply_to hooks the peer models' forwards: a fresh pair per network
         unet, te = peer_models.sd15_peers(sd15)
-        kw = dict(kw)
-        net = lycoris_kohya.create_network(
-            1.0, 4, 2, None, te, unet, preset=kw.pop("preset", str(preset)), **kw
-        )
+        net = lycoris_kohya.create_network(1.0, 4, 2, None, te, unet, preset=str(preset), **kw)
         net.apply_to(te, unet, apply_text_encoder=True, apply_unet=True)
         perturb_lycoris_(net, seed)
         name = f"lycoris_{kind}.safetensors"
@@ -127,29 +124,22 @@ def lycoris_files(sd15, loras_dir, tmp_path_factory):
 
 
 def lycoris_truth(models, peer, net) -> dict[str, torch.Tensor]:
-    """ComfyUI key -> the effective weight of each LyCORIS Linear module (multiplier 1).
+    """ComfyUI key -> the effective weight of each LyCORIS module, Linear and Conv2d (multiplier 1).
 
-    Read off the module's own forward on an identity batch (x = I gives W_eff^T + bias; x = 0 the bias), the
+    Read off the module's own forward on unit inputs (peer_models.effective_weight), the
     computation LyCORIS trains and infers with. Not its get_merged_weight / merge_to: in
     lycoris-lora 4.1.3 those apply alpha/rank twice for LoHa and LoKr.
     """
     unet, te = peer
     paths = module_paths(("unet", unet), ("te", te))
-    umap = peer_models.unet_key_to_comfy(models)
     out = {}
     net.eval()
-    with torch.no_grad():
-        for lora in net.loras:
-            org = lora.org_module[0]
-            if not isinstance(org, torch.nn.Linear):
-                continue  # convs are compared with core
-            part, path = paths[id(org)]
-            key = (
-                umap[path + ".weight"] if part == "unet" else peer_models.clip_key_to_comfy(path + ".weight")
-            )
-            # (in, out) = W_eff^T + bias, less the bias (LyCORIS's "full" holds its own, changed one)
-            y = lora(torch.eye(org.in_features)) - lora(torch.zeros(1, org.in_features))
-            out[key] = y.T.float()
+    for lora in net.loras:
+        org = lora.org_module[0]
+        if not isinstance(org, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue  # norm layers (w_norm, b_norm) are compared with core
+        # less the bias: LyCORIS's "full" holds its own, changed one
+        out[peer_models.comfy_weight_key(models, *paths[id(org)])] = peer_models.effective_weight(lora, org)
     return out
 
 
@@ -235,17 +225,10 @@ def test_ia3_scaled_on_the_input_as_lycoris_computes_it(sd15, loras_dir):
     m, c, report = run_ours(sd15, name, 1.0, 1.0)
     assert "(IA)3" in report and "NOT applied" not in report and "unknown keys" not in report, report
     paths = module_paths(("unet", unet), ("te", te))
-    umap = peer_models.unet_key_to_comfy(sd15)
     truth = {}
-    with torch.no_grad():
-        for module in nets:
-            org = module.org_module[0]
-            part, path = paths[id(org)]
-            key = (
-                umap[path + ".weight"] if part == "unet" else peer_models.clip_key_to_comfy(path + ".weight")
-            )
-            y = module(torch.eye(org.in_features)) - module(torch.zeros(1, org.in_features))
-            truth[key] = y.T.float()
+    for module in nets:
+        org = module.org_module[0]
+        truth[peer_models.comfy_weight_key(sd15, *paths[id(org)])] = peer_models.effective_weight(module, org)
     assert_same({**patched(m), **patched(c)}, truth)
 
 
