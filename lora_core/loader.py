@@ -252,6 +252,7 @@ def plan_lora(
     model's, or a tensor's shape does not fit its weight (``weight_shapes``: part -> key ->
     shape); a partial match is reported (report.unmatched), not raised.
     """
+    _check_layout(lora)
     _check_family(lora, model_family)
     bw: BlockWeights | None = (
         parse_block_weights(block_weights, model_family.family) if block_weights.strip() else None
@@ -311,6 +312,20 @@ def _check_shape(lora: LoadedLora, name: str, adapter: Adapter, target, shapes) 
             "The file was made for another model (pick a LoRA for this checkpoint's base model) "
             "or is damaged (download it again)."
         )
+
+
+def _check_layout(lora: LoadedLora) -> None:
+    """A file none of whose keys is in a layout this pack reads: say so, rather than blaming the model."""
+    if lora.parsed.modules or lora.parsed.bias_diffs or not lora.parsed.unused_keys:
+        return
+    keys = lora.parsed.unused_keys
+    telling = sorted(keys, key=lambda k: k.endswith((".alpha", ".dora_scale")))  # alpha says nothing
+    raise LoraMismatchError(
+        f"{lora.name}: none of its {len(keys)} keys is in a LoRA layout this pack reads "
+        f"(e.g. {', '.join(telling[:3])}). It may be a kind of adapter neither this pack nor ComfyUI "
+        "applies, or not a LoRA at all: pick a LoRA, LoCon, LoHa, LoKr, OFT, BOFT, GLoRA, (IA)3, "
+        "DoRA, diffusers or PEFT file."
+    )
 
 
 def _check_family(lora: LoadedLora, model: FamilyGuess) -> None:

@@ -134,7 +134,18 @@ def test_safetensors_with_no_tensors(sd15, loras_dir):
 def test_only_unknown_keys(sd15, loras_dir):
     sd = {"model.layer.kernel": torch.randn(4, 4), "optimizer.step": torch.tensor(3.0)}
     name = write(loras_dir, "unknown_keys.safetensors", sd)
-    clear_error(sd15, name)
+    msg = clear_error(sd15, name, "model.layer.kernel")
+    assert "layout this pack reads" in msg and "another model" not in msg  # the file, not the model
+
+
+def test_adapter_kind_nobody_reads_is_named_as_such(sd15, loras_dir):
+    """A LyCORIS T-LoRA (q / p / lambda layers): neither this pack nor core applies it; the error
+    says the layout is not read instead of blaming the base model."""
+    sd = {f"{TO_Q}.q_layer.weight": torch.randn(4, 32), f"{TO_Q}.p_layer.weight": torch.randn(32, 4),
+          f"{TO_Q}.lambda_layer": torch.ones(1, 4), f"{TO_Q}.alpha": torch.tensor(4.0)}  # fmt: skip
+    name = write(loras_dir, "tlora.safetensors", sd)
+    msg = clear_error(sd15, name, f"{TO_Q}.q_layer.weight")
+    assert "layout this pack reads" in msg and "another model" not in msg
 
 
 class RunsCode:
