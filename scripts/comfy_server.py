@@ -70,6 +70,8 @@ class ComfyServer:
             "--base-directory", str(self.base_dir), "--disable-auto-launch",
             "--database-url", f"sqlite:///{self.base_dir / 'user' / 'comfyui.db'}",
         ]  # fmt: skip
+        if os.environ.get("LORA_FOUNDRY_FRONTEND_ROOT"):  # another frontend build, e.g. a newer release
+            cmd += ["--front-end-root", os.environ["LORA_FOUNDRY_FRONTEND_ROOT"]]
         log = open(self.log_path, "ab")  # noqa: SIM115 - the server writes to it after we return
         self.proc = subprocess.Popen(
             cmd, cwd=self.comfy_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

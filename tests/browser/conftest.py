@@ -1,7 +1,8 @@
 """The real ComfyUI frontend in headless Chromium (Debian's chromium driven by Playwright), against
 the real-server fixtures. One browser and one page per session; each test starts from an empty
 graph, fails on console errors from this pack's extension, and leaves a screenshot in
-test-artifacts/browser/. Set-up: scripts/setup_browser.sh."""
+test-artifacts/browser/ (browser-frontend-<version>/ for another frontend build). Set-up:
+scripts/setup_browser.sh."""
 
 from __future__ import annotations
 
@@ -19,7 +20,19 @@ CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run",
 ]  # fmt: skip
-ARTIFACTS = REPO / "test-artifacts" / "browser"
+# LORA_FOUNDRY_FRONTEND_ROOT (scripts/comfy_server.py) serves another frontend build; its
+# version is in LORA_FOUNDRY_FRONTEND_VERSION (scripts/run_tests.sh sets both).
+FRONTEND_VERSION = os.environ.get("LORA_FOUNDRY_FRONTEND_VERSION")
+# LORA_FOUNDRY_VUE_NODES=1 turns on the frontend's "Nodes 2.0" (nodes drawn by Vue components).
+VUE_NODES = os.environ.get("LORA_FOUNDRY_VUE_NODES") == "1"
+ARTIFACTS = (
+    REPO
+    / "test-artifacts"
+    / (
+        ("browser" if not FRONTEND_VERSION else f"browser-frontend-{FRONTEND_VERSION}")
+        + ("-vue-nodes" if VUE_NODES else "")
+    )
+)
 # Console text, failed URLs and stack frames that come from this pack's extension.
 OURS = re.compile(
     rf"/extensions/{re.escape(PACK_LINK_NAME)}/|/extensions/scripts/|LoraFoundry|lora_foundry", re.I
@@ -78,6 +91,9 @@ def comfy_session(browser, server):  # noqa: F811 - the fixture imported above
         "() => window.app?.graph && window.app.extensions?.some((e) => e.name.startsWith('Comfy.'))",
         timeout=120_000,
     )
+    if VUE_NODES:  # ComfyUI's "Nodes 2.0": nodes drawn by Vue components instead of the canvas
+        page.evaluate("() => app.extensionManager.setting.set('Comfy.VueNodes.Enabled', true)")
+        assert page.evaluate("() => app.extensionManager.setting.get('Comfy.VueNodes.Enabled')") is True
     page.wait_for_timeout(500)  # extensions finish their setup() after the first ones register
     # The "Nodes 2.0" banner covers the top of every screenshot; its close button has no label.
     banner_close = page.locator("div:has(> div > span:has-text('Introducing Nodes 2.0')) > button.right-4")
@@ -128,7 +144,10 @@ class ComfyPage:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         select = "(id) => { app.canvas.deselectAll(); if (id != null) app.canvas.select(app.graph.getNodeById(id)); }"
         self.js(select, node_id)
-        self.js("() => app.extensionManager.command.execute('Comfy.Canvas.FitView')")
+        # FitView on an empty graph leaves an "Empty canvas" toast over later screenshots.
+        self.js(
+            "() => app.graph.nodes.length && app.extensionManager.command.execute('Comfy.Canvas.FitView')"
+        )
         self.page.wait_for_timeout(400)
         self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
         self.js("() => app.canvas.deselectAll()")

@@ -4,6 +4,8 @@ templates dialog and runs, rows set in the LoRA Stack widget reach Python, the l
 from __future__ import annotations
 
 import json
+import os
+from importlib.metadata import version
 
 import pytest
 from comfy_server import PACK_LINK_NAME, REPO
@@ -14,6 +16,13 @@ WORKFLOWS = sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
 TRAIN_EVENT = "lora_foundry.train"  # nodes/comfy_bridge.py TRAIN_EVENT
 ROWS = "rows_json"  # lora_core/stack.py ROWS
 EXTENSIONS = ("LoraFoundry.Report", "LoraFoundry.StackRows", "LoraFoundry.LossChart")
+
+
+def test_the_frontend_is_the_one_asked_for(comfy):
+    """The page runs the frontend build these tests are meant for: the one ComfyUI's requirements
+    install, or the one named in LORA_FOUNDRY_FRONTEND_VERSION (run_tests.sh: the newest release)."""
+    expected = os.environ.get("LORA_FOUNDRY_FRONTEND_VERSION") or version("comfyui-frontend-package")
+    assert comfy.js("() => window.__COMFYUI_FRONTEND_VERSION__") == expected
 
 
 def test_page_loads_with_the_pack(comfy, object_info):
@@ -28,10 +37,11 @@ def open_template(comfy, name: str) -> None:
     """Opens a workflow the way a user does: Templates, the pack's category, then its card."""
     page = comfy.page
     comfy.js("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-    page.get_by_text(PACK_LINK_NAME, exact=True).first.click(timeout=30_000)
-    page.get_by_text(name, exact=True).first.click(timeout=30_000)
+    dialog = page.get_by_role("dialog")  # nodes show the pack's name too ("Nodes 2.0" badges)
+    dialog.get_by_text(PACK_LINK_NAME, exact=True).first.click(timeout=30_000)
+    dialog.get_by_text(name, exact=True).first.click(timeout=30_000)
     page.wait_for_function("() => app.graph.nodes.length > 0", timeout=30_000)
-    page.get_by_text(PACK_LINK_NAME, exact=True).first.wait_for(state="hidden", timeout=30_000)
+    dialog.wait_for(state="hidden", timeout=30_000)
 
 
 def graph_problems(comfy, workflow: dict) -> list[str]:
@@ -189,6 +199,7 @@ def test_written_lora_appears_in_the_lists_without_refresh(comfy, server, demo_m
     page = comfy.page
     comfy.js("() => app.refreshComboInNodes()")  # the session's list, whatever earlier tests wrote
     ids = comfy.js(REFRESH_GRAPH, [demo_models["lora"].name, out_name])
+    comfy.js("() => app.extensionManager.command.execute('Comfy.Canvas.FitView')")  # all on screen
     page.locator("[data-lora-foundry=rows] .lf-add").click()
     before = comfy.js(LISTS, [ids["load"], ids["stack"]])
     assert before["rows"], "the stack row has no LoRA picker"
