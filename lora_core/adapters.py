@@ -136,6 +136,21 @@ class BoftAdapter:
 
 
 @dataclass(frozen=True, eq=False)
+class OftV2Adapter:
+    """PEFT's OFT (v2, ``oft_R``): the weight's input columns, in blocks, turned by orthogonal
+    matrices R = Cayley(S) of skew-symmetric S, each stored as its strict upper triangle (one row of
+    ``vectors`` per block, or one row shared by all: ``block_share``), as PEFT merges it: W' = W
+    blockdiag(R)^T. The Cayley transform is PEFT's default Neumann series of 5 terms; ``scaled``
+    (an ``oft_R.scaled_oft`` flag in the file) divides S by the square root of its element count.
+    Depends on the weight itself. No alpha or DoRA applies."""
+
+    vectors: Tensor  # (blocks or 1, size * (size - 1) / 2)
+    scaled: bool = False
+    alpha: float | None = None
+    dora_scale: Tensor | None = None
+
+
+@dataclass(frozen=True, eq=False)
 class Ia3Adapter:
     """LyCORIS (IA)^3: the weight scaled by ``1 + strength * w``, one factor per input column
     (``on_input``) or per output row. Depends on the weight itself. No alpha or DoRA applies; the
@@ -170,6 +185,7 @@ Adapter = (
     | BoftAdapter
     | GloraAdapter
     | Ia3Adapter
+    | OftV2Adapter
 )
 
 
@@ -234,7 +250,7 @@ def scale_of(adapter: Adapter) -> float:
 
 def is_linear(adapter: Adapter) -> bool:
     """True when ``apply`` is ``weight + strength * delta``: such adapters can be summed in one pass."""
-    if isinstance(adapter, (SetAdapter, OftAdapter, BoftAdapter, GloraAdapter, Ia3Adapter)):
+    if isinstance(adapter, (SetAdapter, OftAdapter, BoftAdapter, GloraAdapter, Ia3Adapter, OftV2Adapter)):
         return False
     return getattr(adapter, "dora_scale", None) is None and getattr(adapter, "reshape", None) is None
 
@@ -316,6 +332,8 @@ def apply(adapter: Adapter, weight: Tensor, strength: float = 1.0) -> Tensor:
         return _glora(w32, adapter, strength).to(weight.dtype)
     if isinstance(adapter, Ia3Adapter):
         return _ia3(w32, adapter, strength).to(weight.dtype)
+    if isinstance(adapter, OftV2Adapter):
+        return _oftv2(w32, adapter, strength).to(weight.dtype)
     if isinstance(adapter, DiffAdapter):
         if strength == 0.0:
             return weight.clone()
@@ -430,6 +448,60 @@ def _ia3(weight: Tensor, adapter: Ia3Adapter, strength: float) -> Tensor:
     shape = [1] * weight.dim()
     shape[axis] = -1
     return weight * (1.0 + strength * _f32(adapter.weight, weight.device).reshape(shape))
+
+
+def oftv2_block_size(vectors_shape: Shape) -> int | None:
+    """The block size whose strict upper triangle holds ``vectors_shape[-1]`` values, or None."""
+    if len(vectors_shape) != 2:
+        return None
+    n = vectors_shape[1]
+    size = (1 + math.isqrt(1 + 8 * n)) // 2
+    return size if size > 1 and size * (size - 1) // 2 == n else None
+
+
+def oftv2_fit_error(adapter: OftV2Adapter, shape: Shape) -> str | None:
+    """Why PEFT OFT rotations cannot turn a weight of ``shape``, or None."""
+    vectors = tuple(adapter.vectors.shape)
+    size = oftv2_block_size(vectors)
+    if size is None:
+        return f"oft_R {vectors} is not (blocks, size * (size - 1) / 2) for any block size"
+    columns = math.prod(shape[1:]) if len(shape) > 1 else 0
+    if not columns or columns % size:
+        return (
+            f"oft_R blocks of size {size} do not divide the weight {tuple(shape)}'s {columns} input columns"
+        )
+    if vectors[0] not in (1, columns // size):
+        return f"oft_R has {vectors[0]} blocks of size {size}; the weight {tuple(shape)} needs {columns // size} (or 1, shared)"
+    if adapter.dora_scale is not None:
+        return "PEFT OFT with dora_scale is not a known layout"
+    return None
+
+
+def _cayley_neumann(skew: Tensor) -> Tensor:
+    """PEFT's default Cayley transform: (I + S)(I - S)^-1 by 5 terms of its Neumann series,
+    I + 2S + 2S^2 + 2S^3 + S^4 (what PEFT computes for ``num_cayley_neumann_terms`` = 5)."""
+    eye = torch.eye(skew.shape[-1], device=skew.device, dtype=skew.dtype).expand_as(skew)
+    s2 = skew @ skew
+    s3 = s2 @ skew
+    return eye + 2 * (skew + s2 + s3) + s3 @ skew
+
+
+def _oftv2(weight: Tensor, adapter: OftV2Adapter, strength: float) -> Tensor:
+    """W + strength * (W blockdiag(R)^T - W), R per block of input columns (PEFT's merge at strength 1)."""
+    error = oftv2_fit_error(adapter, tuple(weight.shape))
+    if error:
+        raise ValueError(error)
+    vectors = _f32(adapter.vectors, weight.device)
+    size = oftv2_block_size(tuple(vectors.shape))
+    if adapter.scaled:
+        vectors = vectors / math.sqrt(vectors.shape[1])
+    rows, cols = torch.triu_indices(size, size, 1, device=weight.device)
+    upper = vectors.new_zeros(vectors.shape[0], size, size)
+    upper[:, rows, cols] = vectors
+    rotations = _cayley_neumann(upper - upper.transpose(1, 2))
+    flat = weight.reshape(weight.shape[0], -1, size)  # (out, blocks, size): blocks of input columns
+    turned = torch.einsum("o b k, b c k -> o b c", flat, rotations.expand(flat.shape[1], size, size))
+    return weight + strength * (turned.reshape(weight.shape) - weight)
 
 
 def _glora(weight: Tensor, adapter: GloraAdapter, strength: float) -> Tensor:

@@ -26,7 +26,7 @@ def _merge_term(lora: LoadedLora, adapter: Adapter, shape: tuple[int, ...], key:
     kernel = tuple(shape[2:]) if len(shape) == 4 else None
     if not is_linear(adapter):
         raise ValueError(
-            f"{lora.name} uses DoRA, OFT, BOFT, GLoRA, (IA)3 or set_weight (or grows the weight) on {key}: that is not a sum of low-rank terms and cannot "
+            f"{lora.name} uses DoRA, OFT (LyCORIS or PEFT), BOFT, GLoRA, (IA)3 or set_weight (or grows the weight) on {key}: that is not a sum of low-rank terms and cannot "
             "be merged into a LoRA file; apply it with Load LoRA / Apply LoRA Stack instead"
         )
     if isinstance(adapter, LoraAdapter):

@@ -17,11 +17,12 @@ from .adapters import (
     LokrAdapter,
     LoraAdapter,
     OftAdapter,
+    OftV2Adapter,
     SetAdapter,
 )
 
 # suffix -> (family, role). Families: "lora" (up/down pairs in several spellings), "loha", "lokr",
-# "extra" (alpha, dora_scale), "diff", "set", "bias", "unsupported". The module name is the key
+# "extra" (alpha, dora_scale), "oft", "oftv2", "glora", "ia3", "diff", "set", "bias", "unsupported". The module name is the key
 # without the suffix, so "x.to_q_lora.up.weight" gives module "x.to_q".
 _SUFFIXES: dict[str, tuple[str, str]] = {
     ".lora_up.weight": ("lora", "up:kohya"),
@@ -61,6 +62,9 @@ _SUFFIXES: dict[str, tuple[str, str]] = {
     ".b1.weight": ("glora", "b1"),
     ".b2.weight": ("glora", "b2"),
     ".rescale": ("oft", "rescale"),
+    ".oft_R.weight": ("oftv2", "oft_R"),  # PEFT's OFT (v2)
+    ".oft_R.default.weight": ("oftv2", "oft_R"),
+    ".oft_R.scaled_oft": ("oftv2", "scaled_oft"),
     ".on_input": ("ia3", "on_input"),  # its vector is the module's bare ".weight" (see parse_lora)
     ".diff": ("diff", "diff"),
     ".w_norm": ("diff", "w_norm"),
@@ -174,6 +178,15 @@ def _build_oft(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] | 
     return OftAdapter(t[blocks]), used
 
 
+def _build_oftv2(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] | None:
+    vectors = m.keys.get("oft_R")
+    if vectors is None:
+        return None
+    scaled = m.keys.get("scaled_oft")
+    m.label = "PEFT OFT"
+    return OftV2Adapter(t[vectors], scaled=scaled is not None), [vectors] + ([scaled] if scaled else [])
+
+
 def _build_ia3(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] | None:
     if "ia3_weight" not in m.keys or "on_input" not in m.keys:
         return None
@@ -191,7 +204,15 @@ def _build(m: _Module, t: dict[str, Tensor], notes: list[str]) -> tuple[Adapter,
         if role in m.keys:
             m.label = "full diff"
             return DiffAdapter(t[m.keys[role]]), [m.keys[role]]
-    for builder in (_build_lora, _build_loha, _build_lokr, _build_glora, _build_oft, _build_ia3):
+    for builder in (
+        _build_lora,
+        _build_loha,
+        _build_lokr,
+        _build_glora,
+        _build_oft,
+        _build_oftv2,
+        _build_ia3,
+    ):
         built = builder(m, t)
         if built is None:
             continue

@@ -21,11 +21,13 @@ from .adapters import (
     Ia3Adapter,
     LoraAdapter,
     OftAdapter,
+    OftV2Adapter,
     SetAdapter,
     apply,
     boft_fit_error,
     delta,
     ia3_fit_error,
+    oftv2_fit_error,
     rank_of,
 )
 from .block_weights import BlockWeights, parse_block_weights
@@ -189,6 +191,8 @@ def _shape_error(adapter: Adapter, shape: tuple[int, ...]) -> str | None:
         )
     if isinstance(adapter, Ia3Adapter):
         return ia3_fit_error(adapter, shape)
+    if isinstance(adapter, OftV2Adapter):
+        return oftv2_fit_error(adapter, shape)
     if isinstance(adapter, BoftAdapter):
         error = boft_fit_error(tuple(adapter.blocks.shape), shape[0])
         rescale = adapter.rescale
@@ -323,7 +327,7 @@ def _check_layout(lora: LoadedLora) -> None:
     raise LoraMismatchError(
         f"{lora.name}: none of its {len(keys)} keys is in a LoRA layout this pack reads "
         f"(e.g. {', '.join(telling[:3])}). It may be a kind of adapter neither this pack nor ComfyUI "
-        "applies, or not a LoRA at all: pick a LoRA, LoCon, LoHa, LoKr, OFT, BOFT, GLoRA, (IA)3, "
+        "applies, or not a LoRA at all: pick a LoRA, LoCon, LoHa, LoKr, OFT (LyCORIS or PEFT), BOFT, GLoRA, (IA)3, "
         "DoRA, diffusers or PEFT file."
     )
 

@@ -193,6 +193,21 @@ def boft_lora(
     return sd
 
 
+def oftv2_lora(
+    modules: list[Module], sdxl: bool = False, block_size: int = 4, seed: int = 0, share: bool = False
+) -> dict[str, torch.Tensor]:
+    """PEFT's OFT (v2) under kohya names: ``oft_R.weight`` (blocks of input columns or 1 shared,
+    block_size * (block_size - 1) / 2) per 2-D weight."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for n, (_, d_in) in _linear(modules, sdxl):
+        if d_in % block_size:
+            continue
+        blocks = 1 if share else d_in // block_size
+        sd[f"{n}.oft_R.weight"] = torch.randn(blocks, block_size * (block_size - 1) // 2, generator=g) * 0.2
+    return sd
+
+
 def ia3_lora(modules: list[Module], sdxl: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
     """LyCORIS (IA)^3: a vector per 2-D weight (``.weight``) and ``.on_input``; fc2-like layers on
     their inputs, the rest on their outputs."""

@@ -120,6 +120,18 @@ def test_butterfly_that_does_not_fit_its_weight(sd15, loras_dir, part):
     assert "BOFT" in clear_error(sd15, name, TO_Q)
 
 
+@pytest.mark.parametrize("part", ["blocks", "elements"])
+def test_peft_oft_that_does_not_fit_its_weight(sd15, loras_dir, part):
+    sd = lf.oftv2_lora(modules(sd15), seed=4)
+    key = f"{TO_Q}.oft_R.weight"
+    if part == "blocks":  # one block short of the weight's input columns
+        sd[key] = sd[key][1:]
+    else:  # 5 values are no block's strict upper triangle
+        sd[key] = sd[key][:, :5].contiguous()
+    name = write(loras_dir, f"bad_oftv2_{part}.safetensors", sd)
+    assert "oft_R" in clear_error(sd15, name, TO_Q)
+
+
 @pytest.mark.parametrize("ext", [".safetensors", ".pt"])
 def test_empty_file(sd15, loras_dir, ext):
     (loras_dir / f"empty{ext}").write_bytes(b"")

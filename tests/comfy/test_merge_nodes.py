@@ -40,6 +40,7 @@ def sources(sd15, loras_dir):
     write(loras_dir, "m_boft.safetensors", lf.boft_lora(mods, seed=37))
     write(loras_dir, "m_glora.safetensors", lf.glora_lora(mods, seed=38))
     write(loras_dir, "m_ia3.safetensors", lf.ia3_lora(mods, seed=39))
+    write(loras_dir, "m_oftv2.safetensors", lf.oftv2_lora(mods, seed=40))
     return loras_dir
 
 
@@ -121,9 +122,11 @@ def test_lycoris_entries_merge_through_their_dense_delta(sd15, sources):
         merge(sd15, entries, "concat", name="loha_concat")
 
 
-@pytest.mark.parametrize("kind", ["dora", "oft", "boft", "glora", "ia3"])
+@pytest.mark.parametrize("kind", ["dora", "oft", "boft", "glora", "ia3", "oftv2"])
 def test_weight_dependent_entries_are_refused(sd15, sources, kind):
-    with pytest.raises(RuntimeError, match=rf"m_{kind}\.safetensors uses DoRA, OFT, BOFT, GLoRA"):
+    with pytest.raises(
+        RuntimeError, match=rf"m_{kind}\.safetensors uses DoRA, OFT \(LyCORIS or PEFT\), BOFT"
+    ):
         merge(sd15, [(f"m_{kind}.safetensors", 1.0, 1.0)], "svd", rank=8, name=f"{kind}_merge")
     assert not (sources / f"{kind}_merge.safetensors").exists()
 

@@ -311,3 +311,49 @@ def test_peft_unet_lora_equal_core_on_kohya_names_and_peft_merge(sd15, peft_unet
 
     m1, _, _ = run_ours(sd15, name, 1.0, 1.0)
     assert_same(patched(m1), peft_truth(sd15, peft_unet))
+
+
+# --- PEFT OFT (v2) ---------------------------------------------------------------------------
+
+PEFT_OFT_TARGETS = [*PEFT_TARGETS, "conv1"]  # attention linears and the resnets' 3x3 convs
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["per_block", "block_share"])
+def peft_oft_unet(peer, request):
+    """A PeftModel around a copy of the peer UNet, PEFT OFT (blocks of 4) with random rotations."""
+    config = peft.OFTConfig(r=0, oft_block_size=4, target_modules=PEFT_OFT_TARGETS, block_share=request.param)
+    model = peft.get_peft_model(copy.deepcopy(peer[0]), config)
+    g = torch.Generator().manual_seed(22)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".oft_R." in name:  # PEFT starts from the identity (zeros)
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("layout", ["peft", "diffusers"])
+def test_peft_oft_equals_peft_merge(sd15, peft_oft_unet, loras_dir, layout):
+    """PEFT's OFT file (``oft_R``), which core 0.3.75 does not read, gives PEFT's merged weights on
+    every targeted linear and conv layer, and at strength s, W + s (merged - W)."""
+    sd = peft.get_peft_model_state_dict(peft_oft_unet)  # "base_model.model.<path>.oft_R.weight"
+    assert sd and all(k.startswith("base_model.model.") and k.endswith(".oft_R.weight") for k in sd)
+    prefix = "base_model.model." if layout == "peft" else "unet."
+    written = {prefix + k[len("base_model.model.") :]: v.contiguous() for k, v in sd.items()}
+    name = f"peft_oft_{layout}_{len(sd)}_{next(iter(sd.values())).shape[0]}.safetensors"
+    save_file(written, str(loras_dir / name))
+
+    merged = copy.deepcopy(peft_oft_unet).merge_and_unload().state_dict()
+    umap = peer_models.unet_key_to_comfy(sd15)
+    touched = {k[len("base_model.model.") : -len(".oft_R.weight")] + ".weight" for k in sd}
+    truth = {umap[k]: merged[k].float() for k in touched}
+    assert any(t.dim() == 4 for t in truth.values()) and any(t.dim() == 2 for t in truth.values())
+
+    m, c, report = run_ours(sd15, name, 1.0, 1.0)
+    assert "PEFT OFT" in report and "NOT applied" not in report, report
+    assert matched_count(report) == len(sd) == len(m.patches) and not c.patcher.patches
+    assert_same(patched(m), truth)
+
+    base = sd15.model.model.state_dict()
+    half, _, _ = run_ours(sd15, name, 0.4, 0.0)
+    expected = {k: base[k].float() + 0.4 * (v - base[k].float()) for k, v in truth.items()}
+    assert_same(patched(half), expected)

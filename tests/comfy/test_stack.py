@@ -12,6 +12,7 @@ from patch_compare import assert_same, modules, patched, write
 
 from lora_foundry.lora_core.adapters import LoraAdapter
 from lora_foundry.nodes.comfy_bridge import FoundryPatch
+from lora_foundry.nodes.load_lora import LoadLora
 from lora_foundry.nodes.stack import ApplyLoraStack, LoraStack
 
 
@@ -72,6 +73,25 @@ def test_weight_dependent_entries_keep_their_place_in_the_stack(sd15, three_lora
     cm, cc = core_chain(sd15, files, entries)
     assert_same(patched(m), patched(cm))
     assert_same(patched(c), patched(cc))
+
+
+def test_peft_oft_entry_keeps_its_place_in_the_stack(sd15, three_loras, loras_dir):
+    """A PEFT OFT (which core does not read) between plain LoRAs: the stack equals Load LoRA
+    nodes chained in the same order."""
+    write(loras_dir, "stack_oftv2.safetensors", lf.oftv2_lora(modules(sd15), seed=28))
+    entries = [("stack_a.safetensors", 0.8, 0.5), ("stack_oftv2.safetensors", 0.7, 1.0),
+               ("stack_d.safetensors", 1.2, -0.7)]  # fmt: skip
+    m, c, _, report = ApplyLoraStack().execute(sd15.model, entries, clip=sd15.clip)["result"]
+    assert "PEFT OFT" in report, report
+    cm, cc = sd15.model, sd15.clip
+    for name, sm, sc in entries:
+        cm, cc, *_ = LoadLora().execute(cm, name, sm, sc, clip=cc)["result"]
+    assert_same(patched(m), patched(cm))
+    assert_same(patched(c), patched(cc))
+    before = patched(
+        ApplyLoraStack().execute(sd15.model, [entries[0], entries[2]], clip=sd15.clip)["result"][0]
+    )
+    assert any((patched(m)[k] - before[k]).abs().max() > 1e-3 for k in before), "the OFT changed nothing"
 
 
 def test_low_vram_loading_gives_the_full_load_output(sd15, three_loras):

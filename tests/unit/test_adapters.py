@@ -8,10 +8,12 @@ from lora_foundry.lora_core.adapters import (
     LohaAdapter,
     LokrAdapter,
     LoraAdapter,
+    OftV2Adapter,
     SetAdapter,
     apply,
     delta,
     is_linear,
+    oftv2_fit_error,
     scale_of,
     scaled_factors,
 )
@@ -277,3 +279,70 @@ def test_glora_is_w_a1_a2_plus_b1_b2():
     assert not is_linear(GloraAdapter(a1, a2, b1, b2))
     with pytest.raises(ValueError, match="GLoRA factors"):
         apply(GloraAdapter(a1, a2, b1, torch.randn(3, 4)), w)
+
+
+def _skew_of(vector: torch.Tensor, size: int) -> torch.Tensor:
+    """The skew-symmetric matrix whose strict upper triangle, row by row, is ``vector``."""
+    s = torch.zeros(size, size)
+    k = 0
+    for i in range(size):
+        for j in range(i + 1, size):
+            s[i, j], s[j, i] = vector[k], -vector[k]
+            k += 1
+    return s
+
+
+def _cayley_of(s: torch.Tensor) -> torch.Tensor:
+    eye = torch.eye(s.shape[0], dtype=torch.float64)
+    return (eye + s.double()) @ torch.linalg.inv(eye - s.double())
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_peft_oft_turns_input_column_blocks(share):
+    """W' = W blockdiag(R_b)^T, R_b the Cayley transform of each block's skew matrix (PEFT's
+    5-term Neumann series is that transform up to terms in S^4, tiny for small S)."""
+    size, out_f, in_f = 4, 6, 12
+    blocks = 1 if share else in_f // size
+    vectors, w = 0.01 * r(blocks, size * (size - 1) // 2), r(out_f, in_f)
+    rotations = [_cayley_of(_skew_of(vectors[0 if share else b], size)) for b in range(in_f // size)]
+    expected = w.double() @ torch.block_diag(*rotations).T
+    out = apply(OftV2Adapter(vectors), w, 1.0)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
+    half = apply(OftV2Adapter(vectors), w, 0.5)
+    torch.testing.assert_close(half, w + 0.5 * (out - w))
+    torch.testing.assert_close(apply(OftV2Adapter(vectors), w, 0.0), w)
+
+
+def test_peft_oft_neumann_series_is_exact_in_its_terms():
+    """The series itself, I + 2S + 2S^2 + 2S^3 + S^4, not only its limit (large S, one block)."""
+    vector, w = r(1, 3), r(2, 3)
+    s = _skew_of(vector[0], 3).double()
+    series = torch.eye(3, dtype=torch.float64) + 2 * (s + s @ s + s @ s @ s) + s @ s @ s @ s
+    torch.testing.assert_close(
+        apply(OftV2Adapter(vector), w).double(), w.double() @ series.T, atol=1e-5, rtol=1e-5
+    )
+
+
+def test_peft_oft_conv_turns_flattened_input_columns_and_scaled_flag_divides():
+    w = r(4, 2, 3, 3)  # 18 input columns (channel, kh, kw): 6 blocks of 3
+    vectors = 0.1 * r(6, 3)
+    flat = apply(OftV2Adapter(vectors), w.reshape(4, 18))
+    torch.testing.assert_close(apply(OftV2Adapter(vectors), w), flat.reshape(w.shape))
+    scaled = apply(OftV2Adapter(vectors, scaled=True), w)
+    torch.testing.assert_close(scaled, apply(OftV2Adapter(vectors / 3**0.5), w))
+    assert not is_linear(OftV2Adapter(vectors))
+
+
+@pytest.mark.parametrize(
+    ("vectors", "shape", "message"),
+    [
+        ((3, 5), (4, 12), "not \\(blocks, size"),
+        ((3, 6), (4, 10), "do not divide"),
+        ((2, 6), (4, 12), "needs 3 \\(or 1, shared\\)"),
+    ],
+)
+def test_peft_oft_that_does_not_fit_is_named(vectors, shape, message):
+    adapter = OftV2Adapter(torch.zeros(vectors))
+    assert oftv2_fit_error(adapter, shape) is not None
+    with pytest.raises(ValueError, match=message):
+        apply(adapter, torch.zeros(shape))
