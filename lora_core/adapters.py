@@ -26,6 +26,9 @@ class LoraAdapter:
     mid: Tensor | None = None  # (r, r, kh, kw) for Tucker-decomposed convolutions
     dora_scale: Tensor | None = None
     reshape: tuple[int, ...] | None = None  # ``.reshape_weight``: the weight is zero-padded to this first
+    # ``dora_scale`` is PEFT's ``lora_magnitude_vector``: one magnitude per output row, over the
+    # norm of the CHANGED weight (PEFT's DoRA), not ComfyUI's reading of a kohya ``dora_scale``.
+    dora_peft: bool = False
 
     def __post_init__(self) -> None:
         if self.up.dim() < 2 or self.down.dim() < 2:
@@ -293,23 +296,40 @@ def scaled_factors(adapter: LoraAdapter) -> tuple[Tensor, Tensor]:
     return up, down.flatten(start_dim=1)
 
 
-def _dora(weight: Tensor, scaled: Tensor, dora_scale: Tensor, strength: float) -> Tensor:
-    """Weight decomposition as ComfyUI's ``weight_decompose`` does it, all in float32.
+def peft_dora_fit_error(adapter: LoraAdapter, shape: Shape) -> str | None:
+    """Why a PEFT DoRA magnitude cannot scale a weight of ``shape``'s output rows, or None."""
+    if adapter.dora_peft and adapter.dora_scale is not None and adapter.dora_scale.numel() != shape[0]:
+        return (
+            f"PEFT DoRA lora_magnitude_vector of {adapter.dora_scale.numel()} does not fit the weight "
+            f"{tuple(shape)}'s {shape[0]} outputs"
+        )
+    return None
+
+
+def _dora(weight: Tensor, scaled: Tensor, dora_scale: Tensor, strength: float, peft: bool = False) -> Tensor:
+    """Weight decomposition as ComfyUI's ``weight_decompose`` does it, all in float32; with
+    ``peft``, as PEFT merges DoRA: magnitude * (W + delta) / ||W + delta|| per output row.
 
     ComfyUI quirk kept on purpose (results must match core): when the magnitude lies on the
     output axis the norm is taken from the ORIGINAL weight, not from weight + delta.
     """
     merged = weight + scaled
     scale = _f32(dora_scale, weight.device)
-    if scale.shape[0] == merged.shape[0]:
-        norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True)
-        norm = norm.reshape(weight.shape[0], *[1] * (weight.dim() - 1))
+    tail = [1] * (merged.dim() - 1)
+    if peft:
+        scale = scale.reshape(-1, *tail)
+        norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(-1, *tail)
+    elif scale.shape[0] == merged.shape[0]:
+        norm = (
+            weight.reshape(weight.shape[0], -1).norm(dim=1).reshape(-1, *tail)
+            + torch.finfo(torch.float32).eps
+        )
     else:
         cols = merged.transpose(0, 1).reshape(merged.shape[1], -1)
         norm = (
-            cols.norm(dim=1, keepdim=True).reshape(merged.shape[1], *[1] * (merged.dim() - 1)).transpose(0, 1)
+            cols.norm(dim=1).reshape(merged.shape[1], *tail).transpose(0, 1) + torch.finfo(torch.float32).eps
         )
-    merged = merged * (scale / (norm + torch.finfo(torch.float32).eps))
+    merged = merged * (scale / norm)
     if strength != 1.0:
         return weight + strength * (merged - weight)
     return merged
@@ -341,7 +361,7 @@ def apply(adapter: Adapter, weight: Tensor, strength: float = 1.0) -> Tensor:
     scaled = _scaled_raw(adapter, shape, weight.device)
     dora_scale = getattr(adapter, "dora_scale", None)
     if dora_scale is not None:
-        out = _dora(w32, scaled, dora_scale, strength)
+        out = _dora(w32, scaled, dora_scale, strength, peft=getattr(adapter, "dora_peft", False))
     else:
         out = w32 + strength * scaled
     return out.to(weight.dtype)

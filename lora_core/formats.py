@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import Tensor
 
@@ -22,7 +22,7 @@ from .adapters import (
 )
 
 # suffix -> (family, role). Families: "lora" (up/down pairs in several spellings), "loha", "lokr",
-# "extra" (alpha, dora_scale), "oft", "oftv2", "glora", "ia3", "diff", "set", "bias", "unsupported". The module name is the key
+# "extra" (alpha, dora_scale, PEFT's DoRA magnitude), "oft", "oftv2", "glora", "ia3", "diff", "set", "bias". The module name is the key
 # without the suffix, so "x.to_q_lora.up.weight" gives module "x.to_q".
 _SUFFIXES: dict[str, tuple[str, str]] = {
     ".lora_up.weight": ("lora", "up:kohya"),
@@ -71,9 +71,9 @@ _SUFFIXES: dict[str, tuple[str, str]] = {
     ".set_weight": ("set", "set_weight"),
     ".diff_b": ("bias", "diff_b"),
     ".b_norm": ("bias", "b_norm"),
-    ".lora_magnitude_vector": ("unsupported", "magnitude"),
-    ".lora_magnitude_vector.weight": ("unsupported", "magnitude"),
-    ".lora_magnitude_vector.default.weight": ("unsupported", "magnitude"),
+    ".lora_magnitude_vector": ("extra", "magnitude"),  # PEFT's DoRA
+    ".lora_magnitude_vector.weight": ("extra", "magnitude"),
+    ".lora_magnitude_vector.default.weight": ("extra", "magnitude"),
 }
 _BY_LENGTH = sorted(_SUFFIXES, key=len, reverse=True)
 _LORA_SPELLINGS = ("kohya", "AB", "ABdefault", "ABbare", "dotted", "processor", "linear_layer")
@@ -220,6 +220,10 @@ def _build(m: _Module, t: dict[str, Tensor], notes: list[str]) -> tuple[Adapter,
         alpha, alpha_used = _alpha(t, m.keys.get("alpha"), notes)
         dora_key = m.keys.get("dora_scale")
         adapter = _with(adapter, alpha, t[dora_key] if dora_key else None)
+        magnitude = m.keys.get("magnitude")
+        if magnitude and isinstance(adapter, LoraAdapter) and not dora_key:
+            adapter = replace(adapter, dora_scale=t[magnitude], dora_peft=True)
+            dora_key = magnitude
         return adapter, used + ([m.keys["alpha"]] if alpha_used else []) + ([dora_key] if dora_key else [])
     return None
 
@@ -255,7 +259,6 @@ def parse_lora(tensors: dict[str, Tensor]) -> ParsedLora:
     groups: dict[str, _Module] = defaultdict(_Module)
     unused: list[str] = []
     notes: list[str] = []
-    magnitude: list[str] = []
     incomplete: list[str] = []
     # (IA)^3 stores its vector as the module's bare ".weight", told apart by an ".on_input" beside it
     ia3_vectors = {k[: -len(".on_input")] + ".weight" for k in tensors if k.endswith(".on_input")}
@@ -268,8 +271,6 @@ def parse_lora(tensors: dict[str, Tensor]) -> ParsedLora:
             unused.append(key)
             continue
         module, family, role = split
-        if family == "unsupported":
-            magnitude.append(key)
         groups[module].keys[role] = key
     modules: dict[str, Adapter] = {}
     bias: dict[str, DiffAdapter] = {}
@@ -288,18 +289,20 @@ def parse_lora(tensors: dict[str, Tensor]) -> ParsedLora:
             if built is None:
                 labels[_label(name, "full diff")] += 1
         left = [k for k in m.keys.values() if k not in used]
-        if built is None and any(not k.endswith((".alpha", ".dora_scale", ".reshape_weight")) for k in left):
+        extras = (
+            ".alpha",
+            ".dora_scale",
+            ".reshape_weight",
+            ".lora_magnitude_vector",
+            ".lora_magnitude_vector.weight",
+        )
+        if built is None and any(not k.endswith(extras) for k in left):
             incomplete.append(name)
         unused.extend(left)
     if incomplete:
         notes.append(
             f"{len(incomplete)} modules have an incomplete set of weights (e.g. {incomplete[0]}: "
             f"{', '.join(sorted(groups[incomplete[0]].keys.values()))}) and were skipped; the file may be damaged"
-        )
-    if magnitude:
-        notes.append(
-            f"{len(magnitude)} PEFT DoRA magnitude vectors (lora_magnitude_vector) are not supported; "
-            "those modules load as plain LoRA, as in ComfyUI core. Merge the DoRA into a LoRA with PEFT first"
         )
     used_set = set(unused)
     return ParsedLora(

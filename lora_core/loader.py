@@ -28,6 +28,7 @@ from .adapters import (
     delta,
     ia3_fit_error,
     oftv2_fit_error,
+    peft_dora_fit_error,
     rank_of,
 )
 from .block_weights import BlockWeights, parse_block_weights
@@ -212,6 +213,9 @@ def _shape_error(adapter: Adapter, shape: tuple[int, ...]) -> str | None:
     if isinstance(adapter, LoraAdapter):
         if adapter.up.shape[0] != shape[0]:
             return f"LoRA up {tuple(adapter.up.shape)} has {adapter.up.shape[0]} outputs, the weight {shape} has {shape[0]}"
+        error = peft_dora_fit_error(adapter, shape)
+        if error:
+            return error
         if adapter.mid is None and adapter.dora_scale is None:  # the common case, without a dry run
             inputs = math.prod(adapter.down.shape[1:])
             if inputs != math.prod(shape[1:]):

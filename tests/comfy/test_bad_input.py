@@ -132,6 +132,14 @@ def test_peft_oft_that_does_not_fit_its_weight(sd15, loras_dir, part):
     assert "oft_R" in clear_error(sd15, name, TO_Q)
 
 
+def test_peft_dora_magnitude_that_does_not_fit_its_weight(sd15, loras_dir):
+    sd = good_lora(sd15, seed=5)
+    rows = sd[f"{TO_Q}.lora_up.weight"].shape[0]
+    sd[f"{TO_Q}.lora_magnitude_vector"] = torch.ones(rows + 8)
+    name = write(loras_dir, "bad_peft_dora.safetensors", sd)
+    assert "lora_magnitude_vector" in clear_error(sd15, name, TO_Q)
+
+
 @pytest.mark.parametrize("ext", [".safetensors", ".pt"])
 def test_empty_file(sd15, loras_dir, ext):
     (loras_dir / f"empty{ext}").write_bytes(b"")

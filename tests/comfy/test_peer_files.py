@@ -357,3 +357,55 @@ def test_peft_oft_equals_peft_merge(sd15, peft_oft_unet, loras_dir, layout):
     half, _, _ = run_ours(sd15, name, 0.4, 0.0)
     expected = {k: base[k].float() + 0.4 * (v - base[k].float()) for k, v in truth.items()}
     assert_same(patched(half), expected)
+
+
+# --- PEFT DoRA ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def peft_dora_unet(peer):
+    """A PeftModel around a copy of the peer UNet: DoRA on attention linears and 3x3 convs, random
+    A, B and magnitudes (PEFT starts the magnitude at the weight's row norms)."""
+    config = peft.LoraConfig(
+        r=4, lora_alpha=4, use_dora=True, target_modules=PEFT_OFT_TARGETS, init_lora_weights=False
+    )
+    model = peft.get_peft_model(copy.deepcopy(peer[0]), config)
+    g = torch.Generator().manual_seed(23)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(torch.rand(p.shape, generator=g) * 0.4 + 0.8)
+            elif ".lora_A." in name or ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize("layout", ["peft", "diffusers"])
+def test_peft_dora_equals_peft_merge(sd15, peft_dora_unet, loras_dir, layout):
+    """PEFT's DoRA (``lora_magnitude_vector``), which core 0.3.75 drops (it applies the plain LoRA
+    part), gives PEFT's merged weights on linear and conv layers, and at strength s W + s (merged - W)."""
+    sd = peft.get_peft_model_state_dict(peft_dora_unet)
+    magnitudes = [k for k in sd if "lora_magnitude_vector" in k]
+    assert magnitudes and len(sd) == 3 * len(magnitudes)
+    prefix = "base_model.model." if layout == "peft" else "unet."
+    name = f"peft_dora_{layout}.safetensors"
+    save_file(
+        {prefix + k[len("base_model.model.") :]: v.contiguous() for k, v in sd.items()}, str(loras_dir / name)
+    )
+
+    merged = copy.deepcopy(peft_dora_unet).merge_and_unload().state_dict()
+    umap = peer_models.unet_key_to_comfy(sd15)
+    touched = {
+        k[len("base_model.model.") :].split(".lora_magnitude_vector")[0] + ".weight" for k in magnitudes
+    }
+    truth = {umap[k]: merged[k].float() for k in touched}
+    assert any(t.dim() == 4 for t in truth.values()) and any(t.dim() == 2 for t in truth.values())
+
+    m, c, report = run_ours(sd15, name, 1.0, 1.0)
+    assert "(DoRA), rank 4" in report and "NOT applied" not in report, report
+    assert matched_count(report) == len(magnitudes) == len(m.patches) and not c.patcher.patches
+    assert_same(patched(m), truth)
+
+    base = sd15.model.model.state_dict()
+    half, _, _ = run_ours(sd15, name, 0.5, 0.0)
+    assert_same(patched(half), {k: base[k].float() + 0.5 * (v - base[k].float()) for k, v in truth.items()})

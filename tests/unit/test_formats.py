@@ -1,5 +1,6 @@
 """Parsing tiny hand-made dicts: exact modules, exact unused keys, format labels."""
 
+import pytest
 import torch
 
 from lora_foundry.lora_core.adapters import DiffAdapter, LohaAdapter, LokrAdapter, LoraAdapter, SetAdapter
@@ -57,15 +58,17 @@ def test_diffusers_spellings_and_peft_prefix():
     assert set(peft.modules) == {"base_model.model.m"} and peft.format == "PEFT"
 
 
-def test_peft_dora_magnitude_reported_unsupported():
+@pytest.mark.parametrize("suffix", ["", ".weight", ".default.weight"])
+def test_peft_dora_magnitude_is_read_as_peft_dora(suffix):
     sd = {
         "base_model.model.m.lora_A.weight": t(2, 3),
         "base_model.model.m.lora_B.weight": t(4, 2),
-        "base_model.model.m.lora_magnitude_vector": t(4),
+        f"base_model.model.m.lora_magnitude_vector{suffix}": t(4),
     }
     p = parse_lora(sd)
-    assert p.unused_keys == ("base_model.model.m.lora_magnitude_vector",)
-    assert any("not supported" in n for n in p.notes)
+    adapter = p.modules["base_model.model.m"]
+    assert not p.unused_keys and not p.notes and p.format == "PEFT (DoRA)"
+    assert adapter.dora_peft and adapter.dora_scale.shape == (4,)
 
 
 def test_loha_lokr_and_mixed_label():
