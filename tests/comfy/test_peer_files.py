@@ -331,32 +331,42 @@ def peft_oft_unet(peer, request):
     return model
 
 
-@pytest.mark.parametrize("layout", ["peft", "diffusers"])
-def test_peft_oft_equals_peft_merge(sd15, peft_oft_unet, loras_dir, layout):
-    """PEFT's OFT file (``oft_R``), which core 0.3.75 does not read, gives PEFT's merged weights on
-    every targeted linear and conv layer, and at strength s, W + s (merged - W)."""
-    sd = peft.get_peft_model_state_dict(peft_oft_unet)  # "base_model.model.<path>.oft_R.weight"
-    assert sd and all(k.startswith("base_model.model.") and k.endswith(".oft_R.weight") for k in sd)
+def peft_file_equals_its_merge(
+    models, peft_model, loras_dir, name: str, layout: str, marker: str, label: str
+):
+    """Saves a PeftModel's adapter under PEFT (``base_model.model.``) or diffusers (``unet.``) names
+    and loads it with Load LoRA: PEFT's own merge_and_unload at strength 1, W + s (merged - W) at
+    s = 0.4, on every module holding ``marker`` (linear and conv layers both among them)."""
+    sd = peft.get_peft_model_state_dict(peft_model)
+    markers = [k for k in sd if marker in k]
+    assert markers and all(k.startswith("base_model.model.") for k in sd)
     prefix = "base_model.model." if layout == "peft" else "unet."
     written = {prefix + k[len("base_model.model.") :]: v.contiguous() for k, v in sd.items()}
-    name = f"peft_oft_{layout}_{len(sd)}_{next(iter(sd.values())).shape[0]}.safetensors"
     save_file(written, str(loras_dir / name))
 
-    merged = copy.deepcopy(peft_oft_unet).merge_and_unload().state_dict()
-    umap = peer_models.unet_key_to_comfy(sd15)
-    touched = {k[len("base_model.model.") : -len(".oft_R.weight")] + ".weight" for k in sd}
+    merged = copy.deepcopy(peft_model).merge_and_unload().state_dict()
+    umap = peer_models.unet_key_to_comfy(models)
+    touched = {k[len("base_model.model.") :].split(marker)[0] + ".weight" for k in markers}
     truth = {umap[k]: merged[k].float() for k in touched}
     assert any(t.dim() == 4 for t in truth.values()) and any(t.dim() == 2 for t in truth.values())
 
-    m, c, report = run_ours(sd15, name, 1.0, 1.0)
-    assert "PEFT OFT" in report and "NOT applied" not in report, report
-    assert matched_count(report) == len(sd) == len(m.patches) and not c.patcher.patches
+    m, c, report = run_ours(models, name, 1.0, 1.0)
+    assert label in report and "NOT applied" not in report, report
+    assert matched_count(report) == len(markers) == len(m.patches) and not c.patcher.patches
     assert_same(patched(m), truth)
 
-    base = sd15.model.model.state_dict()
-    half, _, _ = run_ours(sd15, name, 0.4, 0.0)
-    expected = {k: base[k].float() + 0.4 * (v - base[k].float()) for k, v in truth.items()}
-    assert_same(patched(half), expected)
+    base = models.model.model.state_dict()
+    part, _, _ = run_ours(models, name, 0.4, 0.0)
+    assert_same(patched(part), {k: base[k].float() + 0.4 * (v - base[k].float()) for k, v in truth.items()})
+    return sd
+
+
+@pytest.mark.parametrize("layout", ["peft", "diffusers"])
+def test_peft_oft_equals_peft_merge(sd15, peft_oft_unet, loras_dir, layout, request):
+    """PEFT's OFT file (``oft_R``), which core 0.3.75 does not read."""
+    name = f"peft_oft_{request.node.callspec.id}.safetensors"
+    sd = peft_file_equals_its_merge(sd15, peft_oft_unet, loras_dir, name, layout, ".oft_R.weight", "PEFT OFT")
+    assert all(k.endswith(".oft_R.weight") for k in sd)
 
 
 # --- PEFT DoRA ------------------------------------------------------------------------------
@@ -382,30 +392,8 @@ def peft_dora_unet(peer):
 
 @pytest.mark.parametrize("layout", ["peft", "diffusers"])
 def test_peft_dora_equals_peft_merge(sd15, peft_dora_unet, loras_dir, layout):
-    """PEFT's DoRA (``lora_magnitude_vector``), which core 0.3.75 drops (it applies the plain LoRA
-    part), gives PEFT's merged weights on linear and conv layers, and at strength s W + s (merged - W)."""
-    sd = peft.get_peft_model_state_dict(peft_dora_unet)
-    magnitudes = [k for k in sd if "lora_magnitude_vector" in k]
-    assert magnitudes and len(sd) == 3 * len(magnitudes)
-    prefix = "base_model.model." if layout == "peft" else "unet."
+    """PEFT's DoRA (``lora_magnitude_vector``), which core 0.3.75 drops (it applies the plain LoRA part)."""
     name = f"peft_dora_{layout}.safetensors"
-    save_file(
-        {prefix + k[len("base_model.model.") :]: v.contiguous() for k, v in sd.items()}, str(loras_dir / name)
-    )
-
-    merged = copy.deepcopy(peft_dora_unet).merge_and_unload().state_dict()
-    umap = peer_models.unet_key_to_comfy(sd15)
-    touched = {
-        k[len("base_model.model.") :].split(".lora_magnitude_vector")[0] + ".weight" for k in magnitudes
-    }
-    truth = {umap[k]: merged[k].float() for k in touched}
-    assert any(t.dim() == 4 for t in truth.values()) and any(t.dim() == 2 for t in truth.values())
-
-    m, c, report = run_ours(sd15, name, 1.0, 1.0)
-    assert "(DoRA), rank 4" in report and "NOT applied" not in report, report
-    assert matched_count(report) == len(magnitudes) == len(m.patches) and not c.patcher.patches
-    assert_same(patched(m), truth)
-
-    base = sd15.model.model.state_dict()
-    half, _, _ = run_ours(sd15, name, 0.5, 0.0)
-    assert_same(patched(half), {k: base[k].float() + 0.5 * (v - base[k].float()) for k, v in truth.items()})
+    marker = ".lora_magnitude_vector"
+    sd = peft_file_equals_its_merge(sd15, peft_dora_unet, loras_dir, name, layout, marker, "(DoRA), rank 4")
+    assert len(sd) == 3 * sum(marker in k for k in sd)  # A, B and the magnitude of each module
