@@ -318,7 +318,10 @@ def _dora(weight: Tensor, scaled: Tensor, dora_scale: Tensor, strength: float, p
     tail = [1] * (merged.dim() - 1)
     if peft:
         scale = scale.reshape(-1, *tail)
-        norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(-1, *tail)
+        norm = (
+            merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(-1, *tail)
+            + torch.finfo(torch.float32).eps
+        )
     elif scale.shape[0] == merged.shape[0]:
         norm = (
             weight.reshape(weight.shape[0], -1).norm(dim=1).reshape(-1, *tail)
