@@ -37,7 +37,7 @@ from .formats import ParsedLora, parse_lora
 from .keymap import resolve, summarize_unmatched
 from .layouts import convert_layout
 from .lorafile import read_lora_file
-from .metadata import trigger_words
+from .metadata import diffusers_alphas, trigger_words
 from .patching import Term
 
 log = logging.getLogger("lora_foundry")
@@ -107,7 +107,7 @@ class _LoraCache:
 def _load(path: str) -> LoadedLora:
     f = read_lora_file(path)
     tensors, layout = convert_layout(f.tensors)
-    parsed = parse_lora(tensors)
+    parsed = _with_header_alphas(parse_lora(tensors), f.metadata)
     if layout is not None:
         parsed = replace(parsed, format=f"{parsed.format} ({layout} layout, renamed as ComfyUI does)")
     return LoadedLora(
@@ -117,6 +117,20 @@ def _load(path: str) -> LoadedLora:
         family=detect_family(tensors, f.metadata),
         triggers=tuple(trigger_words(f.metadata)),
     )
+
+
+def _with_header_alphas(parsed: ParsedLora, metadata: Mapping[str, str]) -> ParsedLora:
+    """LoRA modules without an ``.alpha`` take the one diffusers wrote into the header, if any."""
+    ranks = {n: a.rank for n, a in parsed.modules.items() if isinstance(a, LoraAdapter) and a.alpha is None}
+    alphas = diffusers_alphas(metadata, ranks)
+    if not alphas:
+        return parsed
+    modules = {n: replace(a, alpha=alphas[n]) if n in alphas else a for n, a in parsed.modules.items()}
+    note = (
+        f"{len(alphas)} modules scaled by the lora_alpha in the file's diffusers header (lora_adapter_metadata), "
+        "as diffusers loads it; ComfyUI core ignores that header"
+    )
+    return replace(parsed, modules=modules, notes=(*parsed.notes, note))
 
 
 CACHE = _LoraCache()

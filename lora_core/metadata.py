@@ -7,6 +7,8 @@ raises on bad metadata, it just leaves the field empty.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -47,6 +49,36 @@ def _json(text: object) -> object:
         return json.loads(text)
     except (ValueError, RecursionError):
         return None
+
+
+def diffusers_alphas(metadata: Mapping[str, str], ranks: Mapping[str, int]) -> dict[str, float]:
+    """Module name -> alpha (scale = alpha / rank, as for a kohya ``.alpha``) from the PEFT config that
+    diffusers writes into a LoRA's header (``lora_adapter_metadata``: ``<component>.lora_alpha``,
+    ``.alpha_pattern``, ``.use_rslora``), for modules named ``<component>.<path>`` (``unet.``,
+    ``text_encoder.``, ``transformer.``...). Without it a file is read at scale 1, as ComfyUI does;
+    with it, as diffusers loads the file. Malformed headers give no alphas."""
+    config = _json(metadata.get("lora_adapter_metadata"))
+    if not isinstance(config, dict):
+        return {}
+    out: dict[str, float] = {}
+    for name, rank in ranks.items():
+        component, _, path = name.partition(".")
+        alpha = _number(config.get(f"{component}.lora_alpha"))
+        if alpha is None or not path:
+            continue
+        patterns = config.get(f"{component}.alpha_pattern")
+        for key, value in (patterns if isinstance(patterns, dict) else {}).items():
+            try:  # PEFT's rule (peft.utils.other.get_pattern_key): the key, as a regex, ends the path
+                matched = re.match(rf"(.*\.)?({key})$", path)
+            except re.error:
+                continue
+            if matched and _number(value) is not None:
+                alpha = _number(value)
+                break
+        if config.get(f"{component}.use_rslora") is True:  # PEFT scales by alpha / sqrt(rank)
+            alpha *= math.sqrt(rank)
+        out[name] = alpha
+    return out
 
 
 def tag_frequency(metadata: Mapping[str, str]) -> Counter:

@@ -313,6 +313,36 @@ def test_peft_unet_lora_equal_core_on_kohya_names_and_peft_merge(sd15, peft_unet
     assert_same(patched(m1), peft_truth(sd15, peft_unet))
 
 
+@pytest.mark.parametrize("rslora", [False, True])
+def test_diffusers_header_alpha_scales_as_diffusers_loads(sd15, peer, loras_dir, rslora):
+    """A diffusers file whose header carries its PEFT config (lora_alpha 8 at rank 4, to_v at 2 by
+    alpha_pattern, rsLoRA or not) equals PEFT's merge; core ignores the header (scale 1)."""
+    from diffusers import StableDiffusionPipeline
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, alpha_pattern={"to_v": 2}, use_rslora=rslora,
+                             target_modules=PEFT_TARGETS, init_lora_weights=False)  # fmt: skip
+    model = peft.get_peft_model(copy.deepcopy(peer[0]), config)
+    g = torch.Generator().manual_seed(24)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    unet_sd = {k[len("base_model.model.") :]: v for k, v in peft.get_peft_model_state_dict(model).items()}
+    folder = loras_dir / f"diffusers_alpha_{rslora}"
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=unet_sd, unet_lora_adapter_metadata=config.to_dict(), safe_serialization=True
+    )
+    name = f"diffusers_alpha_{rslora}/pytorch_lora_weights.safetensors"
+    m, _, report = run_ours(sd15, name, 1.0, 1.0)
+    assert f"{len(unet_sd) // 2} modules scaled by the lora_alpha" in report, report
+    truth = peft_truth(sd15, model)
+    assert_same(patched(m), truth)
+    core, _ = comfy.sd.load_lora_for_models(
+        sd15.model, None, peft_to_kohya(load_file(loras_dir / name), "unet.", 4), 1.0, 0
+    )
+    assert any((patched(core)[k] - v).abs().max() > 1e-3 for k, v in truth.items())
+
+
 # --- PEFT OFT (v2) ---------------------------------------------------------------------------
 
 PEFT_OFT_TARGETS = [*PEFT_TARGETS, "conv1"]  # attention linears and the resnets' 3x3 convs

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lora_foundry.lora_core.adapters import LoraAdapter
-from lora_foundry.lora_core.metadata import describe, tag_frequency, trigger_words
+from lora_foundry.lora_core.metadata import describe, diffusers_alphas, tag_frequency, trigger_words
 
 FREQ = json.dumps({"10_alice": {"alice": 20, " red hair": 12, "smile": 3}, "5_bg": {"smile": 15, "1girl": 2}})
 
@@ -59,3 +59,35 @@ def test_describe_prefers_module_ranks_and_alphas():
     }
     header_only = describe(meta)
     assert (header_only.rank, header_only.alpha) == (32, 16.0)
+
+
+def test_diffusers_header_alphas_follow_peft_config():
+    header = {
+        "unet.lora_alpha": 8,
+        "unet.alpha_pattern": {"to_v": 2, "mid_block.*to_q": 6, "[": 1},  # "[" is no regex: skipped
+        "text_encoder.lora_alpha": 16,
+        "text_encoder.use_rslora": True,
+    }
+    ranks = {
+        "unet.down.attn1.to_q": 4,
+        "unet.down.attn1.to_v": 4,
+        "unet.mid_block.attn1.to_q": 4,
+        "unet.down.attn1.not_to_v_x": 4,
+        "text_encoder.layers.0.q_proj": 16,
+        "transformer.x": 4,  # no config for this component
+        "unet": 4,  # no path
+    }
+    alphas = diffusers_alphas({"lora_adapter_metadata": json.dumps(header)}, ranks)
+    assert alphas == {
+        "unet.down.attn1.to_q": 8.0,
+        "unet.down.attn1.to_v": 2.0,
+        "unet.mid_block.attn1.to_q": 6.0,
+        "unet.down.attn1.not_to_v_x": 8.0,
+        "text_encoder.layers.0.q_proj": 64.0,  # rsLoRA: 16 / sqrt(16) = 64 / 16
+    }
+
+
+@pytest.mark.parametrize("raw", [None, "", "{not json", "[1, 2]", json.dumps({"unet.lora_alpha": "x"})])
+def test_diffusers_header_alphas_ignore_what_they_cannot_read(raw):
+    metadata = {} if raw is None else {"lora_adapter_metadata": raw}
+    assert diffusers_alphas(metadata, {"unet.a.to_q": 4}) == {}
