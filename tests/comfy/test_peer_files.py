@@ -251,17 +251,25 @@ def test_lycoris_modules_cover_convs_attention_and_clip(lycoris_files):
 # --- PEFT / diffusers ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def peft_unet(peer):
-    """A PeftModel around a copy of the peer UNet, LoRA on attention, random A and B."""
-    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=PEFT_TARGETS, init_lora_weights=False)
+def random_peft_lora(peer, config, seed: int):
+    """A PeftModel around a copy of the peer UNet with random LoRA A and B (PEFT starts B at zero)
+    and, for DoRA, magnitudes moved off the weight's row norms PEFT starts them at."""
     model = peft.get_peft_model(copy.deepcopy(peer[0]), config)
-    g = torch.Generator().manual_seed(21)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".lora_A." in name or ".lora_B." in name:
+            if "lora_magnitude_vector" in name:
+                p.mul_(torch.rand(p.shape, generator=g) * 0.4 + 0.8)
+            elif ".lora_A." in name or ".lora_B." in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     return model
+
+
+@pytest.fixture(scope="module")
+def peft_unet(peer):
+    """LoRA on attention."""
+    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=PEFT_TARGETS, init_lora_weights=False)
+    return random_peft_lora(peer, config, 21)
 
 
 def peft_to_kohya(sd: dict[str, torch.Tensor], prefix: str, rank: int) -> dict[str, torch.Tensor]:
@@ -321,12 +329,7 @@ def test_diffusers_header_alpha_scales_as_diffusers_loads(sd15, peer, loras_dir,
 
     config = peft.LoraConfig(r=4, lora_alpha=8, alpha_pattern={"to_v": 2}, use_rslora=rslora,
                              target_modules=PEFT_TARGETS, init_lora_weights=False)  # fmt: skip
-    model = peft.get_peft_model(copy.deepcopy(peer[0]), config)
-    g = torch.Generator().manual_seed(24)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_A." in name or ".lora_B." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    model = random_peft_lora(peer, config, 24)
     unet_sd = {k[len("base_model.model.") :]: v for k, v in peft.get_peft_model_state_dict(model).items()}
     folder = loras_dir / f"diffusers_alpha_{rslora}"
     StableDiffusionPipeline.save_lora_weights(
@@ -404,20 +407,11 @@ def test_peft_oft_equals_peft_merge(sd15, peft_oft_unet, loras_dir, layout, requ
 
 @pytest.fixture(scope="module")
 def peft_dora_unet(peer):
-    """A PeftModel around a copy of the peer UNet: DoRA on attention linears and 3x3 convs, random
-    A, B and magnitudes (PEFT starts the magnitude at the weight's row norms)."""
+    """DoRA on attention linears and 3x3 convs."""
     config = peft.LoraConfig(
         r=4, lora_alpha=4, use_dora=True, target_modules=PEFT_OFT_TARGETS, init_lora_weights=False
     )
-    model = peft.get_peft_model(copy.deepcopy(peer[0]), config)
-    g = torch.Generator().manual_seed(23)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                p.mul_(torch.rand(p.shape, generator=g) * 0.4 + 0.8)
-            elif ".lora_A." in name or ".lora_B." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model
+    return random_peft_lora(peer, config, 23)
 
 
 @pytest.mark.parametrize("layout", ["peft", "diffusers"])
