@@ -37,7 +37,7 @@ from .formats import ParsedLora, parse_lora
 from .keymap import resolve, summarize_unmatched
 from .layouts import convert_layout
 from .lorafile import read_lora_file
-from .metadata import diffusers_alphas, trigger_words
+from .metadata import adapter_config_alphas, diffusers_alphas, trigger_words
 from .patching import Term
 
 log = logging.getLogger("lora_foundry")
@@ -91,6 +91,10 @@ class _LoraCache:
     def get(self, path: str) -> LoadedLora:
         st = os.stat(path)
         key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+        config = _peft_config_path(path)
+        if config is not None:  # its alphas are part of what is loaded
+            cst = os.stat(config)
+            key += (cst.st_size, cst.st_mtime_ns)
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
@@ -104,10 +108,30 @@ class _LoraCache:
         return loaded
 
 
+PEFT_CONFIG = "adapter_config.json"
+
+
+def _peft_config_path(path: str) -> str | None:
+    """The ``adapter_config.json`` PEFT saves beside an ``adapter_model`` file, if it is there."""
+    if not os.path.basename(path).startswith("adapter_model"):
+        return None
+    config = os.path.join(os.path.dirname(path), PEFT_CONFIG)
+    return config if os.path.isfile(config) else None
+
+
 def _load(path: str) -> LoadedLora:
     f = read_lora_file(path)
     tensors, layout = convert_layout(f.tensors)
-    parsed = _with_header_alphas(parse_lora(tensors), f.metadata)
+    config_text = None
+    if (config := _peft_config_path(path)) is not None:
+        try:
+            with open(config, encoding="utf-8") as fh:
+                config_text = fh.read()
+        except (OSError, UnicodeDecodeError) as e:
+            log.warning(
+                "%s: could not read %s beside it (%s); alphas not taken from it", path, PEFT_CONFIG, e
+            )
+    parsed = _with_config_alphas(parse_lora(tensors), f.metadata, config_text)
     if layout is not None:
         parsed = replace(parsed, format=f"{parsed.format} ({layout} layout, renamed as ComfyUI does)")
     return LoadedLora(
@@ -119,17 +143,21 @@ def _load(path: str) -> LoadedLora:
     )
 
 
-def _with_header_alphas(parsed: ParsedLora, metadata: Mapping[str, str]) -> ParsedLora:
-    """LoRA modules without an ``.alpha`` take the one diffusers wrote into the header, if any."""
+def _with_config_alphas(
+    parsed: ParsedLora, metadata: Mapping[str, str], config_text: str | None
+) -> ParsedLora:
+    """LoRA modules without an ``.alpha`` take the one their trainer's PEFT config gives, if the file
+    carries it (diffusers' header) or PEFT saved it beside the file (``adapter_config.json``)."""
     ranks = {n: a.rank for n, a in parsed.modules.items() if isinstance(a, LoraAdapter) and a.alpha is None}
     alphas = diffusers_alphas(metadata, ranks)
+    source = "the lora_alpha in the file's diffusers header (lora_adapter_metadata), as diffusers loads it"
+    if not alphas and config_text is not None:
+        alphas = adapter_config_alphas(config_text, ranks)
+        source = f"the lora_alpha in the {PEFT_CONFIG} beside the file, as PEFT loads it"
     if not alphas:
         return parsed
     modules = {n: replace(a, alpha=alphas[n]) if n in alphas else a for n, a in parsed.modules.items()}
-    note = (
-        f"{len(alphas)} modules scaled by the lora_alpha in the file's diffusers header (lora_adapter_metadata), "
-        "as diffusers loads it; ComfyUI core ignores that header"
-    )
+    note = f"{len(alphas)} modules scaled by {source}; ComfyUI core ignores it"
     return replace(parsed, modules=modules, notes=(*parsed.notes, note))
 
 

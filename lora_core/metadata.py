@@ -51,15 +51,10 @@ def _json(text: object) -> object:
         return None
 
 
-def diffusers_alphas(metadata: Mapping[str, str], ranks: Mapping[str, int]) -> dict[str, float]:
-    """Module name -> alpha (scale = alpha / rank, as for a kohya ``.alpha``) from the PEFT config that
-    diffusers writes into a LoRA's header (``lora_adapter_metadata``: ``<component>.lora_alpha``,
-    ``.alpha_pattern``, ``.use_rslora``), for modules named ``<component>.<path>`` (``unet.``,
-    ``text_encoder.``, ``transformer.``...). Without it a file is read at scale 1, as ComfyUI does;
-    with it, as diffusers loads the file. Malformed headers give no alphas."""
-    config = _json(metadata.get("lora_adapter_metadata"))
-    if not isinstance(config, dict):
-        return {}
+def peft_alphas(config: Mapping[str, object], ranks: Mapping[str, int]) -> dict[str, float]:
+    """Module name -> alpha (scale = alpha / rank, as for a kohya ``.alpha``) from a PEFT LoRA config
+    whose keys carry the component the modules are named under: ``<component>.lora_alpha``,
+    ``.alpha_pattern``, ``.use_rslora``, for modules named ``<component>.<path>``."""
     out: dict[str, float] = {}
     for name, rank in ranks.items():
         component, _, path = name.partition(".")
@@ -79,6 +74,23 @@ def diffusers_alphas(metadata: Mapping[str, str], ranks: Mapping[str, int]) -> d
             alpha *= math.sqrt(rank)
         out[name] = alpha
     return out
+
+
+def diffusers_alphas(metadata: Mapping[str, str], ranks: Mapping[str, int]) -> dict[str, float]:
+    """Alphas from the PEFT config diffusers writes into a LoRA's header (``lora_adapter_metadata``,
+    keys ``unet.lora_alpha``, ``text_encoder.lora_alpha``, ``transformer.``...). Without it a file is
+    read at scale 1, as ComfyUI does; with it, as diffusers loads the file. A malformed header gives none."""
+    config = _json(metadata.get("lora_adapter_metadata"))
+    return peft_alphas(config, ranks) if isinstance(config, dict) else {}
+
+
+def adapter_config_alphas(config_text: str, ranks: Mapping[str, int]) -> dict[str, float]:
+    """Alphas from the ``adapter_config.json`` PEFT saves beside ``adapter_model.safetensors``, for
+    the modules of that file (named ``base_model.model.<path>``). Malformed JSON gives none."""
+    config = _json(config_text)
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        return {}
+    return peft_alphas({f"base_model.{k}": v for k, v in config.items()}, ranks)
 
 
 def tag_frequency(metadata: Mapping[str, str]) -> Counter:

@@ -8,6 +8,7 @@ ours, ComfyUI core's, and the peer's own merged weight.
 from __future__ import annotations
 
 import copy
+import json
 import re
 
 import comfy.sd
@@ -344,6 +345,32 @@ def test_diffusers_header_alpha_scales_as_diffusers_loads(sd15, peer, loras_dir,
         sd15.model, None, peft_to_kohya(load_file(loras_dir / name), "unet.", 4), 1.0, 0
     )
     assert any((patched(core)[k] - v).abs().max() > 1e-3 for k, v in truth.items())
+
+
+def test_peft_saved_folder_takes_alpha_from_its_adapter_config(sd15, peer, loras_dir):
+    """A folder PEFT's save_pretrained wrote (adapter_model.safetensors + adapter_config.json,
+    lora_alpha 8 at rank 4): equal to PEFT's merge; an edited config is read again; a broken one
+    leaves the file at scale 1, as core reads it."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=PEFT_TARGETS, init_lora_weights=False)
+    model = random_peft_lora(peer, config, 25)
+    folder = loras_dir / "peft_folder"
+    model.save_pretrained(folder, safe_serialization=True)
+    name = "peft_folder/adapter_model.safetensors"
+    m, _, report = run_ours(sd15, name, 1.0, 1.0)
+    assert "adapter_config.json beside the file" in report, report
+    assert_same(patched(m), peft_truth(sd15, model))
+
+    written = load_file(loras_dir / name)
+    at_scale_1, _ = comfy.sd.load_lora_for_models(
+        sd15.model, None, peft_to_kohya(written, "base_model.model.", 4), 1.0, 0
+    )
+    settings = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(settings | {"lora_alpha": 4}))
+    assert_same(patched(run_ours(sd15, name, 1.0, 1.0)[0]), patched(at_scale_1))
+    (folder / "adapter_config.json").write_text("{broken")
+    m, _, report = run_ours(sd15, name, 1.0, 1.0)
+    assert "adapter_config" not in report
+    assert_same(patched(m), patched(at_scale_1))
 
 
 # --- PEFT OFT (v2) ---------------------------------------------------------------------------

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from lora_foundry.lora_core.adapters import LoraAdapter
-from lora_foundry.lora_core.metadata import describe, diffusers_alphas, tag_frequency, trigger_words
+from lora_foundry.lora_core.metadata import (
+    adapter_config_alphas,
+    describe,
+    diffusers_alphas,
+    tag_frequency,
+    trigger_words,
+)
 
 FREQ = json.dumps({"10_alice": {"alice": 20, " red hair": 12, "smile": 3}, "5_bg": {"smile": 15, "1girl": 2}})
 
@@ -91,3 +97,14 @@ def test_diffusers_header_alphas_follow_peft_config():
 def test_diffusers_header_alphas_ignore_what_they_cannot_read(raw):
     metadata = {} if raw is None else {"lora_adapter_metadata": raw}
     assert diffusers_alphas(metadata, {"unet.a.to_q": 4}) == {}
+
+
+def test_adapter_config_alphas_name_the_raw_peft_modules():
+    config = json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "alpha_pattern": {"to_v": 2}})
+    ranks = {"base_model.model.a.to_q": 4, "base_model.model.a.to_v": 4, "unet.a.to_q": 4}
+    assert adapter_config_alphas(config, ranks) == {
+        "base_model.model.a.to_q": 8.0,
+        "base_model.model.a.to_v": 2.0,
+    }
+    assert adapter_config_alphas(json.dumps({"peft_type": "OFT", "lora_alpha": 8}), ranks) == {}
+    assert adapter_config_alphas("{broken", ranks) == {}
