@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import Adapter, LoraAdapter, delta, is_linear, scaled_factors
+from .budget import MemoryNeed, check_fits, factors_need
 from .loader import LoadedLora, LoraPlan
 from .lowrank import DenseDelta, Factors, LoraModule
 from .merge import MergeSpec, ModuleReport, merge_modules
@@ -68,16 +69,20 @@ def bake_stack(
     dtype: str = "fp16",
     overwrite: bool = False,
     on_step: Callable[[int, int], None] | None = None,
+    available: int | None = None,
 ) -> BakeResult:
     """Merge the planned entries weight by weight (their strengths and block weights are the merge
     weights) and write a kohya LoRA atomically into ``out_dir``; returns the path and per-module report.
 
     names: part -> model key -> kohya module name; shapes: part -> model key -> weight shape.
+    available: bytes of memory free for the merge; settings whose output clearly exceeds it are
+    refused (budget.MemoryBudgetError) before any module is merged.
     """
     path = os.path.join(out_dir, safe_output_name(output_name))
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; choose another output_name or switch overwrite on")
     per_module, weights, notes = _collect(loras, plans, names, shapes)
+    check_fits(merge_need(per_module, spec, dtype), available, "this machine")
     modules: dict[str, LoraModule] = {}
     reports: dict[str, ModuleReport] = {}
     for step, (name, terms) in enumerate(per_module.items(), start=1):
@@ -92,6 +97,46 @@ def bake_stack(
     meta = _metadata(loras, plans, modules, spec, family, output_name)
     save_lora(path, modules, meta, resolve_dtype(dtype), overwrite=overwrite)
     return BakeResult(path=path, reports=reports, notes=tuple(notes))
+
+
+def _output_rank(terms: Sequence, method: str, rank: int | None) -> int:
+    """The rank merge_modules will give a module (see merge.py: concat sums ranks, linear keeps
+    the common rank, the SVD-based methods cut at ``rank`` and at the matrix's own size)."""
+    present = [t for t in terms if t is not None]
+    d_out, d_in = present[0].shape
+    factored = sum(t.rank for t in present if isinstance(t, Factors))
+    all_factored = all(isinstance(t, Factors) for t in present)
+    if method == "concat":
+        return factored
+    if method == "linear":
+        return max((t.rank for t in present if isinstance(t, Factors)), default=0)
+    cap = min(rank or 1, d_out, d_in)
+    return min(cap, factored) if method == "svd" and all_factored else cap
+
+
+def merge_need(per_module: Mapping[str, Sequence], spec: MergeSpec, dtype: str) -> MemoryNeed:
+    """Floor of a merge's memory: every output module's factors (kept until the file is written)
+    and the dense (out, in) work of the largest module for the dense methods."""
+    out, peak = [], 0
+    for terms in per_module.values():
+        present = [t for t in terms if t is not None]
+        if not present:
+            continue
+        d_out, d_in = present[0].shape
+        out.append((d_out, d_in, _output_rank(terms, spec.method, spec.rank_for(present[0].kernel))))
+        dense = spec.method in ("ties", "dare_ties", "dare_linear") or (
+            spec.method == "svd" and not all(isinstance(t, Factors) for t in present)
+        )
+        if dense:  # the dense terms and the target, float32
+            peak = max(peak, (len(present) + 1) * d_out * d_in * 4)
+    rank_words = "the sum of the LoRAs' ranks" if spec.method == "concat" else f"`rank` {spec.rank}"
+    return factors_need(
+        out,
+        dtype,
+        peak,
+        inputs=f"merging {len(out)} modules with method {spec.method} at {rank_words}",
+        fix="lower `rank` (and `conv_rank`), use method svd instead of concat, or merge fewer LoRAs at once",
+    )
 
 
 def _split_target(target) -> tuple[str, tuple[int, int, int] | None, Callable | None]:

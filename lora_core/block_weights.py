@@ -13,10 +13,13 @@ BASE covers the text encoders and UNet weights outside the three block groups (a
 Blocks a vector does not list (e.g. IN03 in a 17-number vector, only present in LoCon files) keep
 the ``default`` weight, 1.0 unless the readable form sets it.
 Unlike Inspire, a vector position means a fixed block, not "the k-th block this LoRA happens to have".
+Block names are checked against the model's real block count (BlockCounts; the family's when the
+caller has no model) and a spec is at most MAX_SPEC_CHARS long, so no input builds anything large.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -76,7 +79,64 @@ PRESETS = {
     "SDXL-LYC-OUTALL": ",".join(["1"] + ["0"] * 11 + ["1"] * 9),
 }
 _GROUPS = {"in": "IN", "mid": "MID", "out": "OUT"}
-_ITEM = re.compile(r"^(?P<name>[a-z]+)(?P<num>\d*)\s*=\s*(?P<value>[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?)$")
+# Unambiguous number syntax (no two ways to split a run of digits), so a failed match is linear
+# in its length: ``\d+\.?\d*`` backtracked quadratically (8,000 digits: 1 s).
+_ITEM = re.compile(r"^(?P<name>[a-z]+)(?P<num>\d*)\s*=\s*(?P<value>[-+]?(\d+(\.\d*)?|\.\d+)(e[-+]?\d+)?)$")
+# The longest legitimate spec (a 27-number LyCORIS vector with decimals, or a readable list
+# naming every block) is a few hundred characters; a graph can send megabytes.
+MAX_SPEC_CHARS = 2048
+
+
+@dataclass(frozen=True)
+class BlockCounts:
+    """How many blocks a UNet has in each group: len(input_blocks), len(middle_block) (its
+    sub-blocks MID00..), len(output_blocks). Block indices run from 0 to count - 1."""
+
+    input: int
+    middle: int
+    output: int
+
+    def count(self, group: str) -> int:
+        return {"IN": self.input, "MID": self.middle, "OUT": self.output}[group]  # KeyError: a bug
+
+    def span(self, group: str) -> str:
+        n = self.count(group)
+        return f"{group}00-{group}{n - 1:02d}" if n else f"no {group} blocks"
+
+
+_GROUP_WORDS = {"IN": "input", "MID": "middle", "OUT": "output"}
+SD_COUNTS = BlockCounts(input=12, middle=3, output=12)  # SD1.x and SD2.x UNets
+SDXL_COUNTS = BlockCounts(input=9, middle=3, output=9)
+FAMILY_COUNTS = {"SD1.x": SD_COUNTS, "SD2.x": SD_COUNTS, "SDXL": SDXL_COUNTS}
+
+
+def check_spec_length(spec: str, field_name: str) -> None:
+    """Refuses a spec longer than MAX_SPEC_CHARS before anything parses it."""
+    if len(spec) > MAX_SPEC_CHARS:
+        raise ValueError(
+            f"`{field_name}` is {len(spec)} characters long; a block spec is at most {MAX_SPEC_CHARS} "
+            "(a full 27-number vector is about 100): check what was pasted into it"
+        )
+
+
+def check_block_index(group: str, digits: str, counts: BlockCounts, field_name: str, entry: str) -> int:
+    """The block index ``digits`` names in ``group``; ValueError naming the input, the entry and the
+    valid range when the model has no such block. Never converts a huge digit string."""
+    index = int(digits) if len(digits) <= 4 else None
+    if index is None or index >= counts.count(group):
+        raise ValueError(
+            f"`{field_name}` entry {_short(entry)}: {group}{_clip(digits, 8)} is not a block of this model; its "
+            f"{_GROUP_WORDS[group]} blocks are {counts.span(group)}"
+        )
+    return index
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
 
 
 @dataclass(frozen=True)
@@ -125,19 +185,19 @@ def block_of(key: str) -> str | tuple[str, int]:
 def _parse_vector(text: str, family: str | None) -> BlockWeights:
     parts = [p.strip() for p in text.split(",")]
     try:
-        values = [float(p) for p in parts]
+        values = [_finite(float(p), p) for p in parts]
     except ValueError:
         bad = next(p for p in parts if not _is_float(p))
         raise ValueError(
-            f"block weight vector: '{bad}' is not a number; use numbers only (Inspire's A/B/R/U letters "
-            f"are not supported), a preset name, or the form 'in=0.5, mid=1, out=0.8'. Got: {text}"
+            f"block weight vector: {_short(bad)} is not a number; use numbers only (Inspire's A/B/R/U letters "
+            f"are not supported), a preset name, or the form 'in=0.5, mid=1, out=0.8'. Got: {_clip(text)}"
         ) from None
     lengths = _FAMILY_LENGTHS.get(family or "", tuple(LAYOUTS))
     if len(values) not in lengths:
         want = " or ".join(str(n) for n in lengths)
         raise ValueError(
             f"{family or 'SD1.x/SDXL'} block weights need {want} numbers "
-            f"(SD1.x: 17, or 27 LyCORIS; SDXL: 12, or 21 LyCORIS), got {len(values)}: {text}"
+            f"(SD1.x: 17, or 27 LyCORIS; SDXL: 12, or 21 LyCORIS), got {len(values)}: {_clip(text)}"
         )
     layout, names = LAYOUTS[len(values)]
     return BlockWeights(blocks=dict(zip(names, values, strict=True)), layout=layout)
@@ -145,13 +205,12 @@ def _parse_vector(text: str, family: str | None) -> BlockWeights:
 
 def _is_float(text: str) -> bool:
     try:
-        float(text)
+        return math.isfinite(float(text))
     except ValueError:
         return False
-    return True
 
 
-def _parse_readable(text: str) -> BlockWeights:
+def _parse_readable(text: str, counts: BlockCounts) -> BlockWeights:
     blocks: dict[str, float] = {}
     groups: dict[str, float] = {}
     default = 1.0
@@ -159,10 +218,12 @@ def _parse_readable(text: str) -> BlockWeights:
         m = _ITEM.match(item.lower())
         if not m:
             raise ValueError(
-                f"block weights: cannot read '{item}'; expected items like in=0.5, mid=1, out=0.8, base=1, "
-                "IN04=0.2, OUT03=0, default=1"
+                f"`block_weights`: cannot read {_short(item)}; expected items like in=0.5, mid=1, out=0.8, "
+                "base=1, IN04=0.2, OUT03=0, default=1"
             )
-        name, num, value = m["name"], m["num"], float(m["value"])
+        name, num, value = m["name"], m["num"], _finite(float(m["value"]), item)
+        if name in _GROUPS and num:
+            check_block_index(_GROUPS[name], num, counts, "block_weights", item)
         if name in ("base", "default") and not num:
             if name == "base":
                 blocks["BASE"] = value
@@ -174,10 +235,18 @@ def _parse_readable(text: str) -> BlockWeights:
             blocks[f"{_GROUPS[name]}{num}"] = value
         else:
             raise ValueError(
-                f"block weights: '{item}' is not a block; name blocks with two digits as in IN04=0.2 or "
+                f"`block_weights`: {_short(item)} is not a block; name blocks with two digits as in IN04=0.2 or "
                 "OUT03=0 (input_blocks.4, output_blocks.3), or use in=, mid=, out=, base=, default="
             )
     return BlockWeights(blocks=blocks, groups=groups, default=default)
+
+
+def _finite(value: float, item: str) -> float:
+    if not math.isfinite(value):
+        raise ValueError(
+            f"`block_weights`: {_short(item)} is not a finite number; use weights such as 0, 0.5 or 1"
+        )
+    return value
 
 
 def _preset(name: str, family: str | None) -> str | None:
@@ -191,8 +260,13 @@ def _preset(name: str, family: str | None) -> str | None:
     return None
 
 
-def parse_block_weights(spec: str, family: str | None = None) -> BlockWeights:
-    """Parse a vector, preset or readable spec; ``family`` ("SD1.x", "SDXL"...) checks the vector length."""
+def parse_block_weights(
+    spec: str, family: str | None = None, counts: BlockCounts | None = None
+) -> BlockWeights:
+    """Parse a vector, preset or readable spec; ``family`` ("SD1.x", "SDXL"...) checks the vector length,
+    ``counts`` (the model's, else the family's, else SD's) the blocks a readable spec names."""
+    check_spec_length(spec, "block_weights")
+    counts = counts or FAMILY_COUNTS.get(family or "", SD_COUNTS)
     text = spec.strip()
     if family not in (None, "unknown", *_FAMILY_LENGTHS):
         raise ValueError(
@@ -203,14 +277,14 @@ def parse_block_weights(spec: str, family: str | None = None) -> BlockWeights:
             "block weights: empty spec; give a vector (17 numbers for SD1.x, 12 for SDXL) or a preset"
         )
     if "=" in text:
-        return _parse_readable(text)
+        return _parse_readable(text, counts)
     if (preset := _preset(text, family)) is not None:
         return _parse_vector(preset, family)
     if ":" in text:  # an Inspire preset line "NAME:1,0,..."
         return _parse_vector(text.partition(":")[2], family)
     if "," not in text and not _is_float(text):
         names = sorted(n for n in PRESETS if family is None or n.startswith("SDXL-") == (family == "SDXL"))
-        raise ValueError(f"block weights: unknown preset '{text}'; known presets: {', '.join(names)}")
+        raise ValueError(f"`block_weights`: unknown preset {_short(text)}; known presets: {', '.join(names)}")
     return _parse_vector(text, family)
 
 

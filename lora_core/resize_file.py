@@ -4,10 +4,12 @@ source's metadata carried over and the per-module energy kept reported."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
 from .adapters import LoraAdapter
+from .budget import check_fits, factors_need
 from .formats import parse_lora
 from .lorafile import read_lora_file
 from .lowrank import LoraModule
@@ -66,14 +68,28 @@ def _kohya_modules(path: str) -> dict[str, LoraModule]:
     return modules
 
 
+def _check_memory(modules: dict[str, LoraModule], mode: str, value: float, dtype: str, available: int | None):
+    # Only a fixed rank is known before the SVDs; the other modes never exceed the source's rank,
+    # and the source is already in memory.
+    if mode != "fixed":
+        return
+    shapes = [(m.up.shape[0], math.prod(m.down.shape[1:]), min(int(value), m.rank)) for m in modules.values()]
+    need = factors_need(shapes, dtype, 0, f"resizing {len(shapes)} modules to `rank` {int(value)}",
+                        "lower `rank`")  # fmt: skip
+    check_fits(need, available, "this machine")
+
+
 def resize_file(src: str, out_dir: str, output_name: str, mode: str, value: float, dtype: str = "fp16",
-                overwrite: bool = False) -> ResizeFileResult:  # fmt: skip
+                overwrite: bool = False, available: int | None = None) -> ResizeFileResult:  # fmt: skip
+    """Resizes ``src`` into ``out_dir/output_name``; ``available``: bytes free, for the memory check."""
     path = os.path.join(out_dir, safe_output_name(output_name))
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; choose another output_name or switch overwrite on")
     if os.path.realpath(path) == os.path.realpath(src):
         raise ValueError("output_name is the source file itself; choose a new name (the original is kept)")
-    result = resize_modules(_kohya_modules(src), mode, value)
+    modules = _kohya_modules(src)
+    _check_memory(modules, mode, value, dtype, available)
+    result = resize_modules(modules, mode, value)
     meta = dict(read_lora_file(src).metadata)
     ranks = {m.rank for m in result.modules.values()}
     meta["ss_network_dim"] = str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic"

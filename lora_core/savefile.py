@@ -1,18 +1,17 @@
-"""Writing LoRA files: kohya key names, ss_* metadata, atomic writes that never clobber a file.
+"""Writing LoRA files: kohya key names, ss_* metadata, output names checked, atomic writes.
 
 Keys written per module: `<name>.lora_up.weight`, `<name>.lora_down.weight` and `<name>.alpha`
-(0-dim). The file appears complete or not at all: data goes to a temp file in the target
-directory, is fsynced, then linked (no overwrite) or os.replace'd (overwrite=True) into place.
+(0-dim). The file appears complete or not at all and never clobbers a file unless asked
+(lora_core.atomic, the pack's one writer: temp in the same folder, fsync, link or replace).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import uuid
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,6 +20,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from .atomic import NAME_MAX, TEMP_OVERHEAD, exists_error, write_with
 from .lowrank import LoraModule
 
 SUFFIX = ".safetensors"
@@ -44,18 +44,61 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return resolved  # type: ignore[return-value]
 
 
-def safe_output_name(name: str) -> str:
-    """A bare file name for the loras folder, with `.safetensors` added when missing."""
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _bad_char(text: str) -> str | None:
+    """The first character a file name must not hold: controls (newline, tab, NUL...), line and
+    paragraph separators, and the bidi controls that make a name read differently than it is."""
+    for ch in text:
+        if unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp") or ch in _BIDI:
+            return ch
+    return None
+
+
+def _shown(name: str, limit: int = 80) -> str:
+    # A name pasted from anywhere can be megabytes long: the message quotes its start.
+    return repr(name) if len(name) <= limit else repr(name[:limit]) + f"... ({len(name)} characters)"
+
+
+def _check_length(stem: str, longest_suffix: str) -> None:
+    size = len(stem.encode("utf-8"))
+    room = NAME_MAX - len(longest_suffix.encode("utf-8")) - TEMP_OVERHEAD
+    if size > room:
+        raise ValueError(
+            f"`output_name` is {size} bytes long (UTF-8); it can be at most {room} bytes here: file names "
+            f"are limited to {NAME_MAX} bytes, and the ending '{longest_suffix}' and the temp name used while "
+            "saving take the rest. Shorten the name"
+        )
+
+
+def safe_output_name(name: str, longest_suffix: str = SUFFIX) -> str:
+    """A bare file name for the loras folder, with `.safetensors` added when missing.
+
+    ``longest_suffix`` is the longest ending the caller puts after the name's stem (a training
+    run writes '<name>-step0000001000.trainstate.json'): every file written must fit NAME_MAX
+    bytes together with its temp name.
+    """
     stripped = name.strip()
     if not stripped or stripped in (".", ".."):
-        raise ValueError(f"output name {name!r} is empty: give a file name such as 'my_merge'")
-    if "/" in stripped or "\\" in stripped or ".." in stripped or ":" in stripped or "\0" in stripped:
+        raise ValueError(f"`output_name` {_shown(name)} is empty: give a file name such as 'my_merge'")
+    if "/" in stripped or "\\" in stripped or ".." in stripped or ":" in stripped:
         raise ValueError(
-            f"output name {name!r} contains a path separator, ':' or '..': give a plain file name "
+            f"`output_name` {_shown(name)} contains a path separator, ':' or '..': give a plain file name "
             "such as 'my_merge'; it is saved in the loras folder"
         )
+    bad = _bad_char(stripped)
+    if bad is not None:
+        raise ValueError(
+            f"`output_name` {_shown(name)} contains the control character U+{ord(bad):04X}: file names may not "
+            "hold newlines, tabs or other control characters; type the name on one line"
+        )
     if stripped.startswith("."):
-        raise ValueError(f"output name {name!r} starts with '.', which hides the file: drop the leading dot")
+        raise ValueError(
+            f"`output_name` {_shown(name)} starts with '.', which hides the file: drop the leading dot"
+        )
+    stem = stripped[: -len(SUFFIX)] if stripped.lower().endswith(SUFFIX) else stripped
+    _check_length(stem, longest_suffix)
     return stripped if stripped.lower().endswith(SUFFIX) else stripped + SUFFIX
 
 
@@ -113,39 +156,6 @@ def _check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     return dict(metadata)
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename durable on POSIX; not possible (nor needed) on Windows.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _exists_error(path: Path) -> FileExistsError:
-    return FileExistsError(
-        f"{path} already exists and was left untouched: choose another output name or pass overwrite=True"
-    )
-
-
-def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
-    if overwrite:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)  # atomic and refuses an existing target, even one created meanwhile
-    except FileExistsError:
-        raise _exists_error(path) from None
-    except OSError:
-        # File systems without hard links: a check, then the atomic replace.
-        if path.exists():
-            raise _exists_error(path) from None
-        os.replace(tmp, path)
-        return
-    os.unlink(tmp)
-
-
 def save_lora(
     path: str | os.PathLike,
     modules: Mapping[str, LoraModule | tuple],
@@ -160,26 +170,20 @@ def save_lora(
     tuple. add_hashes adds sshs_model_hash / sshs_legacy_hash (serialises twice).
     """
     target = Path(path)
-    if target.exists() and not overwrite:
-        raise _exists_error(target)
+    if os.path.lexists(target) and not overwrite:
+        raise exists_error(target)
     if not target.parent.is_dir():
         raise FileNotFoundError(f"folder {target.parent} does not exist: create it or choose another path")
     tensors = lora_state_dict(modules, dtype)
     meta = _check_metadata(metadata)
     if add_hashes:
         meta["sshs_model_hash"], meta["sshs_legacy_hash"] = addnet_hashes(tensors, meta)
-    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "r+b") as handle:
-            os.fsync(handle.fileno())
-        _publish(tmp, target, overwrite)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(target.parent)
-    return target
+    return write_with(target, lambda tmp: save_tensors(tensors, tmp, meta), overwrite=overwrite)
+
+
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None) -> None:
+    """safetensors' streaming writer (no second copy of the data in memory), for atomic.write_with."""
+    safetensors.torch.save_file(dict(tensors), str(path), metadata=dict(metadata) if metadata else None)
 
 
 @dataclass(frozen=True)

@@ -174,6 +174,45 @@ def progress(total: int) -> Callable[..., None]:
     return step
 
 
+# --- bounds: what the size checks need from ComfyUI (issue #14) ---
+
+
+def unet_block_counts(model):
+    """The MODEL's UNet block counts (lora_core.block_weights.BlockCounts), None for models without
+    input/middle/output blocks (DiT families: block specs do not apply to them)."""
+    from ..lora_core.block_weights import BlockCounts
+
+    unet = getattr(model.model, "diffusion_model", None)
+    groups = [getattr(unet, name, None) for name in ("input_blocks", "middle_block", "output_blocks")]
+    if any(g is None for g in groups):
+        return None
+    return BlockCounts(input=len(groups[0]), middle=len(groups[1]), output=len(groups[2]))
+
+
+def available_memory(device=None, keep=()) -> int:
+    """Bytes free on ``device`` (ComfyUI's torch device when None) for work about to start: what
+    comfy.model_management reports free, plus on a GPU what ComfyUI would free by unloading the
+    loaded models other than ``keep`` (ModelPatchers). On the CPU unloading frees no RAM."""
+    mm = comfy.model_management
+    device = torch.device(device) if device is not None else mm.get_torch_device()
+    free = int(mm.get_free_memory(device))
+    if device.type == "cpu":
+        return free
+    kept = {id(p.model) for p in keep}  # clones of a kept patcher share its weights: kept too
+    for loaded in list(getattr(mm, "current_loaded_models", ())):
+        try:
+            if loaded.device == device and not loaded.is_dead() and id(loaded.model.model) not in kept:
+                free += int(loaded.model_loaded_memory())
+        except Exception:  # an internal that changed between ComfyUI versions: count nothing
+            continue
+    return free
+
+
+def check_interrupted() -> None:
+    """Raises ComfyUI's InterruptProcessingException if the user pressed Cancel."""
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
 # --- training ---
 # What Train LoRA needs from ComfyUI, handed to lora_core.train as plain modules and callables.
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from ..lora_core.block_weights import parse_block_weights
 from ..lora_core.stack import StackEntry
 from . import comfy_bridge as bridge
 from .lora_apply import LastPatched, apply_entries
@@ -34,14 +37,26 @@ def lora_inputs(with_clip: bool) -> dict:
     return {"required": required, "optional": optional}
 
 
+def check_block_weights(node: str, model, entries: Sequence[StackEntry]) -> None:
+    """Every entry's block weights checked against MODEL's real blocks before a file is read (the
+    loader checks the spec against the family again; models without UNet blocks are left to it)."""
+    counts = bridge.unet_block_counts(model)
+    for e in entries:
+        if counts is not None and e.block_weights.strip():
+            try:
+                parse_block_weights(e.block_weights, counts=counts)
+            except ValueError as err:
+                raise RuntimeError(f"[{node}] {e.lora_name}: {err}") from err
+
+
 def apply_lora(
     node: str, model, clip, lora_name: str, strength_model: float, strength_clip: float, block_weights: str,
     last: LastPatched | None = None,
 ):  # fmt: skip
     """Returns (model, clip, trigger words, report text)."""
-    return apply_entries(
-        node, model, clip, [StackEntry(lora_name, strength_model, strength_clip, block_weights)], last
-    )
+    entries = [StackEntry(lora_name, strength_model, strength_clip, block_weights)]
+    check_block_weights(node, model, entries)
+    return apply_entries(node, model, clip, entries, last)
 
 
 class LoadLora:

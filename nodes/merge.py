@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 from ..lora_core.bake import bake_stack
+from ..lora_core.budget import MemoryBudgetError
 from ..lora_core.keymap import kohya_names
 from ..lora_core.merge import METHODS, MergeSpec
 from ..lora_core.resize import RESIZE_MODES
 from ..lora_core.resize_file import resize_file
+from ..lora_core.savefile import safe_output_name
 from ..lora_core.stack import read_stack
 from . import comfy_bridge as bridge
+from .load_lora import check_block_weights
 from .lora_apply import plan_entries
 
 CATEGORY = "LoRA Foundry"
@@ -18,6 +23,53 @@ METHOD_TIP = (
     "rank covers the sum). linear: average of factors (equal ranks only, approximate). ties / dare_*: "
     "task-arithmetic merges with pruning (density, seed), re-factored to the target rank."
 )
+
+
+USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, MemoryBudgetError)
+
+
+class WrittenFiles:
+    """The output files this process's Merge / Resize nodes wrote, so a re-queued node runs again
+    when its file is gone.
+
+    ComfyUI reuses a node's cached result while its inputs are unchanged, even after the file it
+    wrote was deleted. IS_CHANGED returns a generation number per output path that moves on only
+    when the file this process wrote there is no longer there (deleted, or replaced by another
+    file): the value is the same before the first run and after it, so a re-queued identical
+    node with its file in place stays cached (and does not fail on "exists").
+    """
+
+    def __init__(self):
+        self.written: dict[str, tuple[int, int, int]] = {}  # path -> (inode, size, mtime_ns)
+        self.generation: dict[str, int] = {}
+
+    @staticmethod
+    def identity(path: str) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def state(self, path: str) -> str:
+        if path in self.written and self.identity(path) != self.written[path]:
+            del self.written[path]
+            self.generation[path] = self.generation.get(path, 0) + 1
+        return f"{path}#{self.generation.get(path, 0)}"
+
+    def record(self, path: str) -> None:
+        self.written[path] = self.identity(path)
+
+
+WRITTEN = WrittenFiles()
+
+
+def _output_state(output_name: str) -> str:
+    try:
+        path = os.path.join(bridge.loras_dir(), safe_output_name(output_name))
+    except (ValueError, TypeError, AttributeError):
+        return "invalid name"  # execute raises the clear error
+    return WRITTEN.state(os.path.abspath(path))
 
 
 def _output_inputs() -> dict:
@@ -56,21 +108,32 @@ class MergeLoras:
             "optional": {"clip": ("CLIP", {"tooltip": "The text encoder; connect it to merge the LoRAs' text-encoder layers too."})},
         }  # fmt: skip
 
+    @classmethod
+    def IS_CHANGED(cls, output_name="", **_):
+        return _output_state(output_name)
+
     def execute(self, model, lora_stack, method, rank, conv_rank, density, seed, save_dtype, output_name,
                 overwrite, clip=None):  # fmt: skip
         node = "Merge LoRAs"
-        entries = read_stack(lora_stack)
+        try:
+            entries = read_stack(lora_stack)
+            safe_output_name(output_name)  # a bad name fails before any file is read
+        except ValueError as e:
+            raise RuntimeError(f"[{node}] {e}") from e
         if not entries:
             raise RuntimeError(f"[{node}] the stack has no enabled entry: nothing to merge")
+        check_block_weights(node, model, entries)
         sp = plan_entries(node, model, clip, entries)
         names = {part: kohya_names(km, bridge.sgm_unet(model)) for part, km in sp.key_maps.items()}
         try:
             spec = MergeSpec(method, rank, conv_rank or None, density, seed)
             n_modules = len({t for p in sp.plans for part in p.patches.values() for t in part})
             result = bake_stack(sp.loras, sp.plans, names, sp.shapes, bridge.loras_dir(), output_name, spec,
-                                sp.family.family, save_dtype, overwrite, bridge.progress(n_modules))  # fmt: skip
-        except (ValueError, FileExistsError, FileNotFoundError) as e:
+                                sp.family.family, save_dtype, overwrite, bridge.progress(n_modules),
+                                bridge.available_memory("cpu"))  # fmt: skip
+        except USER_ERRORS as e:
             raise RuntimeError(f"[{node}] {e}") from e
+        WRITTEN.record(os.path.abspath(result.path))
         name = bridge.register_new_lora(result.path)
         report = result.text(method)
         return {"ui": {"text": [report], bridge.LORA_WRITTEN: [name]}, "result": (name, report)}
@@ -99,11 +162,17 @@ class ResizeLora:
             }
         }  # fmt: skip
 
+    @classmethod
+    def IS_CHANGED(cls, output_name="", **_):
+        return _output_state(output_name)
+
     def execute(self, lora_name, mode, rank, value, save_dtype, output_name, overwrite):
         try:
             result = resize_file(bridge.lora_path(lora_name), bridge.loras_dir(), output_name, mode,
-                                 rank if mode == "fixed" else value, save_dtype, overwrite)  # fmt: skip
-        except (ValueError, FileExistsError, FileNotFoundError) as e:
+                                 rank if mode == "fixed" else value, save_dtype, overwrite,
+                                 bridge.available_memory("cpu"))  # fmt: skip
+        except USER_ERRORS as e:
             raise RuntimeError(f"[Resize LoRA] {e}") from e
+        WRITTEN.record(os.path.abspath(result.path))
         name = bridge.register_new_lora(result.path)
         return {"ui": {"text": [result.text()], bridge.LORA_WRITTEN: [name]}, "result": (name, result.text())}

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from ..lora_core.stack import ROWS, StackEntry, read_rows, read_stack, to_stack_items
+from ..lora_core.stack import MAX_ROWS, ROWS, StackEntry, read_rows, read_stack, to_stack_items
 from . import comfy_bridge as bridge
-from .load_lora import BLOCK_WEIGHTS_TIP, CATEGORY, STRENGTH
+from .load_lora import BLOCK_WEIGHTS_TIP, CATEGORY, STRENGTH, check_block_weights
 from .lora_apply import LastPatched, apply_entries
 
 SLOTS = 4
 NONE = "None"
 ROWS_TIP = (
     "More entries as a JSON list of rows, each {lora, on, strength_model, strength_clip, block_weights}; "
-    "the row widget of the pack's frontend writes it. Rows come after the slots above."
+    f"the row widget of the pack's frontend writes it. Rows come after the slots above (at most {MAX_ROWS})."
 )
 
 
@@ -104,5 +104,6 @@ class ApplyLoraStack:
             entries = read_stack(lora_stack)
         except ValueError as e:
             raise RuntimeError(f"[Apply LoRA Stack] {e}") from e
+        check_block_weights("Apply LoRA Stack", model, entries)
         out = apply_entries("Apply LoRA Stack", model, clip, entries, self.last)
         return {"ui": {"text": [out[3]], "trigger_words": [out[2]]}, "result": out}

@@ -9,14 +9,23 @@ from pathlib import Path
 
 import torch
 
+from ..lora_core.budget import TrainSettings, check_fits, train_need
 from ..lora_core.savefile import safe_output_name
 from ..lora_core.train.dataset import Batches, DatasetOptions, build_dataset, scan_dataset, tag_frequency
-from ..lora_core.train.network import TARGET_HELP, TARGETS, LoraNetwork, checkpoint_forward, select_targets
+from ..lora_core.train.network import (
+    TARGET_HELP,
+    TARGETS,
+    LoraNetwork,
+    check_before_forward,
+    checkpoint_forward,
+    parse_blocks,
+    select_targets,
+)
 from ..lora_core.train.optim import OPTIMIZERS, MissingPackageError
 from ..lora_core.train.plot import loss_curve
 from ..lora_core.train.run import RunInfo, RunResult, fit
 from ..lora_core.train.schedule import SCHEDULERS
-from ..lora_core.train.state import STATE_SUFFIX, CheckpointPlan
+from ..lora_core.train.state import LONGEST_SUFFIX, STATE_SUFFIX, CheckpointPlan
 from ..lora_core.train.trainer import PRECISIONS, NonFiniteLossError, TrainConfig, Trainer
 from . import comfy_bridge as bridge
 from .load_lora import apply_lora
@@ -186,7 +195,8 @@ class TrainLora:
         node = "Train LoRA"
         try:
             cfg = TrainConfig(**train, cycles=cycles, power=power)
-            name = safe_output_name(output_name)[: -len(".safetensors")]
+            name = safe_output_name(output_name, LONGEST_SUFFIX)[: -len(".safetensors")]
+            parse_blocks(blocks, bridge.unet_block_counts(model))  # before anything is loaded
             plan = CheckpointPlan(Path(bridge.loras_dir()) / name, name, save_every, keep_last, save_dtype)
             net = NetworkSettings(rank, alpha, targets, blocks, dora, gradient_checkpointing)
             samples = SampleSettings(sample_every, sample_prompt, sample_seed, vae)
@@ -207,6 +217,7 @@ class TrainLora:
             if result.losses
             else lora_name
         )
+        text = "\n".join([text, *(f"note: {n}" for n in result.notes)])
         return {
             "ui": {"text": [text], bridge.LORA_WRITTEN: [lora_name]},
             "result": (new_model, new_clip, lora_name, curve),
@@ -233,6 +244,17 @@ def _handle_existing(plan: CheckpointPlan, existing: str) -> None:
         path.unlink()
 
 
+def _check_memory(model, clip, device, targets, cfg: TrainConfig, net: NetworkSettings, dataset) -> None:
+    """Refuses settings whose LoRA, optimizer state and activations clearly cannot fit the device."""
+    settings = TrainSettings(net.rank, net.dora, cfg.optimizer, cfg.batch_size, dataset.options.resolution,
+                             net.targets, net.blocks)  # fmt: skip
+    need = train_need(
+        [tuple(t.module.weight.shape) for t in targets], settings, bridge.model_unet_config(model)
+    )
+    keep = [model] + ([clip.patcher] if clip is not None else [])
+    check_fits(need, bridge.available_memory(device, keep), str(device))
+
+
 def run_training(
     model,
     clip,
@@ -250,17 +272,17 @@ def run_training(
     if needs_clip and clip is None:
         raise ValueError("`clip` is needed to train the text encoder (te_lr > 0) or to shuffle tags")
     device = bridge.prepare_for_training(model, clip if needs_clip else None)
-    unet = LoraNetwork(select_targets(bridge.unet_train_targets(model), net.targets, net.blocks),
-                       net.rank, net.alpha, net.dora, cfg.seed).to(device)  # fmt: skip
-    te = None
-    if train_te:
-        te_targets = select_targets(bridge.clip_train_targets(clip), net.targets)
-        te = LoraNetwork(te_targets, net.rank, net.alpha, net.dora, cfg.seed + 1).to(device)
+    bridge.check_interrupted()  # loading can take minutes: a cancel meanwhile stops here
+    unet_targets = select_targets(bridge.unet_train_targets(model), net.targets, net.blocks,
+                                  bridge.unet_block_counts(model))  # fmt: skip
+    te_targets = select_targets(bridge.clip_train_targets(clip), net.targets) if train_te else []
+    _check_memory(model, clip if needs_clip else None, device, unet_targets + te_targets, cfg, net, dataset)
+    unet = LoraNetwork(unet_targets, net.rank, net.alpha, net.dora, cfg.seed).to(device)
+    te = LoraNetwork(te_targets, net.rank, net.alpha, net.dora, cfg.seed + 1).to(device) if train_te else None
     data = Batches(dataset, cfg.batch_size, bridge.latent_transform(model))
     encode = bridge.text_encoder(clip) if needs_clip else None
-    trainer = Trainer(
-        cfg, data, bridge.noise_predictor(model), bridge.noise_schedule(model), unet, te, encode, device
-    )
+    trainer = Trainer(cfg, data, bridge.noise_predictor(model), bridge.noise_schedule(model), unet, te, encode,
+                      device, check=bridge.check_interrupted)  # fmt: skip
     run = RunInfo(
         base_model=bridge.model_class_name(model),
         base_model_version=bridge.base_model_version(model),
@@ -285,6 +307,10 @@ def run_training(
             bridge.save_sample(sample(), plan.name, report.step)
 
     undo = [checkpoint_forward(bridge.checkpoint_blocks(model))] if net.gradient_checkpointing else []
+    # ComfyUI's UNet runs each block's layers itself (forward_timestep_embed), never the block's
+    # own forward: the cancel check goes on the layers, which are called through their hooks.
+    layers = [layer for block in bridge.checkpoint_blocks(model) for layer in block]
+    undo.append(check_before_forward(layers, bridge.check_interrupted))
     if train_te:
         undo.append(bridge.text_encoder_grad_safe(clip))
     networks = [n for n in (unet, te) if n is not None]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..block_weights import block_of
+from ..block_weights import SD_COUNTS, BlockCounts, block_of, check_block_index, check_spec_length
 
 # Module paths (ComfyUI / LDM spelling for the UNet, transformers spelling for CLIP) per preset.
 _ATTN = r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$|\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$"
@@ -62,8 +62,14 @@ def _matches_preset(target: Target, preset: str) -> bool:
     raise ValueError(f"`targets` should be one of {', '.join(TARGETS)}, got {preset!r}")
 
 
-def parse_blocks(spec: str) -> set[str] | None:
-    """'in4-8, mid, out0-5' -> {'IN04', ..., 'MID', 'OUT00', ...}; empty -> None (every block)."""
+def parse_blocks(spec: str, counts: BlockCounts | None = None) -> set[str] | None:
+    """'in4-8, mid, out0-5' -> {'IN04', ..., 'MID', 'OUT00', ...}; empty -> None (every block).
+
+    Every index is checked against ``counts`` (the model's blocks; SD1.x's when not given) before
+    any set is built, so a range like in0-99999999999 is an error, not 100 billion names.
+    """
+    check_spec_length(spec, "blocks")
+    counts = counts or SD_COUNTS
     text = spec.strip()
     if not text:
         return None
@@ -72,15 +78,18 @@ def parse_blocks(spec: str) -> set[str] | None:
         if not part:
             continue
         if part in ("MID", "BASE", "IN", "OUT"):
-            blocks |= {part} if part in ("MID", "BASE") else {f"{part}{i:02d}" for i in range(12)}
+            blocks |= (
+                {part} if part in ("MID", "BASE") else {f"{part}{i:02d}" for i in range(counts.count(part))}
+            )
             continue
         m = re.fullmatch(r"(IN|OUT)(\d+)(?:-(\d+))?", part)
         if m is None:
             raise ValueError(
-                f"`blocks` entry {part!r} is not understood: use e.g. 'in4-8, mid, out0-5' "
+                f"`blocks` entry {part[:40]!r} is not understood: use e.g. 'in4-8, mid, out0-5' "
                 "(in/out with indices or ranges, mid, base), or leave it empty for every block"
             )
-        lo, hi = int(m[2]), int(m[3] if m[3] is not None else m[2])
+        lo = check_block_index(m[1], m[2], counts, "blocks", part)
+        hi = lo if m[3] is None else check_block_index(m[1], m[3], counts, "blocks", part)
         blocks |= {f"{m[1]}{i:02d}" for i in range(min(lo, hi), max(lo, hi) + 1)}
     return blocks
 
@@ -90,11 +99,14 @@ def _block_name(path: str) -> str:
     return block if block == "BASE" else f"{block[0]}{block[1]:02d}" if block[0] != "MID" else "MID"
 
 
-def select_targets(candidates: Iterable[Target], preset: str, blocks: str = "") -> list[Target]:
-    """The candidates a preset and an optional block selection keep, sorted by name."""
+def select_targets(
+    candidates: Iterable[Target], preset: str, blocks: str = "", counts: BlockCounts | None = None
+) -> list[Target]:
+    """The candidates a preset and an optional block selection (checked against ``counts``, the
+    model's blocks) keep, sorted by name."""
     if preset not in TARGETS:
         raise ValueError(f"`targets` should be one of {', '.join(TARGETS)}, got {preset!r}")
-    wanted = parse_blocks(blocks)
+    wanted = parse_blocks(blocks, counts)
     chosen = [
         t
         for t in candidates
@@ -231,6 +243,18 @@ def _dora_pre_hook(branch: LoraBranch, module: nn.Module) -> Callable:
         return (x * gain.to(x.dtype), *args[1:])
 
     return hook
+
+
+def check_before_forward(modules: Iterable[nn.Module], check: Callable[[], None]) -> Callable[[], None]:
+    """Calls ``check`` before each module's forward, so a cancel stops a long forward pass within
+    one block instead of after the whole micro-step; returns the undo function."""
+    handles = [m.register_forward_pre_hook(lambda _m, _args: check()) for m in modules]
+
+    def undo() -> None:
+        for handle in handles:
+            handle.remove()
+
+    return undo
 
 
 def checkpoint_forward(modules: Iterable[nn.Module]) -> Callable[[], None]:

@@ -1,4 +1,5 @@
-"""Running a training to its end: resume, periodic checkpoints, stop-and-save on errors, NaN stop."""
+"""Running a training to its end: resume (falling back past damaged states), periodic checkpoints,
+stop-and-save on errors, NaN stop."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..savefile import kohya_metadata
-from .state import CheckpointPlan, list_states, read_state, save_checkpoint
+from .state import CheckpointPlan, DamagedStateError, list_states, read_state, save_checkpoint
 from .trainer import NonFiniteLossError, StepReport, Trainer
 
 log = logging.getLogger("lora_foundry")
@@ -40,6 +41,7 @@ class RunResult:
     resumed_from: int
     losses: tuple[float, ...]
     lrs: tuple[float, ...]
+    notes: tuple[str, ...] = ()  # what the user should know, e.g. a damaged state skipped on resume
 
 
 def training_metadata(trainer: Trainer, run: RunInfo, name: str, started: float) -> dict[str, str]:
@@ -100,17 +102,36 @@ def _check_resumable(saved: Mapping, current: Mapping, where: Path) -> None:
         )
 
 
-def resume(trainer: Trainer, plan: CheckpointPlan) -> int:
-    """Loads the newest state in the run folder into the trainer; returns its step (0 if none)."""
-    states = list_states(plan)
-    if not states:
-        return 0
-    step, path = states[-1]
-    tensors, info = read_state(path)
-    _check_resumable(info["config"], asdict(trainer.cfg), path)
-    trainer.load_state(tensors, info)
-    log.info("[Train LoRA] resumed %s at step %d", plan.name, step)
-    return step
+def resume(trainer: Trainer, plan: CheckpointPlan, notes: list[str] | None = None) -> int:
+    """Loads the newest good state in the run folder into the trainer; returns its step (0 if none).
+
+    A damaged state is skipped for the one before it, with a note (appended to ``notes`` and
+    logged); if every state is damaged the error names the newest. Changed settings are not
+    damage: they stop the run (``_check_resumable``).
+    """
+    notes = notes if notes is not None else []
+    damaged: list[DamagedStateError] = []
+    for _, path in reversed(list_states(plan)):
+        trainer.check_stop()  # reading a large state takes a while: honour a cancel between them
+        try:
+            tensors, info = read_state(path)
+            _check_resumable(info["config"], asdict(trainer.cfg), path)
+            trainer.load_state(tensors, info, source=str(path)[: -len(".json")])
+        except DamagedStateError as error:
+            damaged.append(error)
+            continue
+        step = int(info["step"])
+        for error in damaged:
+            notes.append(
+                f"training state {error.path.name} is damaged ({error.why}); resumed from {path.name} "
+                f"(step {step}) instead"
+            )
+            log.warning("[Train LoRA] %s", notes[-1])
+        log.info("[Train LoRA] resumed %s at step %d", plan.name, step)
+        return step
+    if damaged:
+        raise damaged[0]
+    return 0
 
 
 def fit(
@@ -128,7 +149,8 @@ def fit(
     """
     plan.folder.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    start = resume(trainer, plan) if resume_existing else 0
+    notes: list[str] = []
+    start = resume(trainer, plan, notes) if resume_existing else 0
     last_saved: Path | None = None
 
     def save(final: bool) -> Path:
@@ -159,7 +181,7 @@ def fit(
     final = trainer.step >= trainer.total_steps
     path = save(final=final)
     h = trainer.history
-    return RunResult(path, trainer.step, start, tuple(h.losses), tuple(h.lrs))
+    return RunResult(path, trainer.step, start, tuple(h.losses), tuple(h.lrs), tuple(notes))
 
 
 def _newest(plan: CheckpointPlan) -> Path | None:

@@ -3,30 +3,49 @@ the training state beside each (safetensors + JSON, never pickle), and keeping t
 
 Layout: ``<name>-step000100.safetensors`` every N steps, ``<name>.safetensors`` at the end, and
 ``<stem>.trainstate`` (safetensors bytes; not a .safetensors name, so ComfyUI's LoRA list does not
-show it) with ``<stem>.trainstate.json``. Every file is written to a temp name and renamed; the
-JSON is written last, so a state counts only once both halves are complete.
+show it) with ``<stem>.trainstate.json``. Every file goes through the pack's atomic writer; the
+JSON is written last, so a state counts only once both halves are complete. A state damaged
+after the fact (a disk error, a copy cut short) is named by read_state, so the run can fall back
+to the state before it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import safetensors
 import safetensors.torch
 import torch
 from torch import Tensor
 
-from ..savefile import lora_state_dict, resolve_dtype
+from ..atomic import write_bytes, write_with
+from ..savefile import lora_state_dict, resolve_dtype, save_tensors
 from .network import LoraNetwork
 
 STATE_SUFFIX = ".trainstate"
 STEP_RE = re.compile(r"-step(\d+)$")
+# The longest ending a run puts after its name (a step count of up to 10 digits), for the
+# output-name length check (savefile.safe_output_name).
+LONGEST_SUFFIX = f"-step{0:010d}{STATE_SUFFIX}.json"
+# What a state must hold to be loaded (Trainer.state writes them; anything less is damage).
+STATE_INFO_KEYS = ("step", "epoch", "position", "config", "history", "optimizer", "scaler", "rng")
+STATE_TENSORS = ("rng.trainer", "rng.torch", "rng.numpy")
+
+
+class DamagedStateError(ValueError):
+    """A training state file cannot be read or is incomplete; the message names the file."""
+
+    def __init__(self, path: Path, why: str):
+        self.path, self.why = Path(path), why
+        super().__init__(
+            f"training state {self.path.name} in {self.path.parent} is damaged ({why}); it cannot be resumed "
+            "from. Delete it to resume from an older state, or set `existing` to 'overwrite' to start over"
+        )
 
 
 @dataclass(frozen=True)
@@ -53,17 +72,8 @@ class CheckpointPlan:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    # Kept for train/dataset.py's latent cache until it calls lora_core.atomic itself.
+    write_bytes(path, data, overwrite=True)
 
 
 def lora_tensors(networks: Mapping[str, LoraNetwork], dtype: str) -> dict[str, Tensor]:
@@ -80,25 +90,55 @@ def lora_tensors(networks: Mapping[str, LoraNetwork], dtype: str) -> dict[str, T
 def write_lora(
     path: Path, networks: Mapping[str, LoraNetwork], metadata: Mapping[str, str], dtype: str
 ) -> Path:
-    data = safetensors.torch.save(lora_tensors(networks, dtype), metadata=dict(metadata))
-    _atomic_write(Path(path), data)
-    return Path(path)
+    tensors = lora_tensors(networks, dtype)
+    return write_with(Path(path), lambda tmp: save_tensors(tensors, tmp, metadata), overwrite=True)
 
 
 def write_state(path_stem: Path, tensors: Mapping[str, Tensor], info: Mapping) -> None:
     state_path = Path(f"{path_stem}{STATE_SUFFIX}")
-    _atomic_write(state_path, safetensors.torch.save(dict(tensors)))
-    _atomic_write(Path(f"{state_path}.json"), json.dumps(info).encode("utf-8"))
+    write_with(state_path, lambda tmp: save_tensors(tensors, tmp, None), overwrite=True)
+    write_bytes(Path(f"{state_path}.json"), json.dumps(info).encode("utf-8"), overwrite=True)
 
 
 def read_state(state_json: Path) -> tuple[dict[str, Tensor], dict]:
-    info = json.loads(Path(state_json).read_text(encoding="utf-8"))
+    """(tensors, info) of a state; DamagedStateError naming the file if either half is unreadable
+    or lacks what Trainer.load_state needs."""
+    state_json = Path(state_json)
     tensors_path = Path(str(state_json)[: -len(".json")])
-    return safetensors.torch.load_file(str(tensors_path)), info
+    try:
+        info = json.loads(state_json.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise DamagedStateError(state_json, f"{type(e).__name__}: {e}") from e
+    if not isinstance(info, dict) or any(k not in info for k in STATE_INFO_KEYS):
+        missing = [k for k in STATE_INFO_KEYS if not isinstance(info, dict) or k not in info]
+        raise DamagedStateError(state_json, f"missing {', '.join(missing)}")
+    if not isinstance(info["step"], int) or info["step"] < 0:
+        raise DamagedStateError(state_json, f"step is {info['step']!r}")
+    wrong = [k for k in ("config", "history", "optimizer", "scaler", "rng") if not isinstance(info[k], dict)]
+    if wrong:
+        raise DamagedStateError(state_json, f"{', '.join(wrong)} not a JSON object")
+    try:
+        tensors = safetensors.torch.load_file(str(tensors_path))
+    except (OSError, safetensors.SafetensorError, ValueError, RuntimeError) as e:
+        raise DamagedStateError(tensors_path, f"{type(e).__name__}: {e}") from e
+    missing = [k for k in STATE_TENSORS if k not in tensors]
+    if missing:
+        raise DamagedStateError(tensors_path, f"missing {', '.join(missing)}")
+    return tensors, info
 
 
-def list_states(plan: CheckpointPlan) -> list[tuple[int, Path]]:
-    """(step, json path) of complete states in the run folder, oldest first."""
+def _recorded_step(state_json: Path, stem: str, plan: CheckpointPlan) -> float:
+    """The step a state's JSON records; for a JSON that does not read, the step its name says (the
+    final state, which has none, is the newest of a run), so a damaged state still sorts in place."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, RecursionError):
+        return int(json.loads(state_json.read_text(encoding="utf-8"))["step"])
+    m = STEP_RE.search(stem)
+    return int(m[1]) if m and stem == plan.stem(int(m[1])) else float("inf")
+
+
+def list_states(plan: CheckpointPlan) -> list[tuple[float, Path]]:
+    """(step, json path) of the states in the run folder whose two halves exist, oldest first.
+    A state whose JSON does not read is listed by the step in its name; read_state tells."""
     found = []
     if not plan.folder.is_dir():
         return found
@@ -109,8 +149,7 @@ def list_states(plan: CheckpointPlan) -> list[tuple[int, Path]]:
         stem = tensors_path.name[: -len(STATE_SUFFIX)]
         if stem != plan.name and not (stem.startswith(plan.name) and STEP_RE.search(stem)):
             continue
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            found.append((int(json.loads(entry.read_text(encoding="utf-8"))["step"]), entry))
+        found.append((_recorded_step(entry, stem, plan), entry))
     return sorted(found)
 
 

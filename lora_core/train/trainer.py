@@ -22,11 +22,13 @@ from .loss import LOSSES, NoiseSchedule, min_snr_weights, per_sample_loss, sampl
 from .network import LoraNetwork
 from .optim import OPTIMIZERS, all_params, make_optimizer, state_from_tensors, state_to_tensors
 from .schedule import SCHEDULERS, Schedule, warmup_from
+from .state import DamagedStateError
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 Predict = Callable[[Tensor, Tensor, Mapping[str, Tensor]], Tensor]
 Encode = Callable[[list[str]], dict[str, Tensor]]
+Check = Callable[[], None]  # raises to stop (ComfyUI's cancel); called between micro-steps and loads
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -128,8 +130,10 @@ class Trainer:
         te: LoraNetwork | None = None,
         encode: Encode | None = None,
         device: torch.device | str = "cpu",
+        check: Check | None = None,
     ):
         self.cfg, self.data, self.predict, self.schedule = config, data, predict, schedule
+        self._check = check
         self.networks = {"unet": unet} if te is None else {"unet": unet, "te": te}
         if te is not None and (config.te_lr <= 0 or encode is None):
             raise ValueError("training the text encoder needs `te_lr` > 0 and an encode function")
@@ -187,6 +191,11 @@ class Trainer:
         with torch.no_grad():
             return self.encode(list(batch.captions))
 
+    def check_stop(self) -> None:
+        """Raises if the caller's check says stop (e.g. ComfyUI's Cancel was pressed)."""
+        if self._check is not None:
+            self._check()
+
     # --- one step -------------------------------------------------------------------------
     def _micro_step(self) -> float:
         batch = self.data.batch(self._next_indices(), self.generator, self.rng)
@@ -228,7 +237,13 @@ class Trainer:
             group["lr"] = group["initial_lr"] * factor
         snap = self._snapshot()
         try:
-            loss = sum(self._micro_step() for _ in range(self.cfg.grad_accum)) / self.cfg.grad_accum
+            total = 0.0
+            for _ in range(self.cfg.grad_accum):
+                # Each micro-step can take long (large batches, high resolution): a cancel is
+                # honoured before every one, not only between optimizer steps.
+                self.check_stop()
+                total += self._micro_step()
+            loss = total / self.cfg.grad_accum
         except BaseException:
             self._restore(snap)
             self.optimizer.zero_grad(set_to_none=True)
@@ -279,23 +294,45 @@ class Trainer:
         }
         return tensors, info
 
-    def load_state(self, tensors: Mapping[str, Tensor], info: Mapping) -> None:
-        weights = {k: v for k, v in tensors.items() if k.startswith("lora.")}
-        expected = {f"lora.{part}.{k}" for part, net in self.networks.items() for k in net.named_weights()}
-        if set(weights) != expected:
-            missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    def _check_fits(self, tensors: Mapping[str, Tensor]) -> None:
+        """A state saved with other targets, blocks or rank is a settings error, not damage."""
+        weights = {k for k in tensors if k.startswith("lora.")}
+        params = {
+            f"lora.{part}.{k}": p
+            for part, net in self.networks.items()
+            for k, p in net.named_weights().items()
+        }
+        if weights != set(params):
+            missing, extra = sorted(set(params) - weights), sorted(weights - set(params))
             raise ValueError(
                 f"the training state does not fit this network ({len(missing)} weights missing, e.g. "
                 f"{missing[:1]}; {len(extra)} unexpected, e.g. {extra[:1]}): it was saved with other "
                 "targets, blocks, rank or text-encoder setting; use the same settings or a new name"
             )
+        for key, p in params.items():
+            if tuple(tensors[key].shape) != tuple(p.shape):
+                raise ValueError(
+                    f"the training state's {key} has shape {tuple(tensors[key].shape)}, this network's "
+                    f"{tuple(p.shape)}: it was saved with another rank; use the same rank or a new name"
+                )
+
+    def load_state(self, tensors: Mapping[str, Tensor], info: Mapping, source: str = "state") -> None:
+        """Restores a state (``Trainer.state``); ValueError if it does not fit these settings,
+        DamagedStateError (naming ``source``) if its contents do not load."""
+        self._check_fits(tensors)
+        try:
+            self._apply_state(tensors, info)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            raise DamagedStateError(source, f"{type(e).__name__}: {e}") from e
+
+    def _apply_state(self, tensors: Mapping[str, Tensor], info: Mapping) -> None:
         with torch.no_grad():
             for part, net in self.networks.items():
                 for k, p in net.named_weights().items():
                     p.copy_(tensors[f"lora.{part}.{k}"])
         self.optimizer.load_state_dict(state_from_tensors(dict(tensors), info["optimizer"]))
         self.scaler.load_state_dict(info["scaler"])
-        self.step, self.epoch, self.position = info["step"], info["epoch"], info["position"]
+        self.step, self.epoch, self.position = int(info["step"]), int(info["epoch"]), int(info["position"])
         self.history = History(**info["history"])
         self._order = None
         rng = info["rng"]

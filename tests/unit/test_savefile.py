@@ -140,7 +140,7 @@ def test_safe_output_name(name, expected):
 
 @pytest.mark.parametrize("name", ["", "..", "a/b", "a\\b", "../x", "x..y", "C:x", ".hidden"])
 def test_safe_output_name_rejects(name):
-    with pytest.raises(ValueError, match="output name"):
+    with pytest.raises(ValueError, match="`output_name`"):
         safe_output_name(name)
 
 
