@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
 from pathlib import Path
 
 from ..lora_core.caption import (
@@ -18,32 +16,25 @@ from ..lora_core.caption import (
     parse_tag_list,
     prepare_images,
 )
+from ..lora_core.confine import resolve_folder
 from . import comfy_bridge as bridge
 
 CATEGORY = "LoRA Foundry/dataset"
-TAGGERS = "taggers"
 NO_TAGGER = "(no tagger installed: see models/taggers)"
 THRESHOLD = {"min": 0.0, "max": 1.0, "step": 0.01}
 CAPTION_NODE, PREPARE_NODE = "Caption Dataset", "Prepare Images"
-
-
-def _register_taggers_folder() -> None:
-    """models/taggers, unless the user already set a 'taggers' path (e.g. in extra_model_paths.yaml)."""
-    try:
-        import folder_paths
-    except ImportError:  # imported outside ComfyUI (tests, tools)
-        return
-    if TAGGERS not in folder_paths.folder_names_and_paths:
-        folder_paths.add_model_folder_path(TAGGERS, os.path.join(folder_paths.models_dir, TAGGERS))
-
-
-_register_taggers_folder()
+FOLDER_TIP = (
+    "A folder inside ComfyUI's input folder (relative names start there); absolute paths work inside "
+    "input, output, the models folders or a folder the server's owner allowed (allowed_folders.txt)."
+)
+WRITE_TIP = (
+    "Inside ComfyUI's input folder (relative names start there) or output folder, or a folder the "
+    "server's owner allowed; models folders are read only."
+)
 
 
 def _tagger_folders() -> list[Path]:
-    import folder_paths
-
-    return [Path(p) for p in folder_paths.get_folder_paths(TAGGERS)]
+    return [Path(p) for p in bridge.tagger_folders()]
 
 
 def tagger_names() -> list[str]:
@@ -65,40 +56,10 @@ def _tagger_files(name: str):
     )
 
 
-def _folder(text: str, must_exist: bool = True) -> Path:
-    """An absolute path, or one relative to ComfyUI's input directory."""
-    import folder_paths
-
-    text = text.strip().strip('"').strip("'")
-    if not text:
-        raise ValueError(
-            "no folder given: type a folder inside ComfyUI's input directory or an absolute path"
-        )
-    path = Path(os.path.expanduser(text))
-    if not path.is_absolute():
-        path = Path(folder_paths.get_input_directory()) / path
-    if must_exist and not path.is_dir():
-        raise NotADirectoryError(
-            f"folder {path} does not exist (relative folders start in ComfyUI's input directory)"
-        )
-    return path
-
-
-def _callbacks(total_hint: int = 1) -> tuple[Callable[[int, int], None], Callable[[], bool]]:
-    """ComfyUI's progress bar and Cancel button as the library's on_progress / should_stop callbacks."""
-    import comfy.model_management
-    import comfy.utils
-
-    bar = comfy.utils.ProgressBar(total_hint)
-
-    def on_progress(done: int, total: int) -> None:
-        bar.update_absolute(done, total)
-
-    def should_stop() -> bool:
-        comfy.model_management.throw_exception_if_processing_interrupted()  # raises on Cancel
-        return False
-
-    return on_progress, should_stop
+def _folder(text: str, field: str, write: bool = False, must_exist: bool = True) -> Path:
+    """The real path of a folder typed into the graph, confined to the folders this server allows
+    (lora_core.confine: input, output, models read only, and the owner's); relative ones start in input."""
+    return resolve_folder(text, bridge.confinement_roots(), field, write=write, must_exist=must_exist)
 
 
 def _previews(report):
@@ -133,7 +94,7 @@ class CaptionDataset:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "folder": ("STRING", {"default": "dataset", "tooltip": "Image folder: relative to ComfyUI's input directory, or an absolute path."}),
+                "folder": ("STRING", {"default": "dataset", "tooltip": FOLDER_TIP + " Captions are written beside the images (so it must be one nodes may write: input, output or the owner's folders) unless output_folder is set."}),
                 "tagger": (tagger_names(), {"tooltip": "A WD14 tagger from models/taggers (<name>/model.onnx + selected_tags.csv)."}),
                 "general_threshold": ("FLOAT", {"default": 0.35, **THRESHOLD, "tooltip": "General tags scoring above this are kept. Lower: more tags."}),
                 "character_threshold": ("FLOAT", {"default": 0.85, **THRESHOLD, "tooltip": "Character tags scoring above this are kept."}),
@@ -147,7 +108,7 @@ class CaptionDataset:
                 "replace_underscores": ("BOOLEAN", {"default": True, "tooltip": "long_hair -> long hair (kaomoji such as ^_^ are kept)."}),
                 "escape_brackets": ("BOOLEAN", {"default": True, "tooltip": "Write ( ) as \\( \\) so prompts do not read them as weights."}),
                 "max_tags": ("INT", {"default": 0, "min": 0, "max": 500, "tooltip": "Keep at most this many tagger tags (highest scores first); 0: no limit."}),
-                "output_folder": ("STRING", {"default": "", "tooltip": "Write captions here instead of beside the images (same relative layout). Empty: beside the images."}),
+                "output_folder": ("STRING", {"default": "", "tooltip": "Write captions here instead of beside the images (same relative layout). Empty: beside the images. " + WRITE_TIP}),
                 "include_subfolders": ("BOOLEAN", {"default": False, "tooltip": "Also caption images in subfolders."}),
                 "batch_size": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "Images per model call. Larger helps on GPU; on CPU 1-4 is as fast."}),
             },
@@ -166,10 +127,14 @@ class CaptionDataset:
                 parse_tag_list(exclude_tags), parse_replacements(tag_replacements), replace_underscores,
                 escape_brackets, max_tags,
             )  # fmt: skip
-            out = _folder(output_folder, must_exist=False) if output_folder.strip() else None
+            out = None
+            if output_folder.strip():
+                out = _folder(output_folder, "output_folder", write=True, must_exist=False)
             run = RunOptions(mode=mode, output_dir=out, recursive=include_subfolders, batch_size=batch_size)
-            source, model = _folder(folder), _tagger_files(tagger).model
-            on_progress, should_stop = _callbacks()
+            # captions are written beside the images unless an output folder is given
+            source = _folder(folder, "folder", write=out is None)
+            model = _tagger_files(tagger).model
+            on_progress, should_stop = bridge.progress_callbacks()
             report = caption_folder(source, model, options, run, on_progress, should_stop)
         except (TaggerError, ImageLoadError, OSError, ValueError) as e:
             raise RuntimeError(f"[{CAPTION_NODE}] {e}") from e
@@ -185,7 +150,8 @@ class CaptionDataset:
 class PrepareImages:
     DESCRIPTION = (
         "Crops or resizes a folder of images to aspect-ratio buckets or a fixed size, applies EXIF rotation and "
-        "converts to RGB, writing into a new folder. The originals are never changed."
+        "converts to RGB, writing into a new folder. The originals are never changed, and no file already in the "
+        "output folder is replaced."
     )
     CATEGORY = CATEGORY
     FUNCTION = "execute"
@@ -201,8 +167,8 @@ class PrepareImages:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "source_folder": ("STRING", {"default": "dataset", "tooltip": "Images to prepare: relative to ComfyUI's input directory, or absolute. Never modified."}),
-                "output_folder": ("STRING", {"default": "dataset_prepared", "tooltip": "A new folder for the results (relative to the input directory, or absolute). Must not be the source folder."}),
+                "source_folder": ("STRING", {"default": "dataset", "tooltip": "Images to prepare. Never modified. " + FOLDER_TIP}),
+                "output_folder": ("STRING", {"default": "dataset_prepared", "tooltip": "A new folder for the results; files already there are kept, never replaced. Must not be the source folder. " + WRITE_TIP}),
                 "target": (["buckets", "fixed"], {"default": "buckets", "tooltip": "buckets: the aspect-ratio bucket nearest each image (area resolution x resolution, sides multiples of 64). fixed: width x height."}),
                 "resolution": ("INT", {"default": 1024, "min": 256, "max": 4096, "step": 64, "tooltip": "Bucket resolution (512 for SD1.5, 1024 for SDXL)."}),
                 "width": ("INT", {"default": 1024, "min": 64, "max": 8192, "step": 8, "tooltip": "Width for target 'fixed'."}),
@@ -213,7 +179,7 @@ class PrepareImages:
                 "output_format": (["png", "jpg", "webp"], {"default": "png", "tooltip": "png is lossless; jpg and webp are written at quality 95."}),
                 "allow_upscale": ("BOOLEAN", {"default": True, "tooltip": "Off: images smaller than their target are skipped instead of enlarged."}),
                 "include_subfolders": ("BOOLEAN", {"default": False, "tooltip": "Also prepare subfolders, keeping their layout."}),
-                "copy_captions": ("BOOLEAN", {"default": True, "tooltip": "Copy each image's existing .txt caption next to the prepared image."}),
+                "copy_captions": ("BOOLEAN", {"default": True, "tooltip": "Copy each image's existing .txt caption next to the prepared image (an existing .txt there is kept; captions over 64 KB are cut, with a note)."}),
             },
         }  # fmt: skip
 
@@ -227,8 +193,9 @@ class PrepareImages:
             options = PrepareOptions(target=target, resolution=resolution, width=width, height=height, fit=fit,
                                      allow_upscale=allow_upscale, output_format=output_format,
                                      recursive=include_subfolders, copy_captions=copy_captions)  # fmt: skip
-            source, out = _folder(source_folder), _folder(output_folder, must_exist=False)
-            on_progress, should_stop = _callbacks()
+            source = _folder(source_folder, "source_folder")
+            out = _folder(output_folder, "output_folder", write=True, must_exist=False)
+            on_progress, should_stop = bridge.progress_callbacks()
             report = prepare_images(source, out, options, on_progress, should_stop)
         except (OSError, ValueError) as e:
             raise RuntimeError(f"[{PREPARE_NODE}] {e}") from e

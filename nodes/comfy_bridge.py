@@ -447,3 +447,54 @@ def save_sample(image: torch.Tensor, run_name: str, step: int) -> str:
     Image.fromarray(pixels).save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
+
+
+# --- folders the dataset nodes may read and write (issue #14), taggers, progress for the caption nodes ---
+# lora_core.confine owns the rule; this block only gathers the folders from ComfyUI's folder_paths.
+
+PACK_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+TAGGERS = "taggers"
+# folder_paths names that are not data folders: custom_nodes holds other packs' code and settings.
+NOT_DATA_FOLDERS = frozenset({"custom_nodes"})
+
+
+def confinement_roots():
+    """lora_core.confine.Roots of this server: input and output (read and write), every registered models
+    folder incl. extra_model_paths (read only), the owner's folders (read and write). The pack's own
+    folder, where allowed_folders.txt lives, is never written. Read on every call, so an edited
+    allowed_folders.txt or environment takes effect without a restart."""
+    from ..lora_core.confine import ALLOWED_FILE, Roots, owner_folders
+
+    model_dirs = [
+        path
+        for name, (paths, _exts) in list(folder_paths.folder_names_and_paths.items())
+        if name not in NOT_DATA_FOLDERS
+        for path in paths
+    ]
+    owner = owner_folders(os.environ, os.path.join(PACK_DIR, ALLOWED_FILE))
+    for entry in owner.ignored:
+        log.warning("LoRA Foundry: allowed folder %r ignored: give an absolute path", entry)
+    return Roots.build(folder_paths.get_input_directory(), folder_paths.get_output_directory(), model_dirs,
+                       owner.folders, protected=(PACK_DIR,))  # fmt: skip
+
+
+def tagger_folders() -> list[str]:
+    """models/taggers (registered on first use unless the user set a 'taggers' path, e.g. in
+    extra_model_paths.yaml, which ComfyUI reads before loading packs) and any extra ones."""
+    if TAGGERS not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(TAGGERS, os.path.join(folder_paths.models_dir, TAGGERS))
+    return folder_paths.get_folder_paths(TAGGERS)
+
+
+def progress_callbacks(total_hint: int = 1) -> tuple[Callable[[int, int], None], Callable[[], bool]]:
+    """ComfyUI's progress bar and Cancel button as lora_core's on_progress / should_stop callbacks."""
+    bar = comfy.utils.ProgressBar(total_hint)
+
+    def on_progress(done: int, total: int) -> None:
+        bar.update_absolute(done, total)
+
+    def should_stop() -> bool:
+        comfy.model_management.throw_exception_if_processing_interrupted()  # raises on Cancel
+        return False
+
+    return on_progress, should_stop

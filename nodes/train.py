@@ -3,13 +3,13 @@ and Train LoRA (the run, its checkpoints, live loss, and the result applied to M
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..lora_core.budget import TrainSettings, check_fits, train_need
+from ..lora_core.confine import resolve_folder
 from ..lora_core.savefile import safe_output_name
 from ..lora_core.train.dataset import Batches, DatasetOptions, build_dataset, scan_dataset, tag_frequency
 from ..lora_core.train.network import (
@@ -56,7 +56,7 @@ class LoraTrainingDataset:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "folder": _tip(("STRING", {"default": "lora_dataset"}), "Folder of images and .txt captions: relative to ComfyUI's input folder, or an absolute path."),
+                "folder": _tip(("STRING", {"default": "lora_dataset"}), "Folder of images and .txt captions, inside ComfyUI's input folder (relative names start there); absolute paths work inside input, output, the models folders or a folder the server's owner allowed (allowed_folders.txt). Links leading out of the folder are skipped."),
                 "vae": _tip(("VAE",), "Encodes the images to latents once, before training."),
                 "clip": _tip(("CLIP",), "Encodes the captions once (unless tags are shuffled)."),
                 "resolution": _tip(("INT", {"default": 512, "min": 64, "max": 2048, "step": 64}), "Training resolution: images go to buckets of about this many pixels squared."),
@@ -93,17 +93,8 @@ def _encoder_id(vae, clip, cache: str) -> str:
 
 
 def _dataset_folder(folder: str) -> Path:
-    text = folder.strip()
-    if not text:
-        raise ValueError("`folder` is empty: give a folder inside ComfyUI's input folder or an absolute path")
-    path = Path(os.path.expanduser(text))
-    path = path if path.is_absolute() else Path(bridge.input_directory()) / path
-    if not path.is_dir():
-        raise NotADirectoryError(
-            f"`folder` {path} is not a folder: give a path relative to ComfyUI's input folder "
-            f"({bridge.input_directory()}) or an absolute path"
-        )
-    return path
+    """The folder's real path, confined to the folders this server lets nodes read (lora_core.confine)."""
+    return resolve_folder(folder, bridge.confinement_roots(), "folder")
 
 
 @dataclass(frozen=True)

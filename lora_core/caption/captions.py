@@ -1,4 +1,5 @@
-"""From tag probabilities to caption text: thresholds, ordering, exclusions, formatting, merging."""
+"""Caption text: from tag probabilities (thresholds, ordering, exclusions, formatting), merging, and
+reading and writing caption files."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..confine import CAPTION_LIMIT, NotRegularFileError, leaves, read_text_capped
 from .tagger import CHARACTER, GENERAL, TagList
 
 # Tags whose underscores are the face itself; the reference taggers leave them alone.
@@ -156,14 +158,42 @@ def caption_text(tags: list[str]) -> str:
     return ", ".join(tags) + "\n"
 
 
-def read_caption(path: Path) -> str | None:
-    """An existing caption's text, or None when there is none. Undecodable files raise ValueError."""
+@dataclass(frozen=True)
+class CaptionRead:
+    """An existing caption file as read: its text (None when there is none to use) and, when it was
+    cut or left unread, why, for the node's summary."""
+
+    text: str | None
+    note: str = ""
+    truncated: bool = False
+
+
+def read_caption(path: Path, folder: Path | None = None, limit: int = CAPTION_LIMIT) -> CaptionRead:
+    """An existing caption's text, read as an untrusted file.
+
+    Only a regular file is read (a FIFO or device is never opened for blocking reads), at most `limit`
+    bytes of it; with `folder`, a caption whose real path leaves that folder (a symlink out of the
+    data set) is not read at all. Text that is not UTF-8 raises ValueError (the caller decides).
+    """
+    path = Path(path)
+    if folder is not None and os.path.lexists(path) and leaves(path, folder):
+        return CaptionRead(None, f"caption {path.name} is a link leading outside the folder; not read")
     try:
-        return Path(path).read_text(encoding="utf-8-sig")
+        read = read_text_capped(path, limit)
     except FileNotFoundError:
-        return None
+        return CaptionRead(None)
+    except NotRegularFileError:
+        return CaptionRead(
+            None, f"caption {path.name} is not a regular file (FIFO, device or socket); not read"
+        )
+    except OSError as error:
+        return CaptionRead(None, f"caption {path.name} cannot be read ({error.strerror or error}); not used")
     except UnicodeDecodeError as error:
-        raise ValueError(f"existing caption {path} is not UTF-8 text; it was left as it is") from error
+        raise ValueError(f"existing caption {path.name} is not UTF-8 text; it was left as it is") from error
+    if read.truncated:
+        note = f"caption {path.name} is longer than {limit // 1024} KB; only its first {limit // 1024} KB are used"
+        return CaptionRead(read.text, note, truncated=True)
+    return CaptionRead(read.text)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import stat
 import sys
 import threading
 from collections import Counter
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..confine import CAPTION_LIMIT, leaves, make_folder_within
 from .captions import (
     CaptionOptions,
     build_caption,
@@ -127,23 +129,40 @@ def _rel(path: Path, folder: Path) -> str:
 
 @dataclass
 class _Plan:
+    root: str  # real path of the folder captions are written in (the output folder or the image folder)
     work: list[tuple[Path, Path]] = field(default_factory=list)  # (image, caption path)
     skipped: list[Problem] = field(default_factory=list)
 
 
+def _unusable_caption(target: Path, root: str) -> str | None:
+    """Why an existing caption path must be left alone whatever the mode, or None."""
+    if not os.path.lexists(target):
+        return None
+    if leaves(target, root):
+        return f"its caption {target.name} is a link leading outside the folder; left as it is"
+    try:
+        regular = stat.S_ISREG(os.stat(target).st_mode)
+    except OSError:
+        regular = False  # a broken link inside the folder
+    return None if regular else f"its caption {target.name} is not a regular file; left as it is"
+
+
 def plan_captions(folder: Path, options: RunOptions) -> _Plan:
     """Which images to tag and where each caption goes; skip mode and name clashes decided here."""
-    scan = scan_folder(folder, options.recursive, exclude=options.output_dir)
-    plan = _Plan(skipped=list(scan.problems))
+    scan = scan_folder(folder, options.recursive, exclude=options.output_dir, keep_suffix=options.extension)
+    plan = _Plan(os.path.realpath(options.output_dir or folder), skipped=list(scan.problems))
     owners: dict[Path, Path] = {}
     for image in scan.images:
         base = options.output_dir / image.parent.relative_to(folder) if options.output_dir else image.parent
         target = base / (image.stem + options.extension)
+        unusable = _unusable_caption(target, plan.root)
         if target in owners:
             reason = (
                 f"its caption {target.name} would be the same file as {owners[target].name}'s; rename one"
             )
             plan.skipped.append(Problem(image, reason))
+        elif unusable:
+            plan.skipped.append(Problem(image, unusable))
         elif options.mode == "skip" and target.exists():
             plan.skipped.append(Problem(image, f"already has a caption ({target.name}); mode is 'skip'"))
             owners[target] = image
@@ -220,14 +239,20 @@ def _prefetch(
         thread.join(timeout=30)
 
 
-def _write_one(
-    image: Path, target: Path, new_tags: list[str], options: CaptionOptions, mode: str
-) -> list[str]:
+def _write_one(target: Path, new_tags: list[str], options: CaptionOptions, mode: str, root: str) -> list[str]:
+    """Writes one caption inside `root` (the user chose overwrite / append for existing ones)."""
     tags = new_tags
     if mode == "append":
-        existing = read_caption(target)
-        if existing is not None:
-            tags = merge_caption(existing, new_tags, options.trigger_word)
+        existing = read_caption(target, root)
+        if existing.truncated:
+            raise ValueError(
+                f"existing caption {target.name} is longer than {CAPTION_LIMIT // 1024} KB; left as it is"
+            )
+        if existing.note:
+            raise ValueError(existing.note)
+        if existing.text is not None:
+            tags = merge_caption(existing.text, new_tags, options.trigger_word)
+    make_folder_within(target.parent, root)
     write_text_atomic(target, caption_text(tags))
     return tags
 
@@ -271,7 +296,7 @@ def caption_folder(
             for (image, target), scores in zip(batch.items, probs, strict=True):
                 new_tags = build_caption(scores, tagger.tags, caption_options)
                 try:
-                    tags = _write_one(image, target, new_tags, caption_options, run_options.mode)
+                    tags = _write_one(target, new_tags, caption_options, run_options.mode, plan.root)
                 except (OSError, ValueError) as error:
                     failed.append(Problem(image, f"caption not written: {error}"))
                     continue

@@ -1,14 +1,18 @@
-"""Finding image files in a folder and decoding them safely: each failure is a reason, never a crash."""
+"""Finding image files in an untrusted folder and decoding them safely: each failure is a reason, never a
+crash, and nothing outside the folder or other than a regular file is read."""
 
 from __future__ import annotations
 
 import math
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..confine import NotRegularFileError, is_within, open_regular
 from .preprocess import to_rgb
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -37,14 +41,25 @@ class FolderScan:
     problems: tuple[Problem, ...]
 
 
-def scan_folder(folder: Path, recursive: bool = False, exclude: Path | None = None) -> FolderScan:
+LINK_OUT = "a link leading outside the folder; skipped"
+NOT_REGULAR = "not a regular file (FIFO, device or socket); skipped"
+
+
+def scan_folder(
+    folder: Path, recursive: bool = False, exclude: Path | None = None, keep_suffix: str = ".txt"
+) -> FolderScan:
     """Image files under `folder` (sorted; hidden entries ignored). Unreadable subfolders are reported.
 
+    The folder is untrusted: an entry whose real path leaves it (a symlinked image or folder pointing
+    elsewhere) and an image name that is not a regular file (a FIFO, device or socket) are reported by
+    name and skipped. Linked subfolders are never followed. Links named `*<keep_suffix>` are left to
+    the caption reader, which reports them where a caption is wanted.
     Raises NotADirectoryError / PermissionError when `folder` itself cannot be listed.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise NotADirectoryError(f"folder {folder} does not exist or is not a folder")
+    real = os.path.realpath(folder)
     images: list[Path] = []
     problems: list[Problem] = []
     pending = [folder]
@@ -62,12 +77,32 @@ def scan_folder(folder: Path, recursive: bool = False, exclude: Path | None = No
             if entry.name.startswith("."):
                 continue
             path = Path(entry.path)
-            if recursive and entry.is_dir(follow_symlinks=False):
+            if entry.is_symlink() and not is_within(os.path.realpath(path), real):
+                if path.suffix.lower() != keep_suffix:
+                    problems.append(Problem(path, LINK_OUT))
+            elif recursive and entry.is_dir(follow_symlinks=False):
                 if excluded is None or path.resolve() != excluded:
                     pending.append(path)
-            elif path.suffix.lower() in IMAGE_EXTENSIONS and entry.is_file():
-                images.append(path)
+            elif path.suffix.lower() in IMAGE_EXTENSIONS:
+                kind = _kind(entry)
+                if kind == "file":
+                    images.append(path)
+                elif kind != "dir":
+                    problems.append(
+                        Problem(path, NOT_REGULAR if kind == "other" else "a broken link; skipped")
+                    )
     return FolderScan(tuple(sorted(images)), tuple(problems))
+
+
+def _kind(entry: os.DirEntry) -> str:
+    """'file', 'dir', 'other' (FIFO, device, socket) or 'missing' (a broken link) for a scanned entry."""
+    try:
+        mode = entry.stat().st_mode
+    except FileNotFoundError:
+        return "missing"
+    except OSError:
+        return "other"
+    return "file" if stat.S_ISREG(mode) else "dir" if stat.S_ISDIR(mode) else "other"
 
 
 def _draft_request(size: tuple[int, int], target: int) -> tuple[int, int]:
@@ -81,15 +116,11 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def _open_checked(path: Path, max_pixels: int) -> Image.Image:
-    try:
-        size = path.stat().st_size
-    except OSError as error:
-        raise ImageLoadError(f"cannot read file: {error.strerror or error}") from error
-    if size == 0:
+def _open_checked(handle: BinaryIO, max_pixels: int) -> Image.Image:
+    if os.fstat(handle.fileno()).st_size == 0:
         raise ImageLoadError("empty file (0 bytes)")
     try:
-        image = Image.open(path)
+        image = Image.open(handle)
     except UnidentifiedImageError as error:
         raise ImageLoadError("not an image Pillow can read (unknown or damaged format)") from error
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -104,6 +135,15 @@ def _open_checked(path: Path, max_pixels: int) -> Image.Image:
     return image
 
 
+def _open_file(path: Path) -> BinaryIO:
+    try:
+        return open_regular(path)
+    except NotRegularFileError as error:
+        raise ImageLoadError("not a regular file (FIFO, device or socket)") from error
+    except OSError as error:
+        raise ImageLoadError(f"cannot read file: {error.strerror or error}") from error
+
+
 def load_image(
     path: Path, draft_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> Image.Image:
@@ -112,7 +152,11 @@ def load_image(
     With `draft_size`, JPEGs are decoded at a reduced DCT scale whose longest side is still
     >= draft_size (much faster for large photos). Raises ImageLoadError with the reason.
     """
-    image = _open_checked(Path(path), max_pixels)
+    with _open_file(Path(path)) as handle:
+        return _decode(_open_checked(handle, max_pixels), draft_size)
+
+
+def _decode(image: Image.Image, draft_size: int | None) -> Image.Image:
     try:
         with image:
             if getattr(image, "is_animated", False):

@@ -1,15 +1,18 @@
-"""Prepare Images: crop or resize a folder to aspect-ratio buckets or a fixed size, into a new folder."""
+"""Prepare Images: crop or resize a folder to aspect-ratio buckets or a fixed size, into a new folder,
+without ever replacing a file there."""
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from .captions import write_text_atomic
+from ..confine import create_new, make_folder_within
+from .captions import read_caption
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, Problem, load_image, scan_folder
 
 TARGETS = ("buckets", "fixed")
@@ -64,10 +67,12 @@ class PrepareReport:
     output: Path
     written: tuple[Prepared, ...]
     skipped: tuple[Problem, ...]
+    notes: tuple[Problem, ...] = ()  # images written whose caption was cut, kept or not copied
 
     def summary(self) -> str:
         lines = [f"{self.source} -> {self.output}: {len(self.written)} written, {len(self.skipped)} skipped"]
         lines += [f"  skipped {p.path.name}: {p.reason}" for p in self.skipped]
+        lines += [f"  note {p.path.name}: {p.reason}" for p in self.notes]
         return "\n".join(lines)
 
 
@@ -124,15 +129,20 @@ def _check_folders(source: Path, output: Path, recursive: bool) -> None:
         raise ValueError(f"output {output} exists and is not a folder")
 
 
-def _save_atomic(image: Image.Image, path: Path, fmt: str) -> None:
-    """Saved through a temp name and renamed; no EXIF is written (orientation is already applied)."""
+def _save_new(image: Image.Image, path: Path, fmt: str) -> None:
+    """Saved as a new file (never over an existing one); no EXIF is written (orientation is applied)."""
     kind, params = FORMATS[fmt]
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        image.save(tmp, kind, **params)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    create_new(path, lambda tmp: image.save(tmp, kind, **params))
+
+
+def _write_caption_new(path: Path, text: str) -> None:
+    create_new(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline="\n"))
+
+
+@dataclass(frozen=True)
+class _Where:
+    source_real: str  # real paths: captions are read only from inside the source,
+    output_real: str  # and every file is written only inside the output
 
 
 def prepare_images(
@@ -142,14 +152,20 @@ def prepare_images(
     on_progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> PrepareReport:
-    """Write a prepared copy of every image in `source` into `output`; existing files there are kept."""
+    """Write a prepared copy of every image in `source` into `output`.
+
+    No existing file is ever replaced: an image or caption whose name is taken in `output` is kept
+    and reported, so the folder can be re-run and a user's files there are safe.
+    """
     source, output = Path(source), Path(output)
     options = options or PrepareOptions()
     _check_folders(source, output, options.recursive)
     scan = scan_folder(source, options.recursive)
+    output.mkdir(parents=True, exist_ok=True)  # confined by the caller; levels below are checked
+    where = _Where(os.path.realpath(source), os.path.realpath(output))
     buckets = make_buckets(options.resolution, options.bucket_step) if options.target == "buckets" else []
     written: list[Prepared] = []
-    skipped = list(scan.problems)
+    skipped, notes = list(scan.problems), []
     claimed: set[Path] = set()
     for done, path in enumerate(scan.images):
         if should_stop is not None and should_stop():
@@ -158,21 +174,28 @@ def prepare_images(
         dest = folder / f"{path.stem}.{options.output_format}"
         if dest in claimed:  # a.jpg and a.png in one folder
             dest = folder / f"{path.stem}_{path.suffix.lstrip('.').lower()}.{options.output_format}"
-        problem = _prepare_one(path, dest, options, buckets)
+        problem = _prepare_one(path, dest, options, buckets, where)
         if problem:
             skipped.append(problem)
         else:
             claimed.add(dest)
             with Image.open(dest) as saved:
                 written.append(Prepared(path, dest, saved.size))
+            note = _copy_caption(path, dest, options, where) if options.copy_captions else None
+            if note:
+                notes.append(Problem(path, note))
         if on_progress:
             on_progress(done + 1, len(scan.images))
-    return PrepareReport(source, output, tuple(written), tuple(skipped))
+    return PrepareReport(source, output, tuple(written), tuple(skipped), tuple(notes))
 
 
-def _prepare_one(path: Path, dest: Path, options: PrepareOptions, buckets: list) -> Problem | None:
-    if dest.exists():
-        return Problem(path, f"{dest} already exists in the output folder; it was kept (delete it to redo)")
+def _prepare_one(
+    path: Path, dest: Path, options: PrepareOptions, buckets: list, where: _Where
+) -> Problem | None:
+    if os.path.lexists(dest):
+        return Problem(
+            path, f"{dest.name} already exists in the output folder; it was kept (delete it to redo)"
+        )
     try:
         image = load_image(path, max_pixels=options.max_pixels)
     except ImageLoadError as error:
@@ -183,11 +206,30 @@ def _prepare_one(path: Path, dest: Path, options: PrepareOptions, buckets: list)
             path, f"{image.width}x{image.height} is smaller than {target[0]}x{target[1]}; upscaling is off"
         )
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        _save_atomic(fit_image(image, target, options.fit), dest, options.output_format)
-        caption = path.with_suffix(".txt")
-        if options.copy_captions and caption.is_file():
-            write_text_atomic(dest.with_suffix(".txt"), caption.read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError, UnicodeDecodeError) as error:
-        return Problem(path, f"cannot write {dest}: {error}")
+        make_folder_within(dest.parent, where.output_real)
+        _save_new(fit_image(image, target, options.fit), dest, options.output_format)
+    except FileExistsError:
+        return Problem(
+            path, f"{dest.name} already exists in the output folder; it was kept (delete it to redo)"
+        )
+    except (OSError, ValueError) as error:
+        return Problem(path, f"cannot write {dest.name}: {error}")
     return None
+
+
+def _copy_caption(path: Path, dest: Path, options: PrepareOptions, where: _Where) -> str | None:
+    """Copies the image's caption beside its prepared copy, as a new file; returns a note, or None."""
+    try:
+        caption = read_caption(path.with_suffix(".txt"), where.source_real)
+    except ValueError as error:  # not UTF-8
+        return str(error)
+    if caption.text is None:
+        return caption.note or None
+    target = dest.with_suffix(".txt")
+    try:
+        _write_caption_new(target, caption.text)
+    except FileExistsError:
+        return f"{target.name} already exists in the output folder; it was kept, not replaced by the copy"
+    except OSError as error:
+        return f"caption not copied to {target.name}: {error.strerror or error}"
+    return caption.note or None

@@ -2,7 +2,7 @@
 
 Folder layout (kohya): images with same-name ``.txt`` captions, either directly in the folder
 (``default_repeats`` each) or in ``N_name`` subfolders repeated N times per epoch. Nothing in the
-folder is written. Latents are encoded once per image (and once more flipped when flips are on);
+folder is written, and nothing outside it is read (links leading out are skipped and reported). Latents are encoded once per image (and once more flipped when flips are on);
 caption embeddings once per distinct caption when captions do not change between steps. The
 cache lives in memory, or on disk as safetensors keyed by file, size, time, bucket and encoder.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import random
 import re
 from collections import Counter
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from ..caption.captions import read_caption, split_caption
 from ..caption.images import ImageLoadError, Problem, load_image, scan_folder
+from ..confine import is_within
 from .buckets import Size, center_crop, center_offset, make_buckets, nearest_bucket, resize_cover
 from .trainer import Batch
 
@@ -82,11 +84,17 @@ class DatasetScan:
 
 
 def scan_dataset(folder: Path, options: DatasetOptions) -> DatasetScan:
-    """Images and captions of a training folder, kohya ``N_name`` subfolders included."""
+    """Images and captions of a training folder, kohya ``N_name`` subfolders included.
+
+    The folder is untrusted: images, captions and N_name folders whose real path leaves it (symlinks
+    pointing elsewhere) are skipped and reported by name, captions are read only from regular files
+    and at most CAPTION_LIMIT bytes of each (cut ones are reported).
+    """
     folder = Path(folder)
+    real = os.path.realpath(folder)
     groups: list[tuple[Path, int, str]] = [(folder, options.default_repeats, folder.name)]
     problems: list[Problem] = []
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for sub in _subfolders(folder, real):
         m = REPEAT_DIR.match(sub.name)
         if m and int(m[1]) > 0:
             groups.append((sub, int(m[1]), sub.name))
@@ -94,18 +102,32 @@ def scan_dataset(folder: Path, options: DatasetOptions) -> DatasetScan:
             problems.append(Problem(sub, "subfolder ignored: name it N_name (e.g. 10_mychar) to train on it"))
     entries, missing = [], 0
     for path, repeats, subset in groups:
-        scan = scan_folder(path)
+        scan = scan_folder(path, keep_suffix=options.caption_extension)
         problems += scan.problems
         for image in scan.images:
-            text = read_caption(image.with_suffix(options.caption_extension))
-            missing += text is None
-            entries.append(ImageEntry(image, (text or "").strip(), repeats, subset))
+            caption = read_caption(image.with_suffix(options.caption_extension), real)
+            if caption.note:
+                problems.append(Problem(image.with_suffix(options.caption_extension), caption.note))
+            missing += caption.text is None
+            entries.append(ImageEntry(image, (caption.text or "").strip(), repeats, subset))
     if not entries:
         raise FileNotFoundError(
             f"no images found in {folder} (nor in N_name subfolders): put .png/.jpg files there "
             "with same-name .txt captions"
         )
     return DatasetScan(folder, tuple(entries), tuple(problems), missing)
+
+
+def _subfolders(folder: Path, real: str) -> list[Path]:
+    """Visible subfolders whose real path stays inside the data set (links out are reported by
+    scan_folder, which lists the top folder)."""
+    subs = []
+    for entry in os.scandir(folder):
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        if not entry.is_symlink() or is_within(os.path.realpath(entry.path), real):
+            subs.append(Path(entry.path))
+    return sorted(subs)
 
 
 def caption_tags(caption: str, trigger: str) -> list[str]:
@@ -176,6 +198,8 @@ class LatentDataset:
                 f"{self.scan.without_caption} images have no caption (trained with the trigger word only)"
             )
         lines += [f"skipped {p.path.name}: {p.reason}" for p in self.scan.problems[:10]]
+        if len(self.scan.problems) > 10:
+            lines.append(f"... and {len(self.scan.problems) - 10} more skipped")
         return "\n".join(lines)
 
 
