@@ -130,8 +130,12 @@ def clip_key_map(clip) -> dict:
 
 
 def weight_shapes(patcher) -> dict[str, tuple[int, ...]]:
-    """Shapes of a ModelPatcher's weights by key (no data is copied)."""
-    return {k: tuple(v.shape) for k, v in patcher.model.state_dict().items()}
+    """Shapes of a ModelPatcher's weights by key (no data is copied): its parameters and buffers,
+    what ModelPatcher can patch. Not its state dict, which for a quantized checkpoint (0.12's
+    comfy-kitchen layers) also holds ``comfy_quant`` / ``weight_scale`` entries that are no
+    weights; a QuantizedTensor parameter reports its logical shape."""
+    model = patcher.model
+    return {k: tuple(v.shape) for k, v in (*model.named_parameters(), *model.named_buffers())}
 
 
 def add_patches(patcher, patches: Mapping[object, Sequence[Term]]) -> int:
