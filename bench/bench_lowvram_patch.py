@@ -87,14 +87,23 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per side (default 5)")
     ap.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16", help="compute dtype")
+    ap.add_argument(
+        "--checkpoint", type=Path, default=None, help="default: the demo SD1.5 (ComfyUI's, else .comfyui's)"
+    )
     args = ap.parse_args()
+    ckpt = args.checkpoint or next(
+        (
+            p
+            for p in (base.CKPT, base.REPO / ".comfyui" / "models" / "checkpoints" / base.CKPT.name)
+            if p.exists()
+        ),
+        base.CKPT,
+    )
     dtype = getattr(torch, args.dtype)
     torch.set_num_threads(os.cpu_count() or 1)
-    print(
-        f"checkpoint: {base.CKPT.name}; torch {torch.__version__}; threads {torch.get_num_threads()}; {dtype}"
-    )
+    print(f"checkpoint: {ckpt}; torch {torch.__version__}; threads {torch.get_num_threads()}; {dtype}")
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
-        str(base.CKPT), output_vae=False, output_clip=True, model_options={"dtype": dtype}
+        str(ckpt), output_vae=False, output_clip=True, model_options={"dtype": dtype}
     )
     tmp = Path(tempfile.mkdtemp(prefix="lf_bench_"))
     folder_paths.folder_names_and_paths["loras"] = ([str(tmp)], folder_paths.supported_pt_extensions)
@@ -127,8 +136,8 @@ def main() -> int:
     stats = memory_and_accuracy(ours, core, weights, dtype)
     for side in ("core", "ours"):
         s = stats[side]
-        print(f"{side}: peak extra memory per call, worst weight {s['worst']:.3f}x its {args.dtype} size, "
-              f"over all weights {s['peak']:.3f}x; error vs float64 mean {s['err']:.3e}, worst {s['max_err']:.3e}")  # fmt: skip
+        print(f"{side}: peak extra memory per call, worst weight {s['worst']:.4f}x its {args.dtype} size, "
+              f"over all weights {s['peak']:.4f}x; error vs float64 mean {s['err']:.3e}, worst {s['max_err']:.3e}")  # fmt: skip
     print(f"mean error core / ours: {stats['core']['err'] / stats['ours']['err']:.2f}x")
     return 0
 
