@@ -17,7 +17,7 @@ import comfy.weight_adapter
 import folder_paths
 import torch
 
-from ..lora_core.patching import Term, apply_steps_, prepare
+from ..lora_core.patching import HALF_DTYPES, Term, apply_steps_, apply_steps_half_, prepare, sums_only
 
 log = logging.getLogger("lora_foundry")
 
@@ -38,11 +38,32 @@ def _is_identity(function) -> bool:
 
 
 class FoundryPatch(comfy.weight_adapter.WeightAdapterBase):
-    """All of a LoRA stack's terms for one weight, applied in one pass when the model loads.
+    """All of a LoRA stack's terms for one weight, applied in one pass.
 
-    The plain LoRAs among them are concatenated once, here, so each model load costs one GEMM
-    per weight. ModelPatcher calls ``calculate_weight`` lazily (also under low-VRAM loading) on
-    a float32 copy of the base weight, so the base model itself is never edited.
+    The plain LoRAs among them are concatenated once, here, so each call costs one GEMM per
+    weight. What ComfyUI hands to ``calculate_weight`` (read from both versions' source):
+
+    - The one-time patch when a model loads (``ModelPatcher.patch_weight_to_device``): a fresh
+      copy of the weight on the load device, in float32 on 0.3.x and in
+      ``comfy.model_management.lora_compute_dtype(device)`` since 0.8 (float16 on most CUDA
+      GPUs, float32 on the CPU), ``intermediate_dtype`` float32. A quantized weight (0.12's
+      comfy-kitchen QuantizedTensor, scaled fp8) arrives dequantized to a plain tensor; ComfyUI
+      rounds or re-quantizes the result into the weight's own format afterwards.
+    - Every forward of a weight left on the fly (``LowVramPatch``: partial low-VRAM loads, and on
+      0.12 with dynamic VRAM every patched weight): the weight as the layer casts it for that
+      forward, a fresh copy in the compute dtype (float32, float16 or bfloat16; dequantized),
+      ``intermediate_dtype`` equal to that dtype. 0.3.x turns other dtypes (fp8) into float32
+      first. This runs per step, per weight.
+    - ``offset``: a slice of a fused weight (Flux / SD3 q, k, v), passed as a narrowed view whose
+      returned value ComfyUI drops: it must be patched in place. ``function`` maps the change
+      before it is added (identity but for a few DiT targets).
+
+    So: a float32 weight is patched in place; a float16 / bfloat16 one in place too, without a
+    float32 copy (``lora_core.patching.apply_steps_half_``: temporaries under one weight's size
+    for LoRA runs), its products in ``intermediate_dtype`` when that is the weight's dtype (GEMMs
+    accumulating in float32, as LowVramPatch asks) and else in float32 blocks of rows; anything
+    else (other dtypes, DoRA / OFT-like terms, a function, a grown weight) through a float32 copy
+    rounded back. The base model itself is never edited.
     """
 
     name = "lora_foundry"
@@ -58,30 +79,44 @@ class FoundryPatch(comfy.weight_adapter.WeightAdapterBase):
         steps = self.steps
         if strength != 1.0:
             steps = prepare(tuple(Term(t.adapter, t.strength * strength) for t in self.terms))
-        if _is_identity(function) and weight.dtype == torch.float32:
-            # The usual case: ModelPatcher hands over a float32 working copy; patch it in place.
-            new = apply_steps_(steps, weight)
-            if new is weight:
-                return weight
-            if new.shape != weight.shape:  # a reshape_weight grew it: the model takes the new tensor
-                if offset is not None:
-                    raise ValueError(f"{key}: a LoRA that grows a weight cannot patch a slice of it")
-                return new
-            weight.copy_(new)
-            return weight
-        new = apply_steps_(steps, weight.to(torch.float32, copy=True)).to(weight.dtype)
-        if new.shape != weight.shape:
-            if offset is not None or not _is_identity(function):
-                raise ValueError(
-                    f"{key}: a LoRA that grows a weight cannot patch a slice of it or go through a function"
-                )
-            return new
-        if not _is_identity(function):
-            # ComfyUI's convention: ``function`` maps the change before it is added.
-            new = weight + function(new - weight)
-        # In place: with an offset, ComfyUI hands over a narrowed view and keeps the full tensor.
-        weight.copy_(new)
+        identity = _is_identity(function)
+        if identity and weight.dtype == torch.float32:
+            return _patch_float32_(steps, weight, key, offset)
+        if identity and weight.dtype in HALF_DTYPES and sums_only(steps):
+            # LowVramPatch asks for math in the weight's dtype; patch_weight_to_device in float32.
+            compute = weight.dtype if intermediate_dtype == weight.dtype else torch.float32
+            return apply_steps_half_(steps, weight, compute)
+        return _patch_through_float32_(steps, weight, key, offset, None if identity else function)
+
+
+def _patch_float32_(steps, weight, key: str, offset):
+    """The usual one-time patch: ModelPatcher's float32 working copy, patched in place."""
+    new = apply_steps_(steps, weight)
+    if new is weight:
         return weight
+    if new.shape != weight.shape:  # a reshape_weight grew it: the model takes the new tensor
+        if offset is not None:
+            raise ValueError(f"{key}: a LoRA that grows a weight cannot patch a slice of it")
+        return new
+    weight.copy_(new)
+    return weight
+
+
+def _patch_through_float32_(steps, weight, key: str, offset, function):
+    """Any other case, through a float32 copy rounded back into ``weight`` (in place)."""
+    new = apply_steps_(steps, weight.to(torch.float32, copy=True)).to(weight.dtype)
+    if new.shape != weight.shape:
+        if offset is not None or function is not None:
+            raise ValueError(
+                f"{key}: a LoRA that grows a weight cannot patch a slice of it or go through a function"
+            )
+        return new
+    if function is not None:
+        # ComfyUI's convention: ``function`` maps the change before it is added.
+        new = weight + function(new - weight)
+    # In place: with an offset, ComfyUI hands over a narrowed view and keeps the full tensor.
+    weight.copy_(new)
+    return weight
 
 
 def unet_key_map(model) -> dict:
@@ -95,8 +130,12 @@ def clip_key_map(clip) -> dict:
 
 
 def weight_shapes(patcher) -> dict[str, tuple[int, ...]]:
-    """Shapes of a ModelPatcher's weights by key (no data is copied)."""
-    return {k: tuple(v.shape) for k, v in patcher.model.state_dict().items()}
+    """Shapes of a ModelPatcher's weights by key (no data is copied): its parameters and buffers,
+    what ModelPatcher can patch. Not its state dict, which for a quantized checkpoint (0.12's
+    comfy-kitchen layers) also holds ``comfy_quant`` / ``weight_scale`` entries that are no
+    weights; a QuantizedTensor parameter reports its logical shape."""
+    model = patcher.model
+    return {k: tuple(v.shape) for k, v in (*model.named_parameters(), *model.named_buffers())}
 
 
 def add_patches(patcher, patches: Mapping[object, Sequence[Term]]) -> int:
