@@ -121,10 +121,11 @@ def write(spec: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    spec = json.loads(Path(argv[1]).read_text())
-    if spec.get("base_site"):  # after the venv's own packages: transformers 4 stays first
-        sys.path.append(spec["base_site"])
-    print(json.dumps(write(spec)))
+    """Write every spec of the JSON list in argv[1]: one interpreter start for them all."""
+    job = json.loads(Path(argv[1]).read_text())
+    sys.path.append(job["base_site"])  # after the venv's own packages: transformers 4 stays first
+    for spec in job["specs"]:
+        print(json.dumps(write(spec)))
     return 0
 
 
@@ -168,30 +169,33 @@ def transformers5_files(spec: dict, factors: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def transformers4_files(spec: dict, factors: Path) -> Path:
-    """The files diffusers + PEFT write for ``spec`` under transformers 4, by the venv's interpreter
-    in a subprocess; cached by the hash of this script, the spec, the pins and the factors."""
+def transformers4_files(jobs: list[tuple[dict, Path]]) -> list[Path]:
+    """The folders diffusers + PEFT write under transformers 4 for each (spec, factors), by the venv's
+    interpreter in one subprocess; each cached by the hash of this script, spec, pins and factors."""
+    folders = [FILES / _digest(spec, factors) for spec, factors in jobs]
+    todo = [(job, folder) for job, folder in zip(jobs, folders, strict=True)
+            if not (folder / "versions.json").is_file()]  # fmt: skip
+    if not todo:
+        return folders
     python = tf4_python()
-    folder = FILES / _digest(spec, factors)
-    if (folder / "versions.json").is_file():
-        return folder
     FILES.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=FILES, prefix=".writing-"))
     try:
-        full = {**spec, "factors": str(factors), "out_dir": str(tmp), "base_site": _base_site()}
-        (tmp / "spec.json").write_text(json.dumps(full))
-        done = subprocess.run([str(python), __file__, str(tmp / "spec.json")], capture_output=True, text=True,
-                              timeout=600)  # fmt: skip
+        specs = []
+        for i, ((spec, factors), _) in enumerate(todo):
+            (tmp / str(i)).mkdir()
+            specs.append({**spec, "factors": str(factors), "out_dir": str(tmp / str(i))})
+        (tmp / "job.json").write_text(json.dumps({"base_site": _base_site(), "specs": specs}))
+        done = subprocess.run([str(python), __file__, str(tmp / "job.json")], capture_output=True, text=True,
+                              timeout=900)  # fmt: skip
         if done.returncode != 0:
             raise RuntimeError(f"the transformers 4 writer failed: {done.stderr[-3000:]}")
-        if folder.exists():  # another run wrote it meanwhile
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
+        for i, (_, folder) in enumerate(todo):
+            if not folder.exists():  # else another run wrote it meanwhile
+                os.replace(tmp / str(i), folder)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return folders
 
 
 if __name__ == "__main__":

@@ -66,17 +66,44 @@ def random_factors(path, specs: list[dict], seed: int):
     return path
 
 
-def both_files(tmp_path_factory, pipeline: str, encoders: list[dict], seed: int, peft_folders=False):
-    """(transformers 5 folder, transformers 4 folder, the factors) : the peer tools' files of the same factors."""
+def peer_specs() -> dict[str, tuple[dict, int]]:
+    """Every file the tests need, by tag: (what the peer tools write, the seed of its factors)."""
+    s, x = model_factory.SD15_TINY, model_factory.SDXL_TINY
+    clip_l = encoder_spec("text_encoder", "CLIPTextModel", (s.clip_l_hidden, s.clip_l_layers), s.heads)
+    xl_l = encoder_spec("text_encoder", "CLIPTextModel", (x.clip_l_hidden, x.clip_l_layers), x.heads)
+    specs = {
+        "sd15": ({"pipeline": "StableDiffusionPipeline", "encoders": [clip_l], "peft_folders": True}, 51),
+        # lora_alpha 8 at rank 4, fc2 at 2 through alpha_pattern: diffusers' header carries both
+        "sd15_alpha": ({"pipeline": "StableDiffusionPipeline",
+                        "encoders": [{**clip_l, "alpha": 8, "alpha_pattern": {"fc2": 2}}]}, 52),
+    }  # fmt: skip
+    # diffusers' SDXL pipeline holds its second encoder as CLIPTextModelWithProjection, which keeps a
+    # ``text_model`` attribute under transformers 5; a trainer that builds it as a bare CLIPTextModel
+    # writes ``text_encoder_2.encoder.layers...``. Both, with the first encoder flat.
+    for cls in ("CLIPTextModelWithProjection", "CLIPTextModel"):
+        xl_g = encoder_spec("text_encoder_2", cls, (x.clip_g_hidden, x.clip_g_layers), x.heads)
+        specs[f"xl_{cls}"] = ({"pipeline": "StableDiffusionXLPipeline", "encoders": [xl_l, xl_g]}, 53)
+    return specs
+
+
+@pytest.fixture(scope="module")
+def peer(tmp_path_factory) -> dict[str, tuple[Path, Path, dict]]:
+    """tag -> (transformers 5 folder, transformers 4 folder, the factors): the peer tools' files of
+    the same factors; the transformers 4 ones all in one subprocess (cached)."""
     tmp = tmp_path_factory.mktemp("te5")
-    factors = random_factors(tmp / "factors.safetensors", encoders, seed)
-    spec = {"pipeline": pipeline, "encoders": encoders, "peft_folders": peft_folders}
-    (tmp / "tf5").mkdir()
-    tf5 = te_peer.transformers5_files(spec, factors, tmp / "tf5")
-    tf4 = te_peer.transformers4_files(spec, factors)
-    assert json.loads((tf5 / "versions.json").read_text())["transformers"].startswith("5.")
-    assert json.loads((tf4 / "versions.json").read_text())["transformers"].startswith("4.")
-    return tf5, tf4, load_file(factors)
+    jobs, tf5 = [], {}
+    for tag, (spec, seed) in peer_specs().items():
+        factors = random_factors(tmp / f"{tag}.factors.safetensors", spec["encoders"], seed)
+        (tmp / tag).mkdir()
+        tf5[tag] = te_peer.transformers5_files(spec, factors, tmp / tag)
+        jobs.append((spec, factors))
+    tf4 = dict(zip(tf5, te_peer.transformers4_files(jobs), strict=True))
+    out = {}
+    for (tag, folder), (_, factors) in zip(tf5.items(), jobs, strict=True):
+        assert json.loads((folder / "versions.json").read_text())["transformers"].startswith("5.")
+        assert json.loads((tf4[tag] / "versions.json").read_text())["transformers"].startswith("4.")
+        out[tag] = (folder, tf4[tag], load_file(factors))
+    return out
 
 
 def install(loras_dir, src, name: str) -> str:
@@ -113,10 +140,8 @@ def matched_clip(report: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def sd15_files(tmp_path_factory):
-    s = model_factory.SD15_TINY
-    enc = [encoder_spec("text_encoder", "CLIPTextModel", (s.clip_l_hidden, s.clip_l_layers), s.heads)]
-    return both_files(tmp_path_factory, "StableDiffusionPipeline", enc, seed=51, peft_folders=True)
+def sd15_files(peer):
+    return peer["sd15"]
 
 
 @pytest.mark.timeout(300)
@@ -162,13 +187,11 @@ def test_sd15_peft_folder_of_transformers5_equals_transformers4_and_core(sd15, l
 
 
 @pytest.mark.timeout(300)
-def test_header_alphas_of_a_transformers5_file_scale_as_diffusers_loads(sd15, loras_dir, tmp_path_factory):
+def test_header_alphas_of_a_transformers5_file_scale_as_diffusers_loads(sd15, loras_dir, peer):
     """lora_alpha 8 at rank 4 and an alpha_pattern (fc2: 2) in diffusers' header apply to the flat
     names as to the 4.x ones: each weight is W + (alpha / rank) * B @ A, computed here by hand."""
     s = model_factory.SD15_TINY
-    enc = [encoder_spec("text_encoder", "CLIPTextModel", (s.clip_l_hidden, s.clip_l_layers), s.heads,
-                        alpha=8, alpha_pattern={"fc2": 2})]  # fmt: skip
-    tf5, tf4, factors = both_files(tmp_path_factory, "StableDiffusionPipeline", enc, seed=52)
+    tf5, tf4, factors = peer["sd15_alpha"]
     name5 = install(
         loras_dir, tf5 / "diffusers" / "pytorch_lora_weights.safetensors", "te5/alpha_tf5.safetensors"
     )
@@ -193,17 +216,12 @@ def test_header_alphas_of_a_transformers5_file_scale_as_diffusers_loads(sd15, lo
 
 
 @pytest.fixture(scope="module", params=["WithProjection", "CLIPTextModel"])
-def sdxl_files(request, tmp_path_factory):
-    """diffusers' SDXL pipeline holds its second encoder as CLIPTextModelWithProjection, which keeps a
-    ``text_model`` attribute under transformers 5; a trainer that builds it as a bare CLIPTextModel
-    writes ``text_encoder_2.encoder.layers...``. Both, with the first encoder flat."""
-    s = model_factory.SDXL_TINY
-    te2_cls = "CLIPTextModelWithProjection" if request.param == "WithProjection" else "CLIPTextModel"
-    enc = [
-        encoder_spec("text_encoder", "CLIPTextModel", (s.clip_l_hidden, s.clip_l_layers), s.heads),
-        encoder_spec("text_encoder_2", te2_cls, (s.clip_g_hidden, s.clip_g_layers), s.heads),
+def sdxl_files(request, peer):
+    """SDXL files whose second encoder was a CLIPTextModelWithProjection (as in diffusers' pipeline)
+    or a bare CLIPTextModel (see peer_specs)."""
+    return request.param, peer[
+        "xl_CLIPTextModelWithProjection" if request.param == "WithProjection" else "xl_CLIPTextModel"
     ]
-    return request.param, both_files(tmp_path_factory, "StableDiffusionXLPipeline", enc, seed=53)
 
 
 @pytest.mark.timeout(300)
@@ -347,3 +365,48 @@ def test_resize_of_a_transformers5_kohya_file_writes_kohya_names(sd15, loras_dir
     for k, v in out["tf4"].items():
         assert torch.equal(out["tf5"][k], v), k
     assert {t.shape[0] for k, t in out["tf5"].items() if k.endswith("lora_down.weight")} == {2}
+
+
+# --- every text encoder ComfyUI has a key map for ------------------------------------------------------
+
+# (label, module, class): ComfyUI's own text encoder classes, built on 'meta' (full size, no memory).
+FAMILIES = [
+    ("SD1.x CLIP-L", "comfy.sd1_clip", "SD1ClipModel"),
+    ("SD2.x OpenCLIP-H", "comfy.text_encoders.sd2_clip", "SD2ClipModel"),
+    ("SDXL CLIP-L + CLIP-G", "comfy.sdxl_clip", "SDXLClipModel"),
+    ("SDXL Refiner CLIP-G", "comfy.sdxl_clip", "SDXLRefinerClipModel"),
+    ("SD3 CLIP-L + CLIP-G + T5", "comfy.text_encoders.sd3_clip", "SD3ClipModel"),
+    ("Flux CLIP-L + T5", "comfy.text_encoders.flux", "FluxClipModel"),
+]
+CLIP_LAYER = r"clip_[lgh]\.transformer\.text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])\.weight"
+TE4_NAME = r"(text_encoder(_2)?\.text_model\.encoder\.layers\.|lora_(te|te1|te2|prior_te)_text_model_encoder_layers_)"
+
+
+@pytest.mark.parametrize(("label", "module", "cls"), FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_every_clip_layer_of_every_family_reads_in_the_transformers5_spelling(label, module, cls):
+    """Each transformers 4 CLIP name ComfyUI's key map holds (diffusers text_encoder. / text_encoder_2.,
+    kohya lora_te_ / te1_ / te2_ / prior_te_) has a flat twin that resolves to the same weight, and the
+    flat names reach every CLIP layer weight of the model; T5's names are left alone."""
+    import importlib
+    import re
+
+    import comfy.lora
+
+    from lora_foundry.lora_core.keymap import resolve
+
+    with torch.device("meta"):
+        model = getattr(importlib.import_module(module), cls)(device="meta")
+    key_map = comfy.lora.model_lora_keys_clip(model, {})
+    te4 = [n for n in key_map if re.match(TE4_NAME, n)]
+    flat = {n.replace("text_model.", "", 1).replace("text_model_", "", 1): n for n in te4}
+    assert not set(flat) & set(key_map)  # ComfyUI itself knows none of the flat names
+    res = resolve(flat, key_map)
+    assert res.unmatched == () and set(res.transformers5) == set(flat)
+    assert res.matched == {n5: key_map[n4] for n5, n4 in flat.items()}
+    layers = {k for k in model.state_dict() if re.fullmatch(CLIP_LAYER, k)}
+    assert layers and set(res.matched.values()) == layers, label  # every CLIP layer weight
+
+    t5 = [n for n in key_map if n.startswith("lora_te") and "_encoder_block_" in n]
+    assert bool(t5) == ("T5" in label)
+    res_t5 = resolve(t5, key_map)
+    assert res_t5.matched == {n: key_map[n] for n in t5} and res_t5.transformers5 == ()
