@@ -46,7 +46,8 @@ CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]  # as di
 # --- the writer (runs under either transformers) -----------------------------------------------
 
 
-def _encoder(spec: dict):
+def encoder(spec: dict):
+    """A transformers CLIP text encoder of class spec['cls'] with random weights (tiny sizes)."""
     import transformers
 
     config = transformers.CLIPTextConfig(
@@ -98,7 +99,7 @@ def write(spec: dict) -> dict:
             target_modules=CLIP_TARGETS,
             init_lora_weights=False,
         )
-        model = peft.get_peft_model(_encoder(enc), config)
+        model = peft.get_peft_model(encoder(enc), config)
         expected = sum(1 for k in factors if k.startswith(enc["component"] + "."))
         if _set_factors_(model, enc["component"], factors) != expected:
             raise RuntimeError(f"{enc['component']}: not every factor found its PEFT module")
