@@ -1,14 +1,15 @@
 """Text-encoder LoRA files written by diffusers + PEFT themselves, under transformers 5 (the test
 environment) and transformers 4 (a small venv beside it, built once and cached).
 
-Run as a script (``python te_peer.py SPEC.json``), in either environment, it builds tiny CLIP
+Run as a script (``python te_peer.py JOB.json``, a list of specs), it builds tiny CLIP
 text encoders with transformers' own classes, wraps them with PEFT's ``get_peft_model``, sets the
 LoRA factors it is given and saves them as diffusers' ``save_lora_weights`` does (and, if asked,
 as PEFT's ``save_pretrained``): the module names in the file are the ones that transformers
-version gives. Imported by the tests, it builds the transformers 4 venv when missing (pinned
-wheels, ``--no-deps``; torch, peft and the rest come from the test environment, placed after the
-venv's own packages so they cannot shadow them) and caches each file it makes there by the hash
-of everything that went into it.
+version gives. Imported by the tests, it writes the transformers 5 files in-process and builds the
+transformers 4 venv when missing (pinned wheels, ``--no-deps``; torch, numpy, safetensors and the
+rest come from the test environment's site-packages, appended after the venv's own so they cannot
+shadow them; nothing is installed into the test environment), then caches each file it makes
+there by the hash of everything that went into it.
 
 Only the standard library is imported at module level: the venv's interpreter runs this file.
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 
 # The last transformers 4 release, with the hub, tokenizers and diffusers releases of its time that
 # accept it (diffusers 0.36+ wants huggingface_hub >= 1, which transformers 4 refuses); peft and
-# accelerate as in the test environment.
+# accelerate at the test environment's versions.
 TF4_PINS = (
     "transformers==4.57.6",
     "huggingface_hub==0.36.2",
