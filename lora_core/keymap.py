@@ -12,6 +12,8 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
+from .te_names import te4_name
+
 # Prefixes that tell which part of the model a module belongs to, longest first.
 _PREFIXES: tuple[tuple[str, str], ...] = (
     ("unet.base_model.model.", "unet"),
@@ -39,6 +41,8 @@ _DOTTED = {
 class Resolution:
     matched: dict[str, object]  # module name (file spelling) -> key-map target
     unmatched: tuple[str, ...]
+    # matched names that only matched in their transformers 4 spelling (lora_core.te_names)
+    transformers5: tuple[str, ...] = ()
 
 
 def _split_prefix(name: str) -> tuple[str, str] | None:
@@ -63,7 +67,15 @@ def _processor_path(path: str) -> str:
 
 
 def candidates(name: str) -> Iterator[str]:
-    """Spellings to try for one module name, the name itself first."""
+    """Spellings to try for one module name, the name itself first, then (for a text-encoder name
+    transformers 5 wrote) those of its transformers 4 spelling."""
+    yield from _spellings(name)
+    renamed = te4_name(name)
+    if renamed is not None:
+        yield from _spellings(renamed)
+
+
+def _spellings(name: str) -> Iterator[str]:
     yield name
     if name.startswith("lycoris_"):  # SimpleTuner's spelling of lora_unet_
         yield "lora_unet_" + name[len("lycoris_") :]
@@ -86,13 +98,22 @@ def resolve(modules: Iterable[str] | Mapping[str, object], key_map: Mapping[str,
     """Match each module name (the keys of ``modules``) to a key-map target; the rest are unmatched."""
     matched: dict[str, object] = {}
     unmatched: list[str] = []
+    renamed: list[str] = []
     for name in modules:
-        target = next((key_map[c] for c in candidates(name) if c in key_map), None)
+        target = _first(_spellings(name), key_map)
+        if target is None and (te4 := te4_name(name)) is not None:
+            target = _first(_spellings(te4), key_map)
+            if target is not None:
+                renamed.append(name)
         if target is None:
             unmatched.append(name)
         else:
             matched[name] = target
-    return Resolution(matched=matched, unmatched=tuple(unmatched))
+    return Resolution(matched=matched, unmatched=tuple(unmatched), transformers5=tuple(renamed))
+
+
+def _first(spellings: Iterable[str], key_map: Mapping[str, object]) -> object | None:
+    return next((key_map[c] for c in spellings if c in key_map), None)
 
 
 _NUMBERED = re.compile(r"^(.*?[._])\d+(?=[._]|$)")

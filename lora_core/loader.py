@@ -39,6 +39,7 @@ from .layouts import convert_layout
 from .lorafile import read_lora_file
 from .metadata import adapter_config_alphas, diffusers_alphas, trigger_words
 from .patching import Term
+from .te_names import naming_note
 
 log = logging.getLogger("lora_foundry")
 PARTS = ("unet", "clip")
@@ -311,8 +312,10 @@ def plan_lora(
     remaining = set(modules) | set(lora.parsed.bias_diffs)
     patches: dict[str, dict[object, tuple[Term, ...]]] = {}
     matched: dict[str, int] = {}
+    renamed: list[str] = []  # text-encoder names transformers 5 wrote, read in their 4.x spelling
     for part, key_map in key_maps.items():
         res = resolve({n: modules.get(n) for n in remaining}, key_map)
+        renamed += res.transformers5
         part_patches: dict[object, tuple[Term, ...]] = {}
         strength = strengths.get(part, 1.0)
         for name, target in res.matched.items():
@@ -334,7 +337,7 @@ def plan_lora(
         unmatched=tuple(sorted(remaining)),
         unused_keys=lora.parsed.unused_keys,
         ranks=tuple(sorted({r for a in modules.values() if (r := rank_of(a)) is not None})),
-        notes=lora.parsed.notes,
+        notes=lora.parsed.notes + naming_note(renamed),
     )
     if report.total_matched == 0:
         raise LoraMismatchError(

@@ -15,6 +15,7 @@ from .lorafile import read_lora_file
 from .lowrank import LoraModule
 from .resize import ResizeReport, resize_modules
 from .savefile import resolve_dtype, safe_output_name, save_lora
+from .te_names import kohya_te4_name
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,12 @@ def _kohya_modules(path: str) -> dict[str, LoraModule]:
                 "to get a kohya file, then resize that"
             )
         alpha = adapter.alpha if adapter.alpha is not None else float(adapter.rank)
-        modules[module] = LoraModule(adapter.up, adapter.down, float(alpha))
+        kohya = kohya_te4_name(module)  # transformers 5 text-encoder names are written as kohya's
+        if kohya in modules:
+            raise ValueError(
+                f"{name} holds module {kohya} twice, in its transformers 4 and 5 spellings; the file is damaged"
+            )
+        modules[kohya] = LoraModule(adapter.up, adapter.down, float(alpha))
     if not modules:
         raise ValueError(f"{name} holds no LoRA modules to resize")
     return modules

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-MODULES = ["adapters", "lorafile", "formats", "keymap", "detect", "metadata", "block_weights"]
+MODULES = ["adapters", "lorafile", "formats", "keymap", "detect", "metadata", "block_weights", "te_names"]
 # Registers the repo as package "lora_foundry" without running its __init__, as tests/conftest.py
 # does, with no ComfyUI directory on sys.path. One interpreter for all modules: torch loads once.
 SCRIPT = """
