@@ -126,7 +126,8 @@ def peft_alphas(config: Mapping[str, object], ranks: Mapping[str, int]) -> Confi
         alpha = alpha if pattern_alpha is None else pattern_alpha
         if config.get(f"{component}.use_rslora") is True:  # PEFT scales by alpha / sqrt(rank)
             alpha *= math.sqrt(rank)
-        out[name] = alpha
+        if math.isfinite(alpha):  # 1e308 * sqrt(rank) is not
+            out[name] = alpha
     skipped = [(c, k) for c, p in patterns.items() for k in p.skipped]
     return ConfigAlphas(out, (_skipped_note(skipped),) if skipped else ())
 

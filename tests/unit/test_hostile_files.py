@@ -134,6 +134,12 @@ def test_alpha_pattern_keys_match_as_peft_matches_them():
         assert read.alpha_for(path) == expected, path
 
 
+def test_an_alpha_that_overflows_is_not_taken():
+    config = {"unet.lora_alpha": 1e308, "unet.use_rslora": True}
+    read = metadata.diffusers_alphas({"lora_adapter_metadata": json.dumps(config)}, {"unet.a.to_q": 16})
+    assert read.alphas == {}  # 1e308 * sqrt(16) is inf: the module keeps scale 1, as without a config
+
+
 # --- 2. header metadata: only what the pack reads, each value and the sum capped -------------
 
 
