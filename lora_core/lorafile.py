@@ -13,7 +13,7 @@ from typing import BinaryIO
 import torch
 from torch import Tensor
 
-from .metadata import MAX_TAG_VALUE, MAX_TOTAL, MAX_VALUE, bounded_metadata
+from .metadata import MAX_KEYS, MAX_TAG_VALUE, MAX_TOTAL, MAX_VALUE, bounded_metadata
 
 SAFETENSORS_EXT = (".safetensors", ".sft")
 PICKLE_EXT = (".pt", ".ckpt", ".bin", ".pth")
@@ -169,13 +169,18 @@ def _read_safetensors(path: str, name: str) -> tuple[dict[str, Tensor], dict[str
     tensors = {key: _tensor(data, e) for key, e in entries.items()}
     raw_meta = header.get("__metadata__")
     meta = bounded_metadata(raw_meta if isinstance(raw_meta, dict) else {})
-    notes = tuple(
-        f"header metadata '{key[:60]}' ({chars / 2**20:.1f} MB) is larger than the pack reads "
-        f"({MAX_TAG_VALUE // 2**20} MB for tag counts, {MAX_VALUE // 2**20} MB for other values, "
-        f"{MAX_TOTAL // 2**20} MB in all); it was ignored"
-        for key, chars in meta.dropped
-    )
+    notes = tuple(_dropped_note(key, chars) for key, chars in meta.dropped[:3])
+    if len(meta.dropped) > 3:
+        notes += (f"... and {len(meta.dropped) - 3} more header metadata keys ignored",)
     return tensors, meta.kept, notes
+
+
+def _dropped_note(key: str, chars: int) -> str:
+    return (
+        f"header metadata '{key[:60]}' ({chars / 2**20:.1f} MB) is beyond what the pack reads of a header "
+        f"({MAX_TAG_VALUE // 2**20} MB for tag counts, {MAX_VALUE // 2**20} MB for other values, "
+        f"{MAX_TOTAL // 2**20} MB and {MAX_KEYS} keys in all); it was ignored"
+    )
 
 
 def _tensor(data: bytearray, e: _Entry) -> Tensor:

@@ -42,7 +42,8 @@ USED_KEYS = ("lora_adapter_metadata",)
 MAX_TAG_VALUE = 32 * 2**20  # characters, for the keys below
 _TAG_KEYS = ("ss_tag_frequency", "ss_datasets")
 MAX_VALUE = 2**20  # characters, every other value (a PEFT config of a large model is ~100 kB)
-MAX_TOTAL = 40 * 2**20
+MAX_TOTAL = 40 * 2**20  # characters of keys and values together
+MAX_KEYS = 1024  # kohya writes ~60 ss_* keys and modelspec ~15; each kept key costs ~100 bytes more
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,12 @@ def bounded_metadata(raw: Mapping[object, object]) -> HeaderMetadata:
         if not isinstance(value, str):
             continue
         cap = MAX_TAG_VALUE if key in _TAG_KEYS else MAX_VALUE
-        if len(value) > cap or total + len(value) > MAX_TOTAL:
+        size = len(key) + len(value)
+        if len(value) > cap or total + size > MAX_TOTAL or len(kept) >= MAX_KEYS:
             dropped.append((key, len(value)))
             continue
         kept[key] = value
-        total += len(value)
+        total += size
     return HeaderMetadata(kept, tuple(dropped))
 
 

@@ -158,19 +158,33 @@ def test_huge_header_values_are_dropped_with_a_note(tmp_path):
 
 
 def test_metadata_kept_is_what_the_pack_reads_within_the_caps(monkeypatch):
-    monkeypatch.setattr(metadata, "MAX_TOTAL", 10)
+    monkeypatch.setattr(metadata, "MAX_TOTAL", 60)  # characters of keys and values
     raw = {
+        "ss_a": "1234",  # 8
+        "modelspec.title": "abcd",  # 19
+        "lora_adapter_metadata": "{}",  # 23
+        "ss_b": "1234567",  # 11: would pass the total of 60
+        "other": "x",
+        "ss_nested": [[["deep"]]],
+        "ss_num": 3,  # 7
+    }
+    read = metadata.bounded_metadata(raw)
+    assert read.kept == {
         "ss_a": "1234",
         "modelspec.title": "abcd",
         "lora_adapter_metadata": "{}",
-        "ss_b": "12345",  # would pass the total of 10
-        "other": "x",
-        "ss_nested": [[["deep"]]],
-        "ss_num": 3,
+        "ss_num": "3",
     }
-    read = metadata.bounded_metadata(raw)
-    assert read.kept == {"ss_a": "1234", "modelspec.title": "abcd", "lora_adapter_metadata": "{}"}
-    assert read.dropped == (("ss_b", 5), ("ss_num", 1))
+    assert read.dropped == (("ss_b", 7),)
+    monkeypatch.setattr(metadata, "MAX_KEYS", 2)
+    assert list(metadata.bounded_metadata(raw).kept) == ["ss_a", "modelspec.title"]
+
+
+def test_a_header_of_many_small_keys_keeps_a_few(tmp_path):
+    meta = {f"ss_k{i}": "v" for i in range(metadata.MAX_KEYS + 500)}
+    f = read_lora_file(write(tmp_path / "keys.safetensors", kohya(), meta))
+    assert len(f.metadata) == metadata.MAX_KEYS and set(f.metadata) <= set(meta)  # header order: the writer's
+    assert len(f.notes) == 4 and f.notes[-1] == "... and 497 more header metadata keys ignored"
 
 
 def test_trigger_words_equal_a_full_sort():
