@@ -21,6 +21,7 @@ from .adapters import (
     OftAdapter,
     OftV2Adapter,
     SetAdapter,
+    _dora,
     apply,
     boft_fit_error,
     delta,
@@ -65,15 +66,13 @@ def shape_error(adapter: Adapter, shape: tuple[int, ...]) -> str | None:
             apply(meta, torch.empty(shape, device="meta"))
         except (ValueError, RuntimeError) as e:
             return f"GLoRA: {e}"
-        return None
+        return dora_error(adapter, shape)
     if isinstance(adapter, OftAdapter):
         num, size, size2 = adapter.blocks.shape
         ok = size == size2 and num * size == shape[0]
-        return (
-            None
-            if ok
-            else f"OFT blocks {tuple(adapter.blocks.shape)} do not cover the weight's {shape[0]} rows"
-        )
+        if not ok:
+            return f"OFT blocks {tuple(adapter.blocks.shape)} do not cover the weight's {shape[0]} rows"
+        return dora_error(adapter, shape)
     if isinstance(adapter, Ia3Adapter):
         return ia3_fit_error(adapter, shape)
     if isinstance(adapter, OftV2Adapter):
@@ -88,7 +87,7 @@ def shape_error(adapter: Adapter, shape: tuple[int, ...]) -> str | None:
                 fits = False
             if not fits:
                 error = f"BOFT rescale {tuple(rescale.shape)} does not fit the weight {shape}"
-        return error
+        return error or dora_error(adapter, shape)
     if isinstance(adapter, LoraAdapter) and adapter.reshape is not None:
         grown = tuple(adapter.reshape)
         if len(grown) != len(shape) or any(n < o for n, o in zip(grown, shape, strict=True)):
@@ -119,4 +118,23 @@ def shape_error(adapter: Adapter, shape: tuple[int, ...]) -> str | None:
         delta(plain, shape, "meta")
     except (ValueError, RuntimeError) as e:
         return str(e)
+    return dora_error(adapter, shape)
+
+
+def dora_error(adapter: Adapter, shape: tuple[int, ...]) -> str | None:
+    """Why the adapter's ``dora_scale`` cannot scale a weight of ``shape`` (ComfyUI's DoRA math
+    needs one magnitude per output row or per input column, shaped to broadcast), or None."""
+    scale = getattr(adapter, "dora_scale", None)
+    if scale is None:
+        return None
+    weight = torch.empty(shape, device="meta")
+    try:
+        out = _dora(weight, weight, scale.to("meta"), 1.0, peft=getattr(adapter, "dora_peft", False))
+    except (ValueError, RuntimeError, IndexError):
+        out = None
+    if out is None or tuple(out.shape) != tuple(shape):
+        return (
+            f"dora_scale {tuple(scale.shape)} does not fit the weight {shape}: it holds one magnitude per "
+            "output row (shaped (rows, 1, ...)) or per input column (shaped (1, columns, ...))"
+        )
     return None

@@ -462,3 +462,16 @@ def test_a_reshape_may_not_blow_the_weight_up(tmp_path):
         plan_lora(lora, key_maps, {"unet": 1.0}, UNKNOWN, "", {"unet": {"w.weight": (4, 3)}})
     ok = plan_lora(lora, key_maps, {"unet": 1.0}, UNKNOWN, "", {"unet": {"w.weight": (4, 30)}})
     assert ok.report.total_matched == 1
+
+
+def test_a_dora_scale_that_does_not_broadcast_is_a_mismatch(tmp_path):
+    sd = {"x.lokr_w1": torch.ones(2, 2), "x.lokr_w2_a": torch.ones(2, 1), "x.lokr_w2_b": torch.ones(1, 3),
+          "x.dora_scale": torch.ones(4)}  # fmt: skip
+    lora = loader._load(str(write(tmp_path / "dora.safetensors", sd)))
+    key_maps, shapes = {"unet": {"x": "w.weight"}}, {"unet": {"w.weight": (4, 6)}}
+    # old code: planned, then a broadcast RuntimeError when ComfyUI applied the patch (as core's own)
+    with pytest.raises(LoraMismatchError, match=r"dora_scale \(4,\) does not fit the weight \(4, 6\)"):
+        plan_lora(lora, key_maps, {"unet": 1.0}, UNKNOWN, "", shapes)
+    sd["x.dora_scale"] = torch.ones(4, 1)
+    lora = loader._load(str(write(tmp_path / "dora_ok.safetensors", sd)))
+    assert plan_lora(lora, key_maps, {"unet": 1.0}, UNKNOWN, "", shapes).report.total_matched == 1
