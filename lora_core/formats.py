@@ -19,7 +19,9 @@ from .adapters import (
     OftAdapter,
     OftV2Adapter,
     SetAdapter,
+    rank_of,
 )
+from .lorafile import LoraFileError
 
 # suffix -> (family, role). Families: "lora" (up/down pairs in several spellings), "loha", "lokr",
 # "extra" (alpha, dora_scale, PEFT's DoRA magnitude), "oft", "oftv2", "glora", "ia3", "diff", "set", "bias". The module name is the key
@@ -76,6 +78,11 @@ _SUFFIXES: dict[str, tuple[str, str]] = {
     ".lora_magnitude_vector.default.weight": ("extra", "magnitude"),
 }
 _BY_LENGTH = sorted(_SUFFIXES, key=len, reverse=True)
+# Roles whose tensor is a number or flag, not a factor: any numeric dtype (tools write integer alphas).
+_NOT_FACTORS = frozenset({"alpha", "reshape", "on_input", "scaled_oft"})
+# Families whose factors are matrices (or conv kernels): a 0-D or 1-D one is no such layout.
+_MATRIX_FAMILIES = frozenset({"lora", "loha", "lokr", "glora", "oft", "oftv2"})
+_FIX = "download the file again (it may be damaged) or pick another LoRA"
 _LORA_SPELLINGS = ("kohya", "AB", "ABdefault", "ABbare", "dotted", "processor", "linear_layer")
 PEFT_PREFIXES = ("base_model.model.", "unet.base_model.model.")
 
@@ -113,7 +120,11 @@ def _alpha(tensors: dict[str, Tensor], key: str | None, notes: list[str]) -> tup
     if t.numel() != 1:
         notes.append(f"{key}: alpha should be one number, got shape {tuple(t.shape)}; ignored")
         return None, False
-    return float(t.item()), True
+    value = t.flatten()[0]
+    if value.is_complex():
+        notes.append(f"{key}: alpha is a complex number; ignored")
+        return None, False
+    return float(value.item()), True
 
 
 def _build_lora(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] | None:
@@ -124,11 +135,20 @@ def _build_lora(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] |
             used = [up, down] + ([mid] if mid else [])
             reshape = None
             if "reshape" in m.keys:  # the weight is first zero-padded to this shape (Flux control LoRAs)
-                reshape = tuple(int(v) for v in t[m.keys["reshape"]].flatten().tolist())
+                reshape = _reshape_weight(t[m.keys["reshape"]], m.keys["reshape"])
                 used.append(m.keys["reshape"])
             m.label = "kohya LoRA" if spelling == "kohya" else "diffusers"
             return LoraAdapter(up=t[up], down=t[down], mid=t[mid] if mid else None, reshape=reshape), used
     return None
+
+
+def _reshape_weight(t: Tensor, key: str) -> tuple[int, ...]:
+    """The shape a ``reshape_weight`` grows the weight to: 1 to 8 whole, positive sizes."""
+    values = t.flatten().tolist() if t.numel() <= 8 and not t.is_complex() else None
+    if not values or any(not float(v).is_integer() or not 1 <= v < 2**31 for v in values):
+        raise LoraFileError(f"'{key}' should list the sizes of the weight it grows, got {t.numel()} values "
+                            f"{str(values)[:60] if values else ''}; {_FIX}")  # fmt: skip
+    return tuple(int(v) for v in values)
 
 
 def _build_loha(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] | None:
@@ -192,7 +212,10 @@ def _build_ia3(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] | 
         return None
     m.label = "LyCORIS (IA)3"
     used = [m.keys["ia3_weight"], m.keys["on_input"]]
-    return Ia3Adapter(t[m.keys["ia3_weight"]], bool(t[m.keys["on_input"]].flatten()[0].item())), used
+    flag = t[m.keys["on_input"]].flatten()
+    if flag.numel() != 1 or flag.is_complex():
+        raise LoraFileError(f"'{m.keys['on_input']}' should be one flag, got {flag.numel()} values; {_FIX}")
+    return Ia3Adapter(t[m.keys["ia3_weight"]], bool(flag[0].item())), used
 
 
 def _build(m: _Module, t: dict[str, Tensor], notes: list[str]) -> tuple[Adapter, list[str]] | None:
@@ -254,8 +277,50 @@ def _format_label(labels: Counter) -> str:
     return names[0] if len(names) == 1 else "mixed: " + " + ".join(names)
 
 
-def parse_lora(tensors: dict[str, Tensor]) -> ParsedLora:
-    """Group keys by module and build one adapter per module; keys nothing uses go to unused_keys."""
+_ROLE_FAMILY = {role: family for family, role in _SUFFIXES.values()} | {"ia3_weight": "ia3"}
+
+
+def _check_tensors(m: _Module, tensors: dict[str, Tensor]) -> None:
+    """Factors are floating point (an int or bool one would be read as numbers it never meant), and
+    matrices where their layout has matrices (a 0-D or 1-D one breaks the math, not just the fit)."""
+    for role, key in m.keys.items():
+        t = tensors[key]
+        if role in _NOT_FACTORS:
+            continue
+        if not t.is_floating_point():
+            raise LoraFileError(
+                f"tensor '{key}' is {str(t.dtype).removeprefix('torch.')}, but a LoRA's weights are floating "
+                f"point (float32, float16, bfloat16 or float8): the file was written wrongly; {_FIX}"
+            )
+        family = _ROLE_FAMILY.get(role)
+        needs = 2 if family in _MATRIX_FAMILIES and role != "rescale" else 1 if family == "extra" else 0
+        if t.dim() < needs:
+            raise LoraFileError(
+                f"tensor '{key}' has shape {tuple(t.shape)}, but in a {family} layout it has at least "
+                f"{needs} dimensions; {_FIX}"
+            )
+
+
+def _check_built(name: str, adapter: Adapter, used: list[str], tensors: dict[str, Tensor]) -> None:
+    """A module whose factors hold no values: its alpha / rank scale divides by zero."""
+    empty = [k for k in used if tensors[k].numel() == 0 and _ROLE_FAMILY.get(split_key(k)[2]) != "extra"]
+    if rank_of(adapter) == 0 or empty:
+        where = (
+            f"'{empty[0]}' has shape {tuple(tensors[empty[0]].shape)}"
+            if empty
+            else "its factors have no rows"
+        )
+        raise LoraFileError(
+            f"module '{name}' has rank 0 ({where}): it changes nothing and its alpha / rank scale is "
+            f"undefined; {_FIX}"
+        )
+
+
+def parse_lora(tensors: dict[str, Tensor], source: str = "") -> ParsedLora:
+    """Group keys by module and build one adapter per module; keys nothing uses go to unused_keys.
+
+    A module no layout can mean (non-float factors, rank 0, factors that do not fit together) is a
+    LoraFileError naming its key, prefixed with ``source`` (the file's name) when given."""
     groups: dict[str, _Module] = defaultdict(_Module)
     unused: list[str] = []
     notes: list[str] = []
@@ -277,7 +342,16 @@ def parse_lora(tensors: dict[str, Tensor]) -> ParsedLora:
     labels: Counter = Counter()
     for name, m in groups.items():
         used: list[str] = []
-        built = _build(m, tensors, notes)
+        try:
+            _check_tensors(m, tensors)
+            built = _build(m, tensors, notes)
+            if built is not None:
+                _check_built(name, *built, tensors)
+        except LoraFileError as e:
+            raise LoraFileError(f"{source}: {e}" if source else str(e)) from None
+        except ValueError as e:  # an adapter record refusing its factors (rank mismatch, ...)
+            where = f"{source}: module '{name}'" if source else f"module '{name}'"
+            raise LoraFileError(f"{where}: {e}; {_FIX}") from None
         if built is not None:
             modules[name], used = built
             dora = getattr(modules[name], "dora_scale", None) is not None

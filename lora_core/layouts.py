@@ -44,9 +44,11 @@ def convert_layout(tensors: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], st
         for key, value in tensors.items():
             key = key.replace(".lora_B.bias", ".diff_b").replace("_norm.scale", "_norm.scale.set_weight")
             out["diffusion_model." + key] = value
-        # img_in grows to take the control image's latent channels next to the noise's
-        grown = (tensors["img_in.lora_B.weight"].shape[0], tensors["img_in.lora_A.weight"].shape[1])
-        out["diffusion_model.img_in.reshape_weight"] = torch.tensor(grown)
+        # img_in grows to take the control image's latent channels next to the noise's (factors
+        # that are no matrices, or no pair, get no size here: parsing refuses or skips them by name)
+        up, down = tensors.get("img_in.lora_B.weight"), tensors["img_in.lora_A.weight"]
+        if up is not None and up.dim() >= 2 and down.dim() >= 2:
+            out["diffusion_model.img_in.reshape_weight"] = torch.tensor((up.shape[0], down.shape[1]))
         return out, "Flux control"
     if _WAN_FUN_SIGNATURE in tensors:
         renamed = {("lora_unet_" + k[len("lora_unet__") :] if k.startswith("lora_unet__") else k): v

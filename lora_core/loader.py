@@ -5,7 +5,6 @@ report the user sees."""
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 from collections import OrderedDict
@@ -14,29 +13,15 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .adapters import (
-    Adapter,
-    BoftAdapter,
-    GloraAdapter,
-    Ia3Adapter,
-    LoraAdapter,
-    OftAdapter,
-    OftV2Adapter,
-    SetAdapter,
-    apply,
-    boft_fit_error,
-    delta,
-    ia3_fit_error,
-    oftv2_fit_error,
-    peft_dora_fit_error,
-    rank_of,
-)
+from .adapters import Adapter, LoraAdapter, rank_of
 from .block_weights import BlockWeights, parse_block_weights
 from .detect import FamilyGuess, detect_family, model_family_from_unet_config
+from .extremes import extreme_changes, extreme_note, limit_for
+from .fit import shape_error, target_shape
 from .formats import ParsedLora, parse_lora
 from .keymap import resolve, summarize_unmatched
 from .layouts import convert_layout
-from .lorafile import read_lora_file
+from .lorafile import LoraFileError, read_lora_file
 from .metadata import adapter_config_alphas, diffusers_alphas, trigger_words
 from .patching import Term
 from .te_names import naming_note
@@ -74,28 +59,48 @@ class LoadedLora:
     metadata: Mapping[str, str]
     family: FamilyGuess
     triggers: tuple[str, ...]
+    nbytes: int = 0  # what it holds in memory: tensor bytes and header text, for the cache budget
 
     @property
     def name(self) -> str:
         return os.path.basename(self.path)
 
 
-class _LoraCache:
-    """Parsed files by (path, size, mtime): a strength change reads nothing from disk."""
+CACHE_ENV = "LORA_FOUNDRY_PARSE_CACHE_MB"
+DEFAULT_CACHE_MB = 1024
 
-    def __init__(self, max_entries: int = 16):
+
+def cache_budget_bytes(environ: Mapping[str, str] = os.environ) -> int:
+    """The parse cache's budget from ``LORA_FOUNDRY_PARSE_CACHE_MB`` (0 turns caching off)."""
+    text = environ.get(CACHE_ENV, "").strip()
+    try:
+        mb = float(text) if text else DEFAULT_CACHE_MB
+    except ValueError:
+        mb = -1.0
+    if not (0 <= mb < 2**40):  # also NaN
+        log.warning("[LoRA Foundry] %s=%r is not a size in MB; using %d", CACHE_ENV, text, DEFAULT_CACHE_MB)
+        mb = DEFAULT_CACHE_MB
+    return int(mb * 2**20)
+
+
+class _LoraCache:
+    """Parsed files by (path, size, mtime): a strength change reads nothing from disk. Bounded by
+    count and by bytes (LoadedLora.nbytes); a file larger than the whole budget is not kept."""
+
+    def __init__(self, max_entries: int = 16, max_bytes: int | None = None):
         self.max_entries = max_entries
+        self.max_bytes = cache_budget_bytes() if max_bytes is None else max_bytes
         self._items: OrderedDict[tuple, LoadedLora] = OrderedDict()
         self._lock = threading.Lock()
         self.reads = 0  # files actually read, for tests and benchmarks
 
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(item.nbytes for item in self._items.values())
+
     def get(self, path: str) -> LoadedLora:
-        st = os.stat(path)
-        key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-        config = _peft_config_path(path)
-        if config is not None:  # its alphas are part of what is loaded
-            cst = os.stat(config)
-            key += (cst.st_size, cst.st_mtime_ns)
+        key = _identity(path)
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
@@ -103,13 +108,36 @@ class _LoraCache:
         loaded = _load(path)
         with self._lock:
             self.reads += 1
+            if loaded.nbytes > self.max_bytes or key in self._items:
+                return loaded
             self._items[key] = loaded
-            while len(self._items) > self.max_entries:
-                self._items.popitem(last=False)
+            total = sum(item.nbytes for item in self._items.values())
+            while len(self._items) > self.max_entries or total > self.max_bytes:
+                total -= self._items.popitem(last=False)[1].nbytes
         return loaded
 
 
+def _identity(path: str) -> tuple:
+    """The file as on disk (and the PEFT config beside it, whose alphas are part of what is loaded)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise LoraFileError(
+            f"{os.path.basename(path)}: cannot be read ({e.strerror or e}); check that it is still in the "
+            "loras folder"
+        ) from None
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    config = _peft_config_path(path)
+    try:
+        cst = os.stat(config) if config is not None else None
+    except OSError:  # removed meanwhile: loaded without it
+        cst = None
+    return key if cst is None else (*key, cst.st_size, cst.st_mtime_ns)
+
+
 PEFT_CONFIG = "adapter_config.json"
+MAX_CONFIG_CHARS = 4 * 2**20  # PEFT's config of a large model, with a pattern per module, is ~100 kB
+_REDOWNLOAD = "download the file again (it may be incomplete or damaged)"
 
 
 def _peft_config_path(path: str) -> str | None:
@@ -120,27 +148,56 @@ def _peft_config_path(path: str) -> str | None:
     return config if os.path.isfile(config) else None
 
 
+def _read_config(path: str) -> str | None:
+    if (config := _peft_config_path(path)) is None:
+        return None
+    try:
+        with open(config, encoding="utf-8") as fh:
+            text = fh.read(MAX_CONFIG_CHARS + 1)
+    except (OSError, UnicodeDecodeError) as e:
+        log.warning("%s: could not read %s beside it (%s); alphas not taken from it", path, PEFT_CONFIG, e)
+        return None
+    if len(text) > MAX_CONFIG_CHARS:
+        log.warning(
+            "%s: %s beside it is over %d characters; alphas not taken from it",
+            path,
+            PEFT_CONFIG,
+            MAX_CONFIG_CHARS,
+        )
+        return None
+    return text
+
+
 def _load(path: str) -> LoadedLora:
+    """The file read and parsed; whatever in it breaks the reading is a LoraFileError naming it."""
+    name = os.path.basename(path)
+    try:
+        return _read_and_parse(path, name)
+    except LoraFileError:
+        raise
+    except (ArithmeticError, LookupError, RuntimeError, ValueError) as e:  # RecursionError, UnicodeError...
+        raise LoraFileError(
+            f"{name}: could not be read as a LoRA ({type(e).__name__}: {str(e)[:200]}); {_REDOWNLOAD}"
+        ) from e
+
+
+def _read_and_parse(path: str, name: str) -> LoadedLora:
     f = read_lora_file(path)
     tensors, layout = convert_layout(f.tensors)
-    config_text = None
-    if (config := _peft_config_path(path)) is not None:
-        try:
-            with open(config, encoding="utf-8") as fh:
-                config_text = fh.read()
-        except (OSError, UnicodeDecodeError) as e:
-            log.warning(
-                "%s: could not read %s beside it (%s); alphas not taken from it", path, PEFT_CONFIG, e
-            )
-    parsed = _with_config_alphas(parse_lora(tensors), f.metadata, config_text)
+    parsed = parse_lora(tensors, source=name)
+    parsed = _with_config_alphas(parsed, f.metadata, _read_config(path))
     if layout is not None:
         parsed = replace(parsed, format=f"{parsed.format} ({layout} layout, renamed as ComfyUI does)")
+    if f.notes:
+        parsed = replace(parsed, notes=(*f.notes, *parsed.notes))
+    held = sum(t.numel() * t.element_size() for t in f.tensors.values())
     return LoadedLora(
         path=path,
         parsed=parsed,
         metadata=dict(f.metadata),
         family=detect_family(tensors, f.metadata),
         triggers=tuple(trigger_words(f.metadata)),
+        nbytes=held + sum(len(v) for v in f.metadata.values()),
     )
 
 
@@ -150,16 +207,17 @@ def _with_config_alphas(
     """LoRA modules without an ``.alpha`` take the one their trainer's PEFT config gives, if the file
     carries it (diffusers' header) or PEFT saved it beside the file (``adapter_config.json``)."""
     ranks = {n: a.rank for n, a in parsed.modules.items() if isinstance(a, LoraAdapter) and a.alpha is None}
-    alphas = diffusers_alphas(metadata, ranks)
+    read = diffusers_alphas(metadata, ranks)
     source = "the lora_alpha in the file's diffusers header (lora_adapter_metadata), as diffusers loads it"
-    if not alphas and config_text is not None:
-        alphas = adapter_config_alphas(config_text, ranks)
+    if not read.alphas and config_text is not None:
+        read = adapter_config_alphas(config_text, ranks)
         source = f"the lora_alpha in the {PEFT_CONFIG} beside the file, as PEFT loads it"
-    if not alphas:
-        return parsed
+    alphas = read.alphas
+    notes = list(read.notes)
+    if alphas:
+        notes.insert(0, f"{len(alphas)} modules scaled by {source}; ComfyUI core ignores it")
     modules = {n: replace(a, alpha=alphas[n]) if n in alphas else a for n, a in parsed.modules.items()}
-    note = f"{len(alphas)} modules scaled by {source}; ComfyUI core ignores it"
-    return replace(parsed, modules=modules, notes=(*parsed.notes, note))
+    return replace(parsed, modules=modules, notes=(*parsed.notes, *notes)) if notes else parsed
 
 
 CACHE = _LoraCache()
@@ -211,71 +269,6 @@ class LoraPlan:
     strengths: Mapping[str, float] = field(default_factory=dict)
 
 
-def _shape_error(adapter: Adapter, shape: tuple[int, ...]) -> str | None:
-    """Why ``adapter`` cannot patch a weight of ``shape``, or None. Shapes only: runs on 'meta'."""
-    if isinstance(adapter, SetAdapter):
-        ok = tuple(adapter.weight.shape) == shape
-        return None if ok else f"set_weight {tuple(adapter.weight.shape)} vs weight {shape}"
-    if isinstance(adapter, GloraAdapter):
-        try:
-            meta = GloraAdapter(
-                *(t.to("meta") for t in (adapter.a1, adapter.a2, adapter.b1, adapter.b2)), adapter.alpha
-            )
-            apply(meta, torch.empty(shape, device="meta"))
-        except (ValueError, RuntimeError) as e:
-            return f"GLoRA: {e}"
-        return None
-    if isinstance(adapter, OftAdapter):
-        num, size, size2 = adapter.blocks.shape
-        ok = size == size2 and num * size == shape[0]
-        return (
-            None
-            if ok
-            else f"OFT blocks {tuple(adapter.blocks.shape)} do not cover the weight's {shape[0]} rows"
-        )
-    if isinstance(adapter, Ia3Adapter):
-        return ia3_fit_error(adapter, shape)
-    if isinstance(adapter, OftV2Adapter):
-        return oftv2_fit_error(adapter, shape)
-    if isinstance(adapter, BoftAdapter):
-        error = boft_fit_error(tuple(adapter.blocks.shape), shape[0])
-        rescale = adapter.rescale
-        if error is None and rescale is not None:
-            try:
-                fits = torch.broadcast_shapes(tuple(rescale.shape), shape) == torch.Size(shape)
-            except RuntimeError:
-                fits = False
-            if not fits:
-                error = f"BOFT rescale {tuple(rescale.shape)} does not fit the weight {shape}"
-        return error
-    if isinstance(adapter, LoraAdapter) and adapter.reshape is not None:
-        grown = tuple(adapter.reshape)
-        if len(grown) != len(shape) or any(n < o for n, o in zip(grown, shape, strict=True)):
-            return f"reshape_weight {grown} cannot hold the weight {shape}: it may only grow it"
-        shape = grown
-    if isinstance(adapter, LoraAdapter):
-        if adapter.up.shape[0] != shape[0]:
-            return f"LoRA up {tuple(adapter.up.shape)} has {adapter.up.shape[0]} outputs, the weight {shape} has {shape[0]}"
-        error = peft_dora_fit_error(adapter, shape)
-        if error:
-            return error
-        if adapter.mid is None and adapter.dora_scale is None:  # the common case, without a dry run
-            inputs = math.prod(adapter.down.shape[1:])
-            if inputs != math.prod(shape[1:]):
-                return f"LoRA down {tuple(adapter.down.shape)} takes {inputs} inputs, the weight {shape} has {math.prod(shape[1:])}"
-            return None
-    plain = adapter
-    if getattr(adapter, "dora_scale", None) is not None or getattr(adapter, "reshape", None) is not None:
-        plain = replace(
-            adapter, dora_scale=None, **({"reshape": None} if isinstance(adapter, LoraAdapter) else {})
-        )
-    try:
-        delta(plain, shape, "meta")
-    except (ValueError, RuntimeError) as e:
-        return str(e)
-    return None
-
-
 def _bias_target(target):
     """The bias key next to a weight key target (str or (key, offset) tuple)."""
     key = target if isinstance(target, str) else target[0]
@@ -296,12 +289,15 @@ def plan_lora(
     model_family: FamilyGuess,
     block_weights: str = "",
     weight_shapes: Mapping[str, Mapping[str, tuple[int, ...]]] | None = None,
+    weight_dtypes: Mapping[str, torch.dtype | None] | None = None,
 ) -> LoraPlan:
     """Resolve the LoRA against each part's key map and build its patch terms.
 
     Raises LoraMismatchError when nothing matches, the LoRA's base family differs from the
     model's, or a tensor's shape does not fit its weight (``weight_shapes``: part -> key ->
-    shape); a partial match is reported (report.unmatched), not raised.
+    shape); a partial match is reported (report.unmatched), not raised. Modules whose change is
+    beyond what the part's weights hold (``weight_dtypes``: part -> dtype; float16's range when
+    not given) are named in the report's notes.
     """
     _check_layout(lora)
     _check_family(lora, model_family)
@@ -313,19 +309,30 @@ def plan_lora(
     patches: dict[str, dict[object, tuple[Term, ...]]] = {}
     matched: dict[str, int] = {}
     renamed: list[str] = []  # text-encoder names transformers 5 wrote, read in their 4.x spelling
+    notes = list(lora.parsed.notes)
     for part, key_map in key_maps.items():
         res = resolve({n: modules.get(n) for n in remaining}, key_map)
         renamed += res.transformers5
         part_patches: dict[object, tuple[Term, ...]] = {}
         strength = strengths.get(part, 1.0)
+        shapes = (weight_shapes or {}).get(part)
+        applied = []  # (module, adapter, strength, the shape it patches) for the overflow check
         for name, target in res.matched.items():
             s = strength * (bw.weight_for(_target_key(target)) if bw else 1.0)
             if name in modules:
-                _check_shape(lora, name, modules[name], target, (weight_shapes or {}).get(part))
+                _check_shape(lora, name, modules[name], target, shapes)
                 part_patches[target] = (Term(modules[name], s),)
+                applied.append((name, modules[name], s, target_shape(target, shapes)))
             if name in lora.parsed.bias_diffs and (bias := _bias_target(target)) is not None:
+                _check_shape(lora, name, lora.parsed.bias_diffs[name], bias, shapes)
                 part_patches[bias] = (Term(lora.parsed.bias_diffs[name], s),)
+                applied.append(
+                    (f"{name} (bias)", lora.parsed.bias_diffs[name], s, target_shape(bias, shapes))
+                )
         remaining -= set(res.matched)
+        limit = limit_for((weight_dtypes or {}).get(part))
+        if found := extreme_changes(applied, limit):
+            notes.append(f"{part}: {extreme_note(found, limit)}")
         patches[part] = part_patches
         matched[part] = len(res.matched)
     report = LoadReport(
@@ -337,7 +344,7 @@ def plan_lora(
         unmatched=tuple(sorted(remaining)),
         unused_keys=lora.parsed.unused_keys,
         ranks=tuple(sorted({r for a in modules.values() if (r := rank_of(a)) is not None})),
-        notes=lora.parsed.notes + naming_note(renamed),
+        notes=tuple(notes) + naming_note(renamed),
     )
     if report.total_matched == 0:
         raise LoraMismatchError(
@@ -355,13 +362,15 @@ def plan_lora(
 
 
 def _check_shape(lora: LoadedLora, name: str, adapter: Adapter, target, shapes) -> None:
-    key = _target_key(target)
-    if shapes is None or key not in shapes or not isinstance(target, str):
-        return  # offset targets patch a slice whose shape ComfyUI works out
-    problem = _shape_error(adapter, tuple(shapes[key]))
+    shape = target_shape(target, shapes)
+    if shape is None:
+        return  # a weight the caller gave no shape for (tests, other packs' key maps)
+    problem = shape_error(adapter, shape)
+    if problem is None and getattr(adapter, "reshape", None) is not None and not isinstance(target, str):
+        problem = "a LoRA that grows a weight (reshape_weight) cannot patch a slice of a fused one"
     if problem:
         raise LoraMismatchError(
-            f"{lora.name}: module {name} does not fit {key}: {problem}. "
+            f"{lora.name}: module {name} does not fit {_target_key(target)}: {problem}. "
             "The file was made for another model (pick a LoRA for this checkpoint's base model) "
             "or is damaged (download it again)."
         )

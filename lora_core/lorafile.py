@@ -8,18 +8,27 @@ import os
 import pickle
 import struct
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor
+
+from .metadata import MAX_KEYS, MAX_TAG_VALUE, MAX_TOTAL, MAX_VALUE, bounded_metadata
 
 SAFETENSORS_EXT = (".safetensors", ".sft")
 PICKLE_EXT = (".pt", ".ckpt", ".bin", ".pth")
 _HEADER_LIMIT = 100 * 1024 * 1024  # the safetensors format itself refuses larger headers
-_DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+MAX_TENSORS = 100_000  # a full LyCORIS network on a large DiT has ~15k; more only costs memory
+_MAX_DIMS = 8
+_MAX_DIM = 2**31 - 1
+# safetensors dtype names -> torch dtypes (the float8 variants where this torch has them)
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+    **{n: getattr(torch, t) for n, t in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+                                         ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"))
+       if hasattr(torch, t)},
 }  # fmt: skip
 _REDOWNLOAD = "download the file again (it may be incomplete or damaged)"
 
@@ -33,6 +42,7 @@ class LoraFile:
     path: str
     tensors: dict[str, Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # what of the header was left out, for the user's report
 
 
 def read_lora_file(path: str | os.PathLike) -> LoraFile:
@@ -42,81 +52,145 @@ def read_lora_file(path: str | os.PathLike) -> LoraFile:
     if not os.path.isfile(path):
         raise LoraFileError(f"{name}: no such file ({path}); check the name and the loras folder")
     ext = os.path.splitext(path)[1].lower()
-    if ext in SAFETENSORS_EXT:
-        tensors, metadata = _read_safetensors(path, name)
-    elif ext in PICKLE_EXT:
-        tensors, metadata = _read_pickle(path, name), {}
-    else:
+    if ext not in SAFETENSORS_EXT + PICKLE_EXT:
         raise LoraFileError(
             f"{name}: unsupported file type '{ext}'; LoRA files must be .safetensors "
             f"(or {', '.join(PICKLE_EXT)} loaded without running code)"
         )
+    try:
+        if ext in SAFETENSORS_EXT:
+            tensors, metadata, notes = _read_safetensors(path, name)
+        else:
+            tensors, metadata, notes = _read_pickle(path, name), {}, ()
+    except OSError as e:
+        raise LoraFileError(
+            f"{name}: could not be read ({e.strerror or e}); check that it is still in the loras folder "
+            f"and readable, or {_REDOWNLOAD}"
+        ) from None
     if not tensors:
         raise LoraFileError(f"{name}: the file holds no tensors; it is not a LoRA. Pick another file")
     _check_finite(tensors, name)
-    return LoraFile(path=path, tensors=tensors, metadata=metadata)
+    return LoraFile(path=path, tensors=tensors, metadata=metadata, notes=notes)
 
 
-def _read_header(path: str, name: str) -> dict:
-    size = os.path.getsize(path)
+def _read_header(f: BinaryIO, size: int, name: str) -> tuple[dict, int]:
+    """The header JSON object and its length in bytes."""
     if size == 0:
         raise LoraFileError(f"{name}: the file is empty (0 bytes); {_REDOWNLOAD}")
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise LoraFileError(
-                f"{name}: only {size} bytes, too short for a safetensors header; {_REDOWNLOAD}"
-            )
-        (n,) = struct.unpack("<Q", head)
-        if n > _HEADER_LIMIT or 8 + n > size:
-            raise LoraFileError(
-                f"{name}: not a valid safetensors file (header says {n} bytes, file has {size}); {_REDOWNLOAD}"
-            )
-        raw = f.read(n)
+    head = f.read(8)
+    if len(head) < 8:
+        raise LoraFileError(f"{name}: only {size} bytes, too short for a safetensors header; {_REDOWNLOAD}")
+    (n,) = struct.unpack("<Q", head)
+    if n > _HEADER_LIMIT or 8 + n > size:
+        raise LoraFileError(
+            f"{name}: not a valid safetensors file (header says {n} bytes, file has {size}); {_REDOWNLOAD}"
+        )
+    raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError) as e:
         raise LoraFileError(
-            f"{name}: the safetensors header is not valid JSON ({e}); {_REDOWNLOAD}"
+            f"{name}: the safetensors header is not valid JSON ({str(e)[:200]}); {_REDOWNLOAD}"
+        ) from None
+    except RecursionError:
+        raise LoraFileError(
+            f"{name}: the safetensors header JSON is nested too deeply to be a LoRA's; {_REDOWNLOAD}"
         ) from None
     if not isinstance(header, dict):
         raise LoraFileError(f"{name}: the safetensors header is not a JSON object; {_REDOWNLOAD}")
-    _check_entries(header, size - 8 - n, name)
-    return header
+    return header, n
 
 
-def _check_entries(header: dict, data_size: int, name: str) -> None:
+@dataclass(frozen=True)
+class _Entry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def _entries(header: dict, data_size: int, name: str) -> dict[str, _Entry]:
     """Every tensor's byte range must lie inside the file and match its dtype and shape."""
+    out: dict[str, _Entry] = {}
     for key, info in header.items():
         if key == "__metadata__":
             continue
+        if len(out) >= MAX_TENSORS:
+            raise LoraFileError(
+                f"{name}: the header lists more than {MAX_TENSORS} tensors, far more than any LoRA has; "
+                f"{_REDOWNLOAD}"
+            )
         try:
             dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-            numel = math.prod(int(d) for d in shape)
+            ints = [*shape, start, end]
         except (TypeError, KeyError, ValueError):
             raise LoraFileError(f"{name}: header entry for '{key}' is malformed; {_REDOWNLOAD}") from None
-        if not (0 <= start <= end <= data_size):
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ints) or not (
+            len(shape) <= _MAX_DIMS and all(d <= _MAX_DIM for d in shape)
+        ):
+            raise LoraFileError(
+                f"{name}: header entry for '{key}' has shape {str(shape)[:80]} and offsets "
+                f"{str([start, end])[:80]}, not the non-negative integers a tensor has; {_REDOWNLOAD}"
+            )
+        if dtype not in _DTYPES:
+            raise LoraFileError(
+                f"{name}: tensor '{key}' has dtype {str(dtype)[:40]!r}, which no LoRA uses; "
+                "re-save the file with float32, float16 or bfloat16 tensors"
+            )
+        if not (start <= end <= data_size):
             raise LoraFileError(
                 f"{name}: tensor '{key}' claims bytes {start}..{end} but the data section has {data_size} bytes "
                 f"(truncated file or lying header); {_REDOWNLOAD}"
             )
-        width = _DTYPE_BYTES.get(dtype)
-        if width is not None and numel * width != end - start:
+        width = _DTYPES[dtype].itemsize
+        numel = math.prod(shape)
+        if numel * width != end - start:
             raise LoraFileError(
-                f"{name}: tensor '{key}' is {dtype} {shape} ({numel * width} bytes) but the header gives it "
+                f"{name}: tensor '{key}' is {dtype} {list(shape)} ({numel * width} bytes) but the header gives it "
                 f"{end - start} bytes; {_REDOWNLOAD}"
             )
+        out[key] = _Entry(_DTYPES[dtype], tuple(shape), start, end)
+    return out
 
 
-def _read_safetensors(path: str, name: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-    header = _read_header(path, name)
-    raw_meta = header.get("__metadata__") or {}
-    metadata = {str(k): str(v) for k, v in raw_meta.items()} if isinstance(raw_meta, dict) else {}
-    try:
-        tensors = load_file(path, device="cpu")
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise LoraFileError(f"{name}: safetensors could not read the file ({e}); {_REDOWNLOAD}") from None
-    return tensors, metadata
+def _read_safetensors(path: str, name: str) -> tuple[dict[str, Tensor], dict[str, str], tuple[str, ...]]:
+    """Tensors, the header metadata the pack uses, and notes on what of it was too large to keep.
+
+    The header is parsed once, here (safetensors' own loader would parse it again, costly for a
+    huge one); the data section is read in one piece and each tensor is a view of its bytes
+    (little-endian, as the format stores it and every platform ComfyUI runs on reads it)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        header, n = _read_header(f, size, name)
+        entries = _entries(header, size - 8 - n, name)
+        data = bytearray(size - 8 - n)
+        if f.readinto(data) != len(data):
+            raise LoraFileError(f"{name}: the file changed while it was read; load it again")
+    tensors = {key: _tensor(data, e) for key, e in entries.items()}
+    raw_meta = header.get("__metadata__")
+    meta = bounded_metadata(raw_meta if isinstance(raw_meta, dict) else {})
+    notes = tuple(_dropped_note(key, chars) for key, chars in meta.dropped[:3])
+    if len(meta.dropped) > 3:
+        notes += (f"... and {len(meta.dropped) - 3} more header metadata keys ignored",)
+    return tensors, meta.kept, notes
+
+
+def _dropped_note(key: str, chars: int) -> str:
+    return (
+        f"header metadata '{key[:60]}' ({chars / 2**20:.1f} MB) is beyond what the pack reads of a header "
+        f"({MAX_TAG_VALUE // 2**20} MB for tag counts, {MAX_VALUE // 2**20} MB for other values, "
+        f"{MAX_TOTAL // 2**20} MB and {MAX_KEYS} keys in all); it was ignored"
+    )
+
+
+def _tensor(data: bytearray, e: _Entry) -> Tensor:
+    count = e.end - e.start
+    if count == 0:
+        return torch.empty(e.shape, dtype=e.dtype)
+    raw = torch.frombuffer(data, dtype=torch.uint8, count=count, offset=e.start)
+    if e.start % e.dtype.itemsize:  # a view as a wider type needs an aligned start
+        raw = raw.clone()
+    return raw.view(e.dtype).reshape(e.shape)
 
 
 def _read_pickle(path: str, name: str) -> dict[str, Tensor]:
@@ -134,6 +208,8 @@ def _read_pickle(path: str, name: str) -> dict[str, Tensor]:
         raise LoraFileError(
             f"{name}: holds a {type(obj).__name__}, not a dict of named tensors; it is not a LoRA"
         )
+    if len(obj) > MAX_TENSORS:
+        raise LoraFileError(f"{name}: holds {len(obj)} entries, far more than any LoRA has; {_REDOWNLOAD}")
     for key, value in obj.items():
         if not isinstance(value, Tensor):
             raise LoraFileError(

@@ -33,12 +33,13 @@ def plan_entries(node: str, model, clip, entries: Sequence[StackEntry]) -> Stack
         key_maps["clip"] = bridge.clip_key_map(clip)
         shapes["clip"] = bridge.weight_shapes(clip.patcher)
     family = model_family(bridge.model_class_name(model), bridge.model_unet_config(model))
+    dtypes = {"unet": model.model_dtype()}  # the report names changes these weights cannot hold
     loras, plans = [], []
     for e in entries:
         try:
             lora = load_lora(bridge.lora_path(e.lora_name))
             strengths = {"unet": e.strength_model, "clip": e.strength_clip}
-            plans.append(plan_lora(lora, key_maps, strengths, family, e.block_weights, shapes))
+            plans.append(plan_lora(lora, key_maps, strengths, family, e.block_weights, shapes, dtypes))
         except (LoraFileError, LoraMismatchError, FileNotFoundError, ValueError) as err:
             raise RuntimeError(f"[{node}] {err}") from err
         loras.append(lora)

@@ -70,7 +70,8 @@ def test_describe_prefers_module_ranks_and_alphas():
 def test_diffusers_header_alphas_follow_peft_config():
     header = {
         "unet.lora_alpha": 8,
-        "unet.alpha_pattern": {"to_v": 2, "mid_block.*to_q": 6, "[": 1},  # "[" is no regex: skipped
+        # "[" is syntax beyond the subset the pack reads (lora_core.peft_patterns): not run, noted
+        "unet.alpha_pattern": {"to_v": 2, "mid_block.*to_q": 6, "[": 1},
         "text_encoder.lora_alpha": 16,
         "text_encoder.use_rslora": True,
     }
@@ -83,28 +84,29 @@ def test_diffusers_header_alphas_follow_peft_config():
         "transformer.x": 4,  # no config for this component
         "unet": 4,  # no path
     }
-    alphas = diffusers_alphas({"lora_adapter_metadata": json.dumps(header)}, ranks)
-    assert alphas == {
+    read = diffusers_alphas({"lora_adapter_metadata": json.dumps(header)}, ranks)
+    assert read.alphas == {
         "unet.down.attn1.to_q": 8.0,
         "unet.down.attn1.to_v": 2.0,
         "unet.mid_block.attn1.to_q": 6.0,
         "unet.down.attn1.not_to_v_x": 8.0,
         "text_encoder.layers.0.q_proj": 64.0,  # rsLoRA: 16 / sqrt(16) = 64 / 16
     }
+    assert len(read.notes) == 1 and "unet alpha_pattern key '['" in read.notes[0]
 
 
 @pytest.mark.parametrize("raw", [None, "", "{not json", "[1, 2]", json.dumps({"unet.lora_alpha": "x"})])
 def test_diffusers_header_alphas_ignore_what_they_cannot_read(raw):
     metadata = {} if raw is None else {"lora_adapter_metadata": raw}
-    assert diffusers_alphas(metadata, {"unet.a.to_q": 4}) == {}
+    assert diffusers_alphas(metadata, {"unet.a.to_q": 4}).alphas == {}
 
 
 def test_adapter_config_alphas_name_the_raw_peft_modules():
     config = json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "alpha_pattern": {"to_v": 2}})
     ranks = {"base_model.model.a.to_q": 4, "base_model.model.a.to_v": 4, "unet.a.to_q": 4}
-    assert adapter_config_alphas(config, ranks) == {
+    assert adapter_config_alphas(config, ranks).alphas == {
         "base_model.model.a.to_q": 8.0,
         "base_model.model.a.to_v": 2.0,
     }
-    assert adapter_config_alphas(json.dumps({"peft_type": "OFT", "lora_alpha": 8}), ranks) == {}
-    assert adapter_config_alphas("{broken", ranks) == {}
+    assert adapter_config_alphas(json.dumps({"peft_type": "OFT", "lora_alpha": 8}), ranks).alphas == {}
+    assert adapter_config_alphas("{broken", ranks).alphas == {}
