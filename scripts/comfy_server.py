@@ -6,6 +6,7 @@ any Python; the server itself runs under the venv's Python.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import signal
@@ -28,6 +29,19 @@ FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 def default_comfy_dir() -> Path:
     """The ComfyUI the project runs in: COMFYUI_PATH if set, else the one set-up installed."""
     return Path(os.environ.get("COMFYUI_PATH") or REPO / ".comfyui").resolve()
+
+
+def comfy_version(comfy_dir: Path) -> str:
+    """The version a ComfyUI tree declares in its comfyui_version.py ("unknown" without one). Read
+    as a literal, never run: the tree may be anyone's checkout."""
+    path = comfy_dir / "comfyui_version.py"
+    if path.exists():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and any(
+                getattr(t, "id", None) == "__version__" for t in node.targets
+            ):
+                return str(ast.literal_eval(node.value))
+    return "unknown"
 
 
 def free_port() -> int:

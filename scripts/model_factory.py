@@ -265,7 +265,20 @@ def flux_model(seed: int = 0, hidden: int = 64, depth: int = 2, single: int = 2,
         "depth": depth, "depth_single_blocks": single, "axes_dim": axes, "theta": 10000,
         "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
     }  # fmt: skip
+    unet_config.update(_flux_version_fields())
     return _dit_patcher(sm.Flux, unet_config, seed, dtype)
+
+
+def _flux_version_fields() -> dict:
+    """Flux config fields that only some ComfyUI versions have: newer ones (0.8+) require
+    ``txt_ids_dims`` (text positions written into these rope axes; none for Flux.1, as ComfyUI's
+    own model detection sets it), older ones refuse it as an unknown argument."""
+    import dataclasses
+
+    from comfy.ldm.flux.model import FluxParams
+
+    names = {f.name for f in dataclasses.fields(FluxParams)}
+    return {"txt_ids_dims": []} if "txt_ids_dims" in names else {}
 
 
 def wan_model(seed: int = 0, dim: int = 64, layers: int = 2):

@@ -26,3 +26,10 @@ COMFY_DIR = Path(os.environ.get("COMFYUI_PATH") or REPO / ".comfyui").resolve()
 for _p in (str(REPO / "scripts"), str(COMFY_DIR)):
     if _p not in sys.path:
         sys.path.append(_p)
+
+
+def pytest_report_header(config):
+    # Which ComfyUI this run tests: scripts/run_tests.sh runs the suite on more than one.
+    from comfy_server import comfy_version
+
+    return f"ComfyUI {comfy_version(COMFY_DIR)} at {COMFY_DIR}"

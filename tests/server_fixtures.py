@@ -4,14 +4,26 @@ Imported by the conftest.py of each folder that uses them (tests/server, tests/b
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
-from comfy_server import REPO, ComfyServer, default_comfy_dir, prepare_base_dir
+from comfy_server import REPO, ComfyServer, comfy_version, default_comfy_dir, prepare_base_dir
 
 COMFY_DIR = default_comfy_dir()
+# LORA_FOUNDRY_FRONTEND_ROOT (scripts/comfy_server.py) serves another frontend build; its version is
+# in LORA_FOUNDRY_FRONTEND_VERSION, and LORA_FOUNDRY_VUE_NODES=1 turns on its "Nodes 2.0"
+# (scripts/run_tests.sh sets them for its passes on the newest frontend).
+FRONTEND_VERSION = os.environ.get("LORA_FOUNDRY_FRONTEND_VERSION")
+VUE_NODES = os.environ.get("LORA_FOUNDRY_VUE_NODES") == "1"
+# Logs and screenshots go to test-artifacts/comfyui-<version>/, named by the pass, so the passes of
+# one `make test` (two ComfyUI versions, two more frontends) do not overwrite each other's.
+ARTIFACTS = REPO / "test-artifacts" / f"comfyui-{comfy_version(COMFY_DIR)}"
+PASS_SUFFIX = (f"-frontend-{FRONTEND_VERSION}" if FRONTEND_VERSION else "") + (
+    "-vue-nodes" if VUE_NODES else ""
+)
 
 DEMO_CHECKPOINT = "lora_foundry_demo_sd15.safetensors"
 
@@ -26,9 +38,8 @@ def server(tmp_path_factory):
     srv.start()
     yield srv
     srv.stop()
-    artifacts = REPO / "test-artifacts"
-    artifacts.mkdir(exist_ok=True)
-    shutil.copy(srv.log_path, artifacts / "server.log")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(srv.log_path, ARTIFACTS / f"server{PASS_SUFFIX}.log")
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
 """The real ComfyUI frontend in headless Chromium (Debian's chromium driven by Playwright), against
 the real-server fixtures. One browser and one page per session; each test starts from an empty
 graph, fails on console errors from this pack's extension, and leaves a screenshot in
-test-artifacts/browser/ (browser-frontend-<version>/ for another frontend build). Set-up:
-scripts/setup_browser.sh."""
+test-artifacts/comfyui-<version>/browser/ (browser-frontend-<version>/ for another frontend build).
+Set-up: scripts/setup_browser.sh."""
 
 from __future__ import annotations
 
@@ -12,27 +12,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from comfy_server import PACK_LINK_NAME, REPO
-from server_fixtures import demo_models, object_info, server, server_loras  # noqa: F401
+from comfy_server import PACK_LINK_NAME
+from server_fixtures import ARTIFACTS as LEG_ARTIFACTS
+from server_fixtures import (  # noqa: F401
+    PASS_SUFFIX,
+    VUE_NODES,
+    demo_models,
+    object_info,
+    server,
+    server_loras,
+)
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run",
 ]  # fmt: skip
-# LORA_FOUNDRY_FRONTEND_ROOT (scripts/comfy_server.py) serves another frontend build; its
-# version is in LORA_FOUNDRY_FRONTEND_VERSION (scripts/run_tests.sh sets both).
-FRONTEND_VERSION = os.environ.get("LORA_FOUNDRY_FRONTEND_VERSION")
-# LORA_FOUNDRY_VUE_NODES=1 turns on the frontend's "Nodes 2.0" (nodes drawn by Vue components).
-VUE_NODES = os.environ.get("LORA_FOUNDRY_VUE_NODES") == "1"
-ARTIFACTS = (
-    REPO
-    / "test-artifacts"
-    / (
-        ("browser" if not FRONTEND_VERSION else f"browser-frontend-{FRONTEND_VERSION}")
-        + ("-vue-nodes" if VUE_NODES else "")
-    )
-)
+ARTIFACTS = LEG_ARTIFACTS / f"browser{PASS_SUFFIX}"
 # Console text, failed URLs and stack frames that come from this pack's extension.
 OURS = re.compile(
     rf"/extensions/{re.escape(PACK_LINK_NAME)}/|/extensions/scripts/|LoraFoundry|lora_foundry", re.I
@@ -116,6 +112,18 @@ def comfy(comfy_session, request):
     assert not errors, "errors from the LoRA Foundry extension:\n" + "\n".join(errors)
 
 
+# True when the element is shown and at the same place in two successive animation frames.
+STILL = """(selector) => new Promise((done) => {
+  const el = document.querySelector(selector);
+  if (!el || !el.checkVisibility()) return done(false);
+  const a = el.getBoundingClientRect();
+  requestAnimationFrame(() => requestAnimationFrame(() => {
+    const b = el.getBoundingClientRect();
+    done(b.width > 0 && b.height > 0 && a.x === b.x && a.y === b.y && a.width === b.width);
+  }));
+})"""
+
+
 class ComfyPage:
     """Small helpers over the page's ComfyUI app object."""
 
@@ -140,7 +148,7 @@ class ComfyPage:
         return body["prompt_id"]
 
     def shot(self, name: str, node_id: int | None = None) -> None:
-        """A screenshot in test-artifacts/browser/<name>.png of the whole graph, or of one node."""
+        """A screenshot <name>.png in ARTIFACTS of the whole graph, or of one node."""
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         select = "(id) => { app.canvas.deselectAll(); if (id != null) app.canvas.select(app.graph.getNodeById(id)); }"
         self.js(select, node_id)
@@ -151,6 +159,13 @@ class ComfyPage:
         self.page.wait_for_timeout(400)
         self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
         self.js("() => app.canvas.deselectAll()")
+
+    def click_when_still(self, selector: str) -> None:
+        """Clicks an element of a node once the canvas has stopped moving it. After a view change,
+        frontend 1.37 moves DOM widgets for a while on a busy machine; Playwright then scrolls the
+        page's overflow-hidden containers to reach a moving element, which hides it for good."""
+        self.page.wait_for_function(STILL, arg=selector, timeout=30_000)
+        self.page.locator(selector).click()
 
     def nodes_of(self, node_type: str) -> list[int]:
         return self.js("(t) => app.graph.nodes.filter((n) => n.type === t).map((n) => n.id)", node_type)

@@ -44,10 +44,34 @@ def open_template(comfy, name: str) -> None:
     dialog.wait_for(state="hidden", timeout=30_000)
 
 
-def graph_problems(comfy, workflow: dict) -> list[str]:
+# Each loaded node's type, serialized widget values and the names of its widgets (same positions:
+# the frontend writes a null for a widget it does not save).
+LOADED_NODES = """() => app.graph.serialize().nodes.map((s) => ({
+  id: s.id, type: s.type, values: s.widgets_values ?? [],
+  names: (app.graph.getNodeById(s.id)?.widgets ?? []).map((w) => w.name),
+}))"""
+# The widget the frontend adds after a seed-like INT input; workflow files hold its value.
+CONTROL_WIDGET = "control_after_generate"
+
+
+def widgets_to_compare(node: dict, object_info: dict) -> list:
+    """The widget values of a loaded node to compare with the file's. The pack's nodes: all of them,
+    as saved. Other nodes: those of the inputs the server declares (and the seed control), since
+    newer frontends add widgets of their own to core nodes (1.35+: PreviewAny's preview and mode
+    widgets, named differently per release) that a file written for an older frontend does not hold."""
+    if node["type"].startswith("LoraFoundry_") or node["type"] not in object_info:
+        return node["values"]
+    info = object_info[node["type"]]["input"]
+    declared = {*info.get("required", {}), *info.get("optional", {}), CONTROL_WIDGET}
+    values = node["values"]
+    # Trailing widgets that are not saved have no value; a value with no widget is kept (and differs).
+    names = (node["names"] + [None] * len(values))[: len(values)]
+    return [v for name, v in zip(names, values, strict=True) if name is None or name in declared]
+
+
+def graph_problems(comfy, workflow: dict, object_info: dict) -> list[str]:
     """Nodes the frontend does not know, and widget values it did not keep, after loading."""
-    loaded = comfy.js("() => app.graph.serialize().nodes")
-    by_id = {n["id"]: n for n in loaded}
+    by_id = {n["id"]: n for n in comfy.js(LOADED_NODES)}
     problems = []
     unknown = comfy.js(
         "() => app.graph.nodes.filter((n) => !LiteGraph.registered_node_types[n.type]).map((n) => n.type)"
@@ -57,18 +81,50 @@ def graph_problems(comfy, workflow: dict) -> list[str]:
         got = by_id.get(node["id"])
         if got is None:
             problems.append(f"node {node['id']} ({node['type']}) was not loaded")
-        elif got.get("widgets_values", []) != node.get("widgets_values", []):
+            continue
+        kept = widgets_to_compare(got, object_info)
+        if kept != node.get("widgets_values", []):
             problems.append(
-                f"node {node['id']} ({node['type']}) widgets {got.get('widgets_values')} != file {node.get('widgets_values')}"
+                f"node {node['id']} ({node['type']}) widgets {kept} (of {got['values']}, named "
+                f"{got['names']}) != file {node.get('widgets_values')}"
             )
     return problems
 
 
+def test_widget_comparison_leaves_out_only_what_the_frontend_adds_to_core_nodes():
+    """The comparison above, on hand-made loaded nodes: it must not hide a changed value."""
+    info = {
+        "PreviewAny": {"input": {"required": {"source": ["*", {}]}}},
+        "KSampler": {"input": {"required": {"seed": ["INT", {}], "steps": ["INT", {}]}}},
+        "LoraFoundry_LoraStack": {"input": {"required": {"rows_json": ["STRING", {}]}}},
+    }
+    preview = {
+        "type": "PreviewAny",
+        "values": [None, None, False],
+        "names": ["preview", "preview", "previewMode"],
+    }
+    assert widgets_to_compare(preview, info) == []
+    sampler = {"type": "KSampler", "values": [43, "fixed", 2], "names": ["seed", CONTROL_WIDGET, "steps"]}
+    assert widgets_to_compare(sampler, info) == [43, "fixed", 2]  # a changed seed still shows
+    extra_value = {
+        "type": "KSampler",
+        "values": [42, "fixed", 2, 7],
+        "names": ["seed", CONTROL_WIDGET, "steps"],
+    }
+    assert widgets_to_compare(extra_value, info) == [42, "fixed", 2, 7]
+    # The pack's nodes keep every saved value, also of widgets the server does not declare.
+    ours = {"type": "LoraFoundry_LoraStack", "values": ["[]", None], "names": ["rows_json", "foundry_rows"]}
+    assert widgets_to_compare(ours, info) == ["[]", None]
+    note = {"type": "Note", "values": ["text"], "names": ["text"]}  # frontend-only: all kept
+    assert widgets_to_compare(note, info) == ["text"]
+
+
 @pytest.mark.parametrize("name", WORKFLOWS)
-def test_shipped_workflow_opens_from_templates_and_runs(comfy, server, demo_models, name):
+def test_shipped_workflow_opens_from_templates_and_runs(comfy, server, demo_models, object_info, name):
     workflow = json.loads((REPO / "workflows" / f"{name}.json").read_text())
     open_template(comfy, name)
-    assert not graph_problems(comfy, workflow), graph_problems(comfy, workflow)
+    problems = graph_problems(comfy, workflow, object_info)
+    assert not problems, problems
     comfy.js("() => app.canvas.ds.scale = 0.7")
     entry = server.wait(comfy.queue(), timeout=900)  # raises with the node's error if it failed
     # What each workflow writes is checked in tests/server; here: it ran from the browser, and shows it.
@@ -200,7 +256,7 @@ def test_written_lora_appears_in_the_lists_without_refresh(comfy, server, demo_m
     comfy.js("() => app.refreshComboInNodes()")  # the session's list, whatever earlier tests wrote
     ids = comfy.js(REFRESH_GRAPH, [demo_models["lora"].name, out_name])
     comfy.js("() => app.extensionManager.command.execute('Comfy.Canvas.FitView')")  # all on screen
-    page.locator("[data-lora-foundry=rows] .lf-add").click()
+    comfy.click_when_still("[data-lora-foundry=rows] .lf-add")
     before = comfy.js(LISTS, [ids["load"], ids["stack"]])
     assert before["rows"], "the stack row has no LoRA picker"
     assert new_file not in before["load"] and new_file not in before["rows"], before

@@ -23,14 +23,18 @@ def core_loader(model, loras_dir, name: str, strength: float):
 
 
 def _targets(model, prefix: str) -> dict[str, tuple[str, tuple | None, object]]:
-    """LoRA module name -> (weight key, offset, function) for 2-D weights, from ComfyUI's key map."""
+    """LoRA module name -> (weight key, offset, function) for 2-D weights, from ComfyUI's key map:
+    one name per weight (slice), as a trainer writes a file. Newer key maps give some weights a
+    second name (ComfyUI 0.12: LyCORIS's ff.linear_in beside ff.net.0.proj, Flux 2's attn.to_out
+    beside proj_out); of those the first, the diffusers name, is kept."""
     sd = model.model.state_dict()
-    out = {}
+    out, seen = {}, set()
     for name, target in comfy.lora.model_lora_keys_unet(model.model, {}).items():
         if not name.startswith(prefix):
             continue
         key, offset, function = (target, None, None) if isinstance(target, str) else (*target, None)[:3]
-        if key in sd and key.endswith(".weight") and sd[key].ndim == 2:
+        if key in sd and key.endswith(".weight") and sd[key].ndim == 2 and (key, offset) not in seen:
+            seen.add((key, offset))
             out[name] = (key, offset, function)
     return out
 
