@@ -4,9 +4,9 @@
 #   1. .comfyui (ComfyUI 0.3.75, or COMFYUI_PATH) with .venv: the whole suite. A full run (no
 #      arguments) then runs tests/browser twice more against the newest ComfyUI frontend
 #      (.frontend-newest), with its classic canvas nodes and with Nodes 2.0.
-#   2. .comfyui-newest (ComfyUI 0.12.1) with .venv-newest, on a full run: every test folder but
-#      tests/unit, with the frontend that ComfyUI installs. Where set-up had no tarball for it, one
-#      line says this leg did not run.
+#   2. .comfyui-newest (ComfyUI 0.12.1) with .venv-newest, on a full run: the whole suite again, with
+#      the frontend that ComfyUI installs. Where set-up had no tarball for it, one line says this leg
+#      did not run.
 # Extra arguments go to pytest on the first leg only (for iterating). A pass that collects no tests
 # fails. LORA_FOUNDRY_SKIP_BROWSER=1 leaves out tests/browser on every leg and says what it left
 # out. Every pass runs even after one failed; a summary names each pass's result and time.
@@ -67,17 +67,16 @@ if [ -z "$skip_browser" ]; then
   fi
 fi
 
-# The second leg. tests/unit runs on the first leg only: it never imports ComfyUI
-# (tests/unit/test_unit_tests_stay_comfy_free.py checks its imports, test_no_comfy_import.py
-# lora_core's), and both venvs hold the same torch and libraries, differing only in ComfyUI's own
-# packages (frontend, templates, comfy-kitchen, comfy-aimdo), so its result cannot change here.
+# The second leg: the whole suite again. tests/unit never imports ComfyUI
+# (tests/unit/test_unit_tests_stay_comfy_free.py checks), but this venv's ComfyUI packages
+# (comfy-kitchen, comfy-aimdo) and their pins can differ, and the unit tests take under a minute.
 if [ -f .comfyui-newest/.complete ] && [ -x .venv-newest/bin/python ]; then
   second_dir=$(cd .comfyui-newest && pwd -P)
   second=$(comfy_version "$second_dir")
   paths=()
   for d in tests/*/; do
     d=${d%/}
-    [ "$d" = tests/unit ] || { [ -n "$skip_browser" ] && [ "$d" = tests/browser ]; } || paths+=("$d")
+    { [ -n "$skip_browser" ] && [ "$d" = tests/browser ]; } || paths+=("$d")
   done
   run_pass "ComfyUI ${second:-?} (second leg): pytest ${paths[*]}" \
     env COMFYUI_PATH="$second_dir" LORA_FOUNDRY_EXPECT_COMFYUI="$second" .venv-newest/bin/python -m pytest "${paths[@]}"

@@ -1,5 +1,5 @@
-"""tests/unit never imports ComfyUI, directly or through a helper or a pack module: that is why
-scripts/run_tests.sh runs it on one ComfyUI leg only. Read from the source (every import statement,
+"""tests/unit never imports ComfyUI, directly or through a helper or a pack module: it tests the
+library alone, as lora_core is written to be used. Read from the source (every import statement,
 also inside functions), so a test added later that needs ComfyUI fails here, not silently on one leg."""
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def test_unit_tests_never_reach_comfyui():
     files = sorted(UNIT.glob("*.py"))
     assert len(files) > 5, f"expected the unit tests in {UNIT}"
     reached = [chain for f in files for chain in comfy_imports_reached(f)]
-    assert reached == [], "tests/unit must not import ComfyUI (it runs on one leg only):\n" + "\n".join(
+    assert reached == [], "tests/unit must not import ComfyUI (it tests the library alone):\n" + "\n".join(
         reached
     )
 
