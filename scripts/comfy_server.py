@@ -63,6 +63,15 @@ def prepare_base_dir(base: Path, pack: Path = REPO) -> Path:
     return base
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to SIGKILL it when the process that started it dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 @dataclass
 class ComfyServer:
     comfy_dir: Path
@@ -77,6 +86,9 @@ class ComfyServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 180.0, detach: bool = False) -> ComfyServer:
+        """Starts the server in its own session. Unless `detach` (the demo leaves it running), the server
+        is killed when this process dies, even by SIGKILL (a test's timeout), so no 6 GB server is left
+        behind."""
         self.port = self.port or free_port()
         self.log_path = self.log_path or self.base_dir / "comfyui.log"
         cmd = [
@@ -88,8 +100,9 @@ class ComfyServer:
             cmd += ["--front-end-root", os.environ["LORA_FOUNDRY_FRONTEND_ROOT"]]
         log = open(self.log_path, "ab")  # noqa: SIM115 - the server writes to it after we return
         self.proc = subprocess.Popen(
-            cmd, cwd=self.comfy_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+            cmd, cwd=self.comfy_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=None if detach else _die_with_parent,
+        )  # fmt: skip
         self._wait_ready(timeout)
         return self
 

@@ -55,7 +55,7 @@ def main() -> int:
         print(f"[demo] using the ComfyUI already running at {server.url}", flush=True)
     except (urllib.error.URLError, OSError):
         print(f"[demo] starting ComfyUI at {server.url} (log: {comfy_dir / 'comfyui.log'})", flush=True)
-        server.start()
+        server.start(detach=True)  # it keeps running after the demo, for the user's browser
     workflows = sorted((REPO / "workflows").glob("*.json"))
     failures = run_workflows(server, workflows)
     if args.stop and not reused:
