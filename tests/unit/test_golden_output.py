@@ -24,7 +24,7 @@ if __name__ == "__main__":  # run as a script: make `lora_foundry` and the helpe
     sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
     import conftest  # noqa: F401
 
-from unit.test_train_helpers import batches, latent_dataset, predictor, schedule, targets  # noqa: E402
+from unit.train_helpers import batches, latent_dataset, predictor, schedule, targets  # noqa: E402
 
 from lora_foundry.lora_core import loader  # noqa: E402
 from lora_foundry.lora_core.bake import bake_stack  # noqa: E402
@@ -94,7 +94,7 @@ def write_merged(folder: Path) -> list[Path]:
 
 def write_trained(folder: Path) -> Path:
     """A short seeded run of the trainer on the tiny pure-torch denoiser (one thread: same sums)."""
-    from unit.test_train_helpers import TinyUNet
+    from unit.train_helpers import TinyUNet
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
