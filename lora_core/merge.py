@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .adapters.registry import dense_sums, either
 from .lowrank import (
     DenseDelta,
     Factors,
@@ -106,7 +107,7 @@ def _refuse_dense(terms: Sequence[Term], method: str) -> None:
     for index, term in enumerate(terms):
         if isinstance(term, DenseDelta):
             raise ValueError(
-                f"term {index} is a dense delta (LoHa/LoKr/DoRA...): method '{method}' needs LoRA "
+                f"term {index} is a dense delta ({either(dense_sums())}): method '{method}' needs LoRA "
                 f"factors; use one of {', '.join(DENSE_METHODS)}"
             )
 

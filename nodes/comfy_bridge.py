@@ -17,6 +17,7 @@ import comfy.weight_adapter
 import folder_paths
 import torch
 
+from ..lora_core.families import training_metadata_for_class
 from ..lora_core.patching import HALF_DTYPES, Term, apply_steps_, apply_steps_half_, prepare, sums_only
 
 log = logging.getLogger("lora_foundry")
@@ -413,9 +414,7 @@ def send_event(data: dict) -> None:
 
 def base_model_version(model) -> str:
     """kohya's ss_base_model_version for the MODEL's family."""
-    return {"SD15": "sd_v1", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SDXL": "sdxl_base_v1-0"}.get(
-        model_class_name(model), model_class_name(model).lower()
-    )
+    return training_metadata_for_class(model_class_name(model))["ss_base_model_version"]
 
 
 def weights_fingerprint(obj) -> str:
