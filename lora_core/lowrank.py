@@ -71,7 +71,9 @@ class DenseDelta:
         return int(self.delta.shape[0]), int(self.delta.shape[1])
 
 
-Term = Factors | DenseDelta
+# A module's change as merging sees it: factored or dense. (A patch's adapter-at-a-strength is
+# patching.Term, the library's one Term.)
+ModuleDelta = Factors | DenseDelta
 
 
 @dataclass(frozen=True)

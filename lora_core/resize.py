@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
 from .lowrank import Factors, LoraModule, factored_svd, flatten_conv, split_top, unflatten_conv
 
-RESIZE_MODES = ("fixed", "sv_ratio", "energy")
+ResizeMode = Literal["fixed", "sv_ratio", "energy"]
+RESIZE_MODES: tuple[ResizeMode, ...] = get_args(ResizeMode)
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class Resized:
         yield self.down
 
 
-def _check_mode(mode: str, value: float) -> None:
+def _check_mode(mode: ResizeMode, value: float) -> None:
     if mode not in RESIZE_MODES:
         raise ValueError(f"mode must be one of {', '.join(RESIZE_MODES)}; got {mode!r}")
     if mode == "fixed" and (isinstance(value, bool) or int(value) != value or value <= 0):
@@ -45,7 +47,7 @@ def _check_mode(mode: str, value: float) -> None:
         )
 
 
-def select_rank(s: torch.Tensor, mode: str, value: float) -> int:
+def select_rank(s: torch.Tensor, mode: ResizeMode, value: float) -> int:
     """How many of the descending singular values `s` a resize keeps (at least 1)."""
     _check_mode(mode, value)
     n = int(s.shape[0])
@@ -62,7 +64,7 @@ def select_rank(s: torch.Tensor, mode: str, value: float) -> int:
 
 
 def resize(
-    up: torch.Tensor, down: torch.Tensor, mode: str, value: float, dtype: torch.dtype | None = None
+    up: torch.Tensor, down: torch.Tensor, mode: ResizeMode, value: float, dtype: torch.dtype | None = None
 ) -> Resized:
     """Lower the rank of up (out, r) @ down (r, in); returns new factors and what was kept."""
     _check_mode(mode, value)
@@ -92,7 +94,7 @@ class ResizeResult:
 
 def resize_modules(
     modules: Mapping[str, LoraModule],
-    mode: str,
+    mode: ResizeMode,
     value: float,
     dtype: torch.dtype | None = None,
     on_step: Callable[[int, int], None] | None = None,
