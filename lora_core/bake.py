@@ -15,7 +15,7 @@ from .adapters.registry import either, not_a_plain_sum
 from .budget import MemoryNeed, check_fits, factors_need
 from .families import by_label
 from .loader import LoadedLora, LoraPlan
-from .lowrank import DenseDelta, Factors, LoraModule
+from .lowrank import DenseDelta, Factors
 from .merge import MergeSpec, ModuleReport, merge_modules
 from .metadata import tag_frequency
 from .savefile import MergeSource, kohya_metadata, resolve_dtype, safe_output_name, save_lora
@@ -81,7 +81,7 @@ def bake_stack(
         raise FileExistsError(f"{path} exists; choose another output_name or switch overwrite on")
     per_module, weights, notes = _collect(loras, plans, names, shapes)
     check_fits(merge_need(per_module, spec, dtype), available, "this machine")
-    modules: dict[str, LoraModule] = {}
+    modules: dict[str, LoraAdapter] = {}
     reports: dict[str, ModuleReport] = {}
     for step, (name, terms) in enumerate(per_module.items(), start=1):
         result = merge_modules({name: terms}, weights[name], spec.method, spec.rank, spec.conv_rank,

@@ -77,19 +77,6 @@ ModuleDelta = Factors | DenseDelta
 
 
 @dataclass(frozen=True)
-class LoraModule:
-    """One module as stored in a kohya file: delta = (alpha / rank) * up @ down."""
-
-    up: torch.Tensor  # (out, r) or (out, r, 1, 1)
-    down: torch.Tensor  # (r, in) or (r, in, kh, kw)
-    alpha: float
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-
-@dataclass(frozen=True)
 class Svd:
     """A thin SVD u @ diag(s) @ vh with s sorted descending."""
 

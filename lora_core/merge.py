@@ -17,11 +17,11 @@ from typing import Literal, get_args
 
 import torch
 
+from .adapters import LoraAdapter
 from .adapters.registry import dense_sums, either
 from .lowrank import (
     DenseDelta,
     Factors,
-    LoraModule,
     ModuleDelta,
     dense_svd,
     factored_fro,
@@ -253,7 +253,7 @@ class ModuleReport:
 
 @dataclass(frozen=True)
 class MergeResult:
-    modules: dict[str, LoraModule]  # file-ready: conv factors reshaped back to 4-D, alpha = rank
+    modules: dict[str, LoraAdapter]  # file-ready: conv factors reshaped back to 4-D, alpha = rank
     reports: dict[str, ModuleReport]
     empty: tuple[str, ...]  # modules no LoRA had (every entry None): not written
 
@@ -317,7 +317,7 @@ def _merge_entry(name: str, entries: Sequence[ModuleDelta | None], weights: Sequ
     up, down = unflatten_conv(Factors(merged.up, merged.down, kernel=terms[0].kernel))
     info = merged.info
     report = ModuleReport(len(terms), info.rank, info.rel_error, info.energy_kept, info.approximate)
-    return LoraModule(up=up, down=down, alpha=float(info.rank)), report
+    return LoraAdapter(up=up, down=down, alpha=float(info.rank)), report
 
 
 def merge_modules(
@@ -340,7 +340,7 @@ def merge_modules(
     spec = MergeSpec(method, rank, conv_rank, density, seed, dtype)
     if len(weights) == 0:
         raise ValueError("weights is empty: pass one weight per LoRA")
-    modules: dict[str, LoraModule] = {}
+    modules: dict[str, LoraAdapter] = {}
     reports: dict[str, ModuleReport] = {}
     empty: list[str] = []
     for step, (name, entries) in enumerate(per_module.items(), start=1):

@@ -12,7 +12,8 @@ from typing import Literal, get_args
 
 import torch
 
-from .lowrank import Factors, LoraModule, factored_svd, flatten_conv, split_top, unflatten_conv
+from .adapters import LoraAdapter
+from .lowrank import Factors, factored_svd, flatten_conv, split_top, unflatten_conv
 
 ResizeMode = Literal["fixed", "sv_ratio", "energy"]
 RESIZE_MODES: tuple[ResizeMode, ...] = get_args(ResizeMode)
@@ -88,12 +89,12 @@ class ResizeReport:
 
 @dataclass(frozen=True)
 class ResizeResult:
-    modules: dict[str, LoraModule]  # file-ready, alpha = new rank (scale 1)
+    modules: dict[str, LoraAdapter]  # file-ready, alpha = new rank (scale 1)
     reports: dict[str, ResizeReport]
 
 
 def resize_modules(
-    modules: Mapping[str, LoraModule],
+    modules: Mapping[str, LoraAdapter],
     mode: ResizeMode,
     value: float,
     dtype: torch.dtype | None = None,
@@ -101,7 +102,7 @@ def resize_modules(
 ) -> ResizeResult:
     """Resize every module of a kohya-style LoRA (alpha applied, conv kept as conv)."""
     _check_mode(mode, value)
-    out: dict[str, LoraModule] = {}
+    out: dict[str, LoraAdapter] = {}
     reports: dict[str, ResizeReport] = {}
     for step, (name, module) in enumerate(modules.items(), start=1):
         try:
@@ -111,7 +112,7 @@ def resize_modules(
         scale = float(module.alpha) / factors.rank
         result = resize(factors.up.float() * scale, factors.down, mode, value, dtype or module.up.dtype)
         up, down = unflatten_conv(Factors(result.up, result.down, kernel=factors.kernel))
-        out[name] = LoraModule(up=up, down=down, alpha=float(result.rank))
+        out[name] = LoraAdapter(up=up, down=down, alpha=float(result.rank))
         reports[name] = ResizeReport(factors.rank, result.rank, result.energy_kept, result.rel_error)
         if on_step is not None:
             on_step(step, len(modules))

@@ -12,7 +12,6 @@ from .adapters import LoraAdapter
 from .budget import check_fits, factors_need
 from .formats import parse_lora
 from .lorafile import read_lora_file
-from .lowrank import LoraModule
 from .resize import ResizeReport, resize_modules
 from .savefile import resolve_dtype, safe_output_name, save_lora
 from .te_names import kohya_te4_name
@@ -45,7 +44,7 @@ def _span(values: list[int]) -> str:
     return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
 
 
-def _kohya_modules(path: str) -> dict[str, LoraModule]:
+def _kohya_modules(path: str) -> dict[str, LoraAdapter]:
     parsed = parse_lora(read_lora_file(path).tensors)
     name = os.path.basename(path)
     modules = {}
@@ -68,13 +67,15 @@ def _kohya_modules(path: str) -> dict[str, LoraModule]:
             raise ValueError(
                 f"{name} holds module {kohya} twice, in its transformers 4 and 5 spellings; the file is damaged"
             )
-        modules[kohya] = LoraModule(adapter.up, adapter.down, float(alpha))
+        modules[kohya] = LoraAdapter(adapter.up, adapter.down, float(alpha))
     if not modules:
         raise ValueError(f"{name} holds no LoRA modules to resize")
     return modules
 
 
-def _check_memory(modules: dict[str, LoraModule], mode: str, value: float, dtype: str, available: int | None):
+def _check_memory(
+    modules: dict[str, LoraAdapter], mode: str, value: float, dtype: str, available: int | None
+):
     # Only a fixed rank is known before the SVDs; the other modes never exceed the source's rank,
     # and the source is already in memory.
     if mode != "fixed":
