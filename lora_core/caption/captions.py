@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..confine import CAPTION_LIMIT, NotRegularFileError, leaves, read_text_capped
+from ..files.confine import CAPTION_LIMIT, NotRegularFileError, leaves, read_text_capped
 from .tagger import CHARACTER, GENERAL, TagList
 
 # Tags whose underscores are the face itself; the reference taggers leave them alone.

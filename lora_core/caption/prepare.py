@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..confine import create_new, make_folder_within
+from ..files.confine import create_new, make_folder_within
 from .captions import read_caption
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, Problem, load_image, scan_folder
 

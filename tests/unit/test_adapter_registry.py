@@ -10,7 +10,7 @@ import torch
 
 from lora_foundry.lora_core import adapters
 from lora_foundry.lora_core.adapters import registry, rotation
-from lora_foundry.lora_core.formats import parse_lora
+from lora_foundry.lora_core.files.formats import parse_lora
 
 HELPERS = {"__init__", "base", "dora", "registry", "rotation"}  # modules that are not a kind
 

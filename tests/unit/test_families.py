@@ -3,9 +3,9 @@ class names reach the same labels, and the trainer's metadata for a class comes 
 
 import pytest
 
-from lora_foundry.lora_core import families
-from lora_foundry.lora_core.detect import family_from_metadata
-from lora_foundry.lora_core.loader import model_family
+from lora_foundry.lora_core.apply.loader import model_family
+from lora_foundry.lora_core.files import families
+from lora_foundry.lora_core.files.detect import family_from_metadata
 
 
 @pytest.mark.parametrize("family", families.FAMILIES, ids=lambda f: f.label)

@@ -26,10 +26,10 @@ if __name__ == "__main__":  # run as a script: make `lora_foundry` and the helpe
 
 from unit.train_helpers import batches, latent_dataset, predictor, schedule, targets  # noqa: E402
 
-from lora_foundry.lora_core import loader  # noqa: E402
-from lora_foundry.lora_core.bake import bake_stack  # noqa: E402
-from lora_foundry.lora_core.detect import FamilyGuess  # noqa: E402
-from lora_foundry.lora_core.merge import MergeSpec  # noqa: E402
+from lora_foundry.lora_core.apply import loader  # noqa: E402
+from lora_foundry.lora_core.files.detect import FamilyGuess  # noqa: E402
+from lora_foundry.lora_core.merge.bake import bake_stack  # noqa: E402
+from lora_foundry.lora_core.merge.merge import MergeSpec  # noqa: E402
 from lora_foundry.lora_core.train.network import LoraNetwork, select_targets  # noqa: E402
 from lora_foundry.lora_core.train.run import RunInfo, fit  # noqa: E402
 from lora_foundry.lora_core.train.state import CheckpointPlan  # noqa: E402

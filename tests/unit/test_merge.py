@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lora_foundry.lora_core.adapters import LoraAdapter
-from lora_foundry.lora_core.lowrank import (
+from lora_foundry.lora_core.merge.lowrank import (
     DenseDelta,
     Factors,
     dense_term,
@@ -15,7 +15,7 @@ from lora_foundry.lora_core.lowrank import (
     flatten_conv,
     unflatten_conv,
 )
-from lora_foundry.lora_core.merge import (
+from lora_foundry.lora_core.merge.merge import (
     concat,
     dare,
     disjoint_merge,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lora_foundry.lora_core.adapters import LoraAdapter
-from lora_foundry.lora_core.resize import resize, resize_modules, select_rank
+from lora_foundry.lora_core.merge.resize import resize, resize_modules, select_rank
 
 SPECTRUM = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.25])
 

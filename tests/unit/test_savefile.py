@@ -8,9 +8,9 @@ import safetensors
 import safetensors.torch
 import torch
 
-from lora_foundry.lora_core import savefile
 from lora_foundry.lora_core.adapters import LoraAdapter
-from lora_foundry.lora_core.savefile import (
+from lora_foundry.lora_core.files import savefile
+from lora_foundry.lora_core.files.savefile import (
     MergeSource,
     addnet_hashes,
     kohya_metadata,

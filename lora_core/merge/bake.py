@@ -10,15 +10,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import Adapter, LoraAdapter, delta, is_linear, scaled_factors
-from .adapters.registry import either, not_a_plain_sum
-from .budget import MemoryNeed, check_fits, factors_need
-from .families import by_label
-from .loader import LoadedLora, LoraPlan
+from ..adapters import Adapter, LoraAdapter, delta, is_linear, scaled_factors
+from ..adapters.registry import either, not_a_plain_sum
+from ..apply.loader import LoadedLora, LoraPlan
+from ..budget import MemoryNeed, check_fits, factors_need
+from ..files.families import by_label
+from ..files.metadata import tag_frequency
+from ..files.savefile import MergeSource, kohya_metadata, resolve_dtype, safe_output_name, save_lora
 from .lowrank import DenseDelta, Factors
 from .merge import MergeSpec, ModuleReport, merge_modules
-from .metadata import tag_frequency
-from .savefile import MergeSource, kohya_metadata, resolve_dtype, safe_output_name, save_lora
 
 
 def _merge_term(lora: LoadedLora, adapter: Adapter, shape: tuple[int, ...], key: str):

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field, replace
 
 from torch import Tensor
 
-from .adapters import Adapter, BadLayout, DiffAdapter, LoraAdapter, rank_of
-from .adapters.dora import MAGNITUDE_SUFFIXES
-from .adapters.ia3 import VECTOR_ROLE
-from .adapters.registry import KINDS, PARSE_ORDER, suffix_roles
+from ..adapters import Adapter, BadLayout, DiffAdapter, LoraAdapter, rank_of
+from ..adapters.dora import MAGNITUDE_SUFFIXES
+from ..adapters.ia3 import VECTOR_ROLE
+from ..adapters.registry import KINDS, PARSE_ORDER, suffix_roles
 from .lorafile import LoraFileError
 
 # suffix -> (family, role): what each adapter kind owns (lora_core.adapters), plus the extras every

@@ -17,8 +17,8 @@ from typing import Literal, get_args
 
 import torch
 
-from .adapters import LoraAdapter
-from .adapters.registry import dense_sums, either
+from ..adapters import LoraAdapter
+from ..adapters.registry import dense_sums, either
 from .lowrank import (
     DenseDelta,
     Factors,

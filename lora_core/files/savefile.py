@@ -2,7 +2,7 @@
 
 Keys written per module: `<name>.lora_up.weight`, `<name>.lora_down.weight` and `<name>.alpha`
 (0-dim). The file appears complete or not at all and never clobbers a file unless asked
-(lora_core.atomic, the pack's one writer: temp in the same folder, fsync, link or replace).
+(lora_core.files.atomic, the pack's one writer: temp in the same folder, fsync, link or replace).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from .adapters import LoraAdapter
+from ..adapters import LoraAdapter
 from .atomic import NAME_MAX, TEMP_OVERHEAD, exists_error, write_with
 
 SUFFIX = ".safetensors"

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .adapters import dora_error, shape_error
-from .adapters.lora import MAX_GROWTH
+from ..adapters import dora_error, shape_error
+from ..adapters.lora import MAX_GROWTH
 
 __all__ = ["MAX_GROWTH", "dora_error", "shape_error", "target_shape"]
 

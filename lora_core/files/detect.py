@@ -1,6 +1,6 @@
 """Guessing the base model family of a LoRA (from keys, shapes, metadata) and of a model (its unet_config).
 
-Both sides use the family table's labels (lora_core.families) so a caller can compare them, or
+Both sides use the family table's labels (lora_core.files.families) so a caller can compare them, or
 "unknown" when the evidence is not clear enough to refuse a LoRA over it.
 """
 

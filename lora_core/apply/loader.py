@@ -13,18 +13,18 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .adapters import Adapter, LoraAdapter, rank_of
-from .adapters.registry import either, names
+from ..adapters import Adapter, LoraAdapter, rank_of
+from ..adapters.registry import either, names
+from ..files.detect import FamilyGuess, detect_family, model_family_from_unet_config
+from ..files.families import by_comfy_class
+from ..files.formats import ParsedLora, parse_lora
+from ..files.layouts import convert_layout
+from ..files.lorafile import LoraFileError, read_lora_file
+from ..files.metadata import adapter_config_alphas, diffusers_alphas, trigger_words
 from .block_weights import BlockWeights, parse_block_weights
-from .detect import FamilyGuess, detect_family, model_family_from_unet_config
 from .extremes import extreme_changes, extreme_note, limit_for
-from .families import by_comfy_class
 from .fit import shape_error, target_shape
-from .formats import ParsedLora, parse_lora
 from .keymap import resolve, summarize_unmatched
-from .layouts import convert_layout
-from .lorafile import LoraFileError, read_lora_file
-from .metadata import adapter_config_alphas, diffusers_alphas, trigger_words
 from .patching import Term
 from .te_names import naming_note
 

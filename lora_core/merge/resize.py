@@ -12,7 +12,7 @@ from typing import Literal, get_args
 
 import torch
 
-from .adapters import LoraAdapter
+from ..adapters import LoraAdapter
 from .lowrank import Factors, factored_svd, flatten_conv, split_top, unflatten_conv
 
 ResizeMode = Literal["fixed", "sv_ratio", "energy"]

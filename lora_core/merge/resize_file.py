@@ -8,13 +8,13 @@ import math
 import os
 from dataclasses import dataclass
 
-from .adapters import LoraAdapter
-from .budget import check_fits, factors_need
-from .formats import parse_lora
-from .lorafile import read_lora_file
+from ..adapters import LoraAdapter
+from ..apply.te_names import kohya_te4_name
+from ..budget import check_fits, factors_need
+from ..files.formats import parse_lora
+from ..files.lorafile import read_lora_file
+from ..files.savefile import resolve_dtype, safe_output_name, save_lora
 from .resize import ResizeReport, resize_modules
-from .savefile import resolve_dtype, safe_output_name, save_lora
-from .te_names import kohya_te4_name
 
 
 @dataclass(frozen=True)
