@@ -1,5 +1,6 @@
 """Resizing a whole LoRA file: lower every module's rank and write a new kohya file with the
-source's metadata carried over and the per-module energy kept reported."""
+source's metadata carried over and the per-module energy kept reported. The source is opened
+through the loader (apply/loader.py), so it is read as Load LoRA reads it."""
 
 from __future__ import annotations
 
@@ -9,10 +10,9 @@ import os
 from dataclasses import dataclass
 
 from ..adapters import LoraAdapter
+from ..apply.loader import LoadedLora, load_lora
 from ..apply.te_names import kohya_te4_name
 from ..budget import check_fits, factors_need
-from ..files.formats import parse_lora
-from ..files.lorafile import read_lora_file
 from ..files.savefile import resolve_dtype, safe_output_name, save_lora
 from .resize import ResizeReport, resize_modules
 
@@ -44,9 +44,8 @@ def _span(values: list[int]) -> str:
     return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
 
 
-def _kohya_modules(path: str) -> dict[str, LoraAdapter]:
-    parsed = parse_lora(read_lora_file(path).tensors)
-    name = os.path.basename(path)
+def _kohya_modules(lora: LoadedLora) -> dict[str, LoraAdapter]:
+    parsed, name = lora.parsed, lora.name
     modules = {}
     for module, adapter in parsed.modules.items():
         if not isinstance(adapter, LoraAdapter) or adapter.dora_scale is not None or adapter.mid is not None:
@@ -94,10 +93,13 @@ def resize_file(src: str, out_dir: str, output_name: str, mode: str, value: floa
         raise FileExistsError(f"{path} exists; choose another output_name or switch overwrite on")
     if os.path.realpath(path) == os.path.realpath(src):
         raise ValueError("output_name is the source file itself; choose a new name (the original is kept)")
-    modules = _kohya_modules(src)
+    # The one loading path (read once, cached): layout renames and header / PEFT-config alphas
+    # included, as Load LoRA applies the file.
+    lora = load_lora(src)
+    modules = _kohya_modules(lora)
     _check_memory(modules, mode, value, dtype, available)
     result = resize_modules(modules, mode, value)
-    meta = dict(read_lora_file(src).metadata)
+    meta = dict(lora.metadata)
     ranks = {m.rank for m in result.modules.values()}
     meta["ss_network_dim"] = str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic"
     meta["ss_network_alpha"] = meta["ss_network_dim"]
