@@ -18,6 +18,7 @@ import folder_paths
 import torch
 
 from ..lora_core.apply.patching import HALF_DTYPES, Term, apply_steps_, apply_steps_half_, prepare, sums_only
+from ..lora_core.files.atomic import write_with
 from ..lora_core.files.families import training_metadata_for_class
 
 log = logging.getLogger("lora_foundry")
@@ -481,9 +482,7 @@ def save_sample(image: torch.Tensor, run_name: str, step: int) -> str:
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"step_{step:06d}.png")
     pixels = (image[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-    tmp = path + ".tmp"
-    Image.fromarray(pixels).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_with(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"), overwrite=True)
     return path
 
 
