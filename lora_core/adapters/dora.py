@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Shape, f32
+from .base import Shape, dry_run_error, f32, in_float32
 
 # PEFT's DoRA magnitude, beside a LoRA's factors: one per output row of the CHANGED weight.
 MAGNITUDE_SUFFIXES = (".lora_magnitude_vector", ".lora_magnitude_vector.weight",
@@ -85,3 +85,17 @@ def with_dora(weight: Tensor, scaled: Tensor, adapter, strength: float) -> Tenso
             weight, scaled, adapter.dora_scale, strength, peft=getattr(adapter, "dora_peft", False)
         )
     return weight + strength * scaled
+
+
+def summed(delta):
+    """apply and fit_error of a plain-sum kind (weight + strength * delta, through DoRA when the
+    record carries a magnitude), from its ``delta``."""
+
+    def apply(adapter, weight: Tensor, strength: float) -> Tensor:
+        change = delta(adapter, tuple(weight.shape), weight.device)
+        return in_float32(weight, lambda w: with_dora(w, change, adapter, strength))
+
+    def fit_error(adapter, shape: Shape) -> str | None:
+        return dry_run_error(delta, adapter, shape) or dora_error(adapter, shape)
+
+    return apply, fit_error

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Built, Keys, Kind, Shape, dry_run_error, f32, in_float32, reshape_to
-from .dora import dora_error, with_dora
+from .base import Built, Keys, Kind, Shape, f32, reshape_to
+from .dora import summed
 
 _PARTS = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")
 
@@ -83,15 +83,7 @@ def delta(a: LokrAdapter, shape: Shape, device: torch.device) -> Tensor:
     return reshape_to(raw, shape, type(a).__name__) * scale(a)
 
 
-def apply(a: LokrAdapter, weight: Tensor, strength: float) -> Tensor:
-    return in_float32(
-        weight, lambda w: with_dora(w, delta(a, tuple(weight.shape), weight.device), a, strength)
-    )
-
-
-def fit_error(a: LokrAdapter, shape: Shape) -> str | None:
-    return dry_run_error(delta, a, shape) or dora_error(a, shape)
-
+apply, fit_error = summed(delta)
 
 KIND = Kind(
     name="LoKr",
