@@ -148,6 +148,10 @@ def fit_error(a: LoraAdapter, shape: Shape) -> str | None:
                 "larger; a control LoRA widens it a few times at most"
             )
         shape = grown
+    if math.prod(a.up.shape[1:]) != a.rank:  # e.g. a 3-D up: no layout, and up @ down would not chain
+        return (
+            f"LoRA up {tuple(a.up.shape)} is not (outputs, rank) or (outputs, rank, 1, 1) for rank {a.rank}"
+        )
     if a.up.shape[0] != shape[0]:
         return f"LoRA up {tuple(a.up.shape)} has {a.up.shape[0]} outputs, the weight {shape} has {shape[0]}"
     error = peft_dora_fit_error(a, shape)

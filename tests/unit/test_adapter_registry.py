@@ -114,3 +114,13 @@ def test_norm_bound_scales_only_a_larger_skew_part():
     norm = torch.norm(s).item()
     assert torch.equal(rotation.bounded(s, 0.0), s) and torch.equal(rotation.bounded(s, norm * 2), s)
     assert torch.norm(rotation.bounded(s, norm / 4)).item() == pytest.approx(norm / 4, rel=1e-5)
+
+
+def test_a_lora_up_that_is_no_matrix_of_its_rank_does_not_fit():
+    # Found by the file fuzzer: up (4, 2, 2) with down (2, 3) passed the fit check and then failed in
+    # the patch with a bare shape error.
+    odd = adapters.LoraAdapter(up=g(4, 2, 2), down=g(2, 3))
+    assert "is not (outputs, rank)" in registry.shape_error(odd, (4, 3))
+    assert (
+        registry.shape_error(adapters.LoraAdapter(up=g(4, 2, 1, 1), down=g(2, 3, 3, 3)), (4, 3, 3, 3)) is None
+    )
