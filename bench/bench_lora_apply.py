@@ -53,8 +53,8 @@ import nodes as comfy_nodes  # noqa: E402
 _pkg = types.ModuleType("lora_foundry")
 _pkg.__path__ = [str(REPO)]
 sys.modules["lora_foundry"] = _pkg
-from lora_foundry.lora_core import loader  # noqa: E402
 from lora_foundry.lora_core.adapters import scaled_factors  # noqa: E402
+from lora_foundry.lora_core.apply import loader  # noqa: E402
 from lora_foundry.nodes.load_lora import LoadLora  # noqa: E402
 from lora_foundry.nodes.stack import ApplyLoraStack  # noqa: E402
 

@@ -87,8 +87,8 @@ def make_loras(modules, rank: int) -> dict[str, list[tuple[torch.Tensor, torch.T
 
 
 def merge_ours(loras, new_rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    from lora_foundry.lora_core.lowrank import Factors
-    from lora_foundry.lora_core.merge import svd_merge
+    from lora_foundry.lora_core.merge.lowrank import Factors
+    from lora_foundry.lora_core.merge.merge import svd_merge
 
     out = {}
     for name, pairs in loras.items():

@@ -16,7 +16,7 @@ from ..lora_core.caption import (
     parse_tag_list,
     prepare_images,
 )
-from ..lora_core.confine import resolve_folder
+from ..lora_core.files.confine import resolve_folder
 from . import comfy_bridge as bridge
 
 CATEGORY = "LoRA Foundry/dataset"
@@ -58,7 +58,7 @@ def _tagger_files(name: str):
 
 def _folder(text: str, field: str, write: bool = False, must_exist: bool = True) -> Path:
     """The real path of a folder typed into the graph, confined to the folders this server allows
-    (lora_core.confine: input, output, models read only, and the owner's); relative ones start in input."""
+    (lora_core.files.confine: input, output, models read only, and the owner's); relative ones start in input."""
     return resolve_folder(text, bridge.confinement_roots(), field, write=write, must_exist=must_exist)
 
 

@@ -17,7 +17,9 @@ import comfy.weight_adapter
 import folder_paths
 import torch
 
-from ..lora_core.patching import HALF_DTYPES, Term, apply_steps_, apply_steps_half_, prepare, sums_only
+from ..lora_core.apply.patching import HALF_DTYPES, Term, apply_steps_, apply_steps_half_, prepare, sums_only
+from ..lora_core.files.atomic import write_with
+from ..lora_core.files.families import training_metadata_for_class
 
 log = logging.getLogger("lora_foundry")
 
@@ -59,7 +61,7 @@ class FoundryPatch(comfy.weight_adapter.WeightAdapterBase):
       before it is added (identity but for a few DiT targets).
 
     So: a float32 weight is patched in place; a float16 / bfloat16 one in place too, without a
-    float32 copy (``lora_core.patching.apply_steps_half_``: temporaries under one weight's size
+    float32 copy (``lora_core.apply.patching.apply_steps_half_``: temporaries under one weight's size
     for LoRA runs), its products in ``intermediate_dtype`` when that is the weight's dtype (GEMMs
     accumulating in float32, as LowVramPatch asks) and else in float32 blocks of rows; anything
     else (other dtypes, DoRA / OFT-like terms, a function, a grown weight) through a float32 copy
@@ -217,9 +219,9 @@ def progress(total: int) -> Callable[..., None]:
 
 
 def unet_block_counts(model):
-    """The MODEL's UNet block counts (lora_core.block_weights.BlockCounts), None for models without
+    """The MODEL's UNet block counts (lora_core.apply.block_weights.BlockCounts), None for models without
     input/middle/output blocks (DiT families: block specs do not apply to them)."""
-    from ..lora_core.block_weights import BlockCounts
+    from ..lora_core.apply.block_weights import BlockCounts
 
     unet = getattr(model.model, "diffusion_model", None)
     groups = [getattr(unet, name, None) for name in ("input_blocks", "middle_block", "output_blocks")]
@@ -260,8 +262,8 @@ TRAIN_EVENT = "lora_foundry.train"  # live training progress; the frontend liste
 
 def _train_targets(key_map: Mapping[str, object], root, sgm_unet: bool = False) -> list:
     """The weights of ``root`` that ``key_map`` names, as lora_core Targets under the kohya name
-    kohya's trainers write (lora_core.keymap.kohya_names)."""
-    from ..lora_core.keymap import kohya_names
+    kohya's trainers write (lora_core.apply.keymap.kohya_names)."""
+    from ..lora_core.apply.keymap import kohya_names
     from ..lora_core.train.network import Target
 
     present = set(root.state_dict())  # ComfyUI's map also names weights a model may lack
@@ -413,9 +415,7 @@ def send_event(data: dict) -> None:
 
 def base_model_version(model) -> str:
     """kohya's ss_base_model_version for the MODEL's family."""
-    return {"SD15": "sd_v1", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SDXL": "sdxl_base_v1-0"}.get(
-        model_class_name(model), model_class_name(model).lower()
-    )
+    return training_metadata_for_class(model_class_name(model))["ss_base_model_version"]
 
 
 def weights_fingerprint(obj) -> str:
@@ -482,14 +482,12 @@ def save_sample(image: torch.Tensor, run_name: str, step: int) -> str:
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"step_{step:06d}.png")
     pixels = (image[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-    tmp = path + ".tmp"
-    Image.fromarray(pixels).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_with(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"), overwrite=True)
     return path
 
 
 # --- folders the dataset nodes may read and write (issue #14), taggers, progress for the caption nodes ---
-# lora_core.confine owns the rule; this block only gathers the folders from ComfyUI's folder_paths.
+# lora_core.files.confine owns the rule; this block only gathers the folders from ComfyUI's folder_paths.
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 TAGGERS = "taggers"
@@ -498,11 +496,11 @@ NOT_DATA_FOLDERS = frozenset({"custom_nodes"})
 
 
 def confinement_roots():
-    """lora_core.confine.Roots of this server: input and output (read and write), every registered models
+    """lora_core.files.confine.Roots of this server: input and output (read and write), every registered models
     folder incl. extra_model_paths (read only), the owner's folders (read and write). The pack's own
     folder, where allowed_folders.txt lives, is never written. Read on every call, so an edited
     allowed_folders.txt or environment takes effect without a restart."""
-    from ..lora_core.confine import ALLOWED_FILE, Roots, owner_folders
+    from ..lora_core.files.confine import ALLOWED_FILE, Roots, owner_folders
 
     model_dirs = [
         path

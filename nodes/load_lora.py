@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..lora_core.block_weights import parse_block_weights
-from ..lora_core.stack import StackEntry
+from ..lora_core.apply.block_weights import parse_block_weights
+from ..lora_core.apply.stack import StackEntry
 from . import comfy_bridge as bridge
 from .lora_apply import LastPatched, apply_entries
 

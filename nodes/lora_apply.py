@@ -9,10 +9,17 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..lora_core.detect import FamilyGuess
-from ..lora_core.loader import LoadedLora, LoraMismatchError, LoraPlan, load_lora, model_family, plan_lora
-from ..lora_core.lorafile import LoraFileError
-from ..lora_core.stack import StackEntry, fuse_patches
+from ..lora_core.apply.loader import (
+    LoadedLora,
+    LoraMismatchError,
+    LoraPlan,
+    load_lora,
+    model_family,
+    plan_lora,
+)
+from ..lora_core.apply.stack import StackEntry, fuse_patches
+from ..lora_core.files.detect import FamilyGuess
+from ..lora_core.files.lorafile import LoraFileError
 from . import comfy_bridge as bridge
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 
-from ..lora_core.bake import bake_stack
+from ..lora_core.apply.keymap import kohya_names
+from ..lora_core.apply.stack import read_stack
 from ..lora_core.budget import MemoryBudgetError
-from ..lora_core.keymap import kohya_names
-from ..lora_core.merge import METHODS, MergeSpec
-from ..lora_core.resize import RESIZE_MODES
-from ..lora_core.resize_file import resize_file
-from ..lora_core.savefile import safe_output_name
-from ..lora_core.stack import read_stack
+from ..lora_core.files.savefile import safe_output_name
+from ..lora_core.merge.bake import bake_stack
+from ..lora_core.merge.merge import METHODS, MergeSpec
+from ..lora_core.merge.resize import RESIZE_MODES
+from ..lora_core.merge.resize_file import resize_file
 from . import comfy_bridge as bridge
 from .load_lora import check_block_weights
 from .lora_apply import plan_entries

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..lora_core.stack import MAX_ROWS, ROWS, StackEntry, read_rows, read_stack, to_stack_items
+from ..lora_core.apply.stack import MAX_ROWS, ROWS, StackEntry, read_rows, read_stack, to_stack_items
 from . import comfy_bridge as bridge
 from .load_lora import BLOCK_WEIGHTS_TIP, CATEGORY, STRENGTH, check_block_weights
 from .lora_apply import LastPatched, apply_entries

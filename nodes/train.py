@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from ..lora_core.budget import TrainSettings, check_fits, train_need
-from ..lora_core.confine import resolve_folder
-from ..lora_core.savefile import safe_output_name
+from ..lora_core.files.confine import resolve_folder
+from ..lora_core.files.savefile import safe_output_name
 from ..lora_core.train.dataset import Batches, DatasetOptions, build_dataset, scan_dataset, tag_frequency
 from ..lora_core.train.network import (
     TARGET_HELP,
@@ -93,7 +93,7 @@ def _encoder_id(vae, clip, cache: str) -> str:
 
 
 def _dataset_folder(folder: str) -> Path:
-    """The folder's real path, confined to the folders this server lets nodes read (lora_core.confine)."""
+    """The folder's real path, confined to the folders this server lets nodes read (lora_core.files.confine)."""
     return resolve_folder(folder, bridge.confinement_roots(), "folder")
 
 

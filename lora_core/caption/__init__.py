@@ -8,7 +8,7 @@ onnxruntime is imported only when a tagger is first loaded.
 from .captions import CaptionOptions, build_caption, parse_replacements, parse_tag_list
 from .dataset import CaptionReport, RunOptions, caption_folder
 from .images import ImageLoadError, load_image, scan_folder
-from .prepare import PrepareOptions, PrepareReport, make_buckets, prepare_images
+from .prepare import PrepareOptions, PrepareReport, prepare_buckets, prepare_images
 from .preprocess import tagger_input, to_rgb
 from .tagger import (
     Tagger,
@@ -23,6 +23,6 @@ from .tagger import (
 __all__ = [
     "CaptionOptions", "CaptionReport", "ImageLoadError", "PrepareOptions", "PrepareReport", "RunOptions",
     "Tagger", "TaggerError", "TaggerFiles", "build_caption", "caption_folder", "clear_tagger_cache",
-    "find_taggers", "get_tagger", "load_image", "load_tag_list", "make_buckets", "parse_replacements",
+    "find_taggers", "get_tagger", "load_image", "load_tag_list", "prepare_buckets", "parse_replacements",
     "parse_tag_list", "prepare_images", "scan_folder", "tagger_input", "to_rgb",
 ]  # fmt: skip

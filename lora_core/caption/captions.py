@@ -6,13 +6,13 @@ from __future__ import annotations
 import functools
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..confine import CAPTION_LIMIT, NotRegularFileError, leaves, read_text_capped
+from ..files.atomic import write_bytes
+from ..files.confine import CAPTION_LIMIT, NotRegularFileError, leaves, read_text_capped
 from .tagger import CHARACTER, GENERAL, TagList
 
 # Tags whose underscores are the face itself; the reference taggers leave them alone.
@@ -197,16 +197,7 @@ def read_caption(path: Path, folder: Path | None = None, limit: int = CAPTION_LI
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temp file in the same folder and os.replace, so a reader never sees half a file."""
+    """Write with the pack's atomic writer (files/atomic.py), so a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes(path, text.encode("utf-8"), overwrite=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..confine import CAPTION_LIMIT, leaves, make_folder_within
+from ..files.confine import CAPTION_LIMIT, leaves, make_folder_within
 from .captions import (
     CaptionOptions,
     build_caption,

@@ -12,7 +12,7 @@ from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..confine import NotRegularFileError, is_within, open_regular
+from ..files.confine import NotRegularFileError, is_within, open_regular
 from .preprocess import to_rgb
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..confine import create_new, make_folder_within
+from ..files.confine import create_new, make_folder_within
 from .captions import read_caption
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, Problem, load_image, scan_folder
 
@@ -76,8 +76,13 @@ class PrepareReport:
         return "\n".join(lines)
 
 
-def make_buckets(resolution: int, step: int = 64) -> list[tuple[int, int]]:
-    """(width, height) buckets of area <= resolution**2, sides multiples of step, from 1:4 to 4:1."""
+def prepare_buckets(resolution: int, step: int = 64) -> list[tuple[int, int]]:
+    """Prepare Images' buckets: (width, height) of area <= resolution**2, sides multiples of ``step``
+    (the node's bucket_step), from 1:4 to 4:1, sides from about resolution / 2 to 2 * resolution.
+
+    Not the training dataset's rule (lora_core.train.buckets.make_buckets: step 64, sides at least
+    resolution / 2, the square always present): the two differ for resolutions that are not a
+    multiple of the step and for small ones, so each keeps its own, clearly named."""
     area = resolution * resolution
     buckets = set()
     width = max(step, (resolution // 2) // step * step)
@@ -163,7 +168,7 @@ def prepare_images(
     scan = scan_folder(source, options.recursive)
     output.mkdir(parents=True, exist_ok=True)  # confined by the caller; levels below are checked
     where = _Where(os.path.realpath(source), os.path.realpath(output))
-    buckets = make_buckets(options.resolution, options.bucket_step) if options.target == "buckets" else []
+    buckets = prepare_buckets(options.resolution, options.bucket_step) if options.target == "buckets" else []
     written: list[Prepared] = []
     skipped, notes = list(scan.problems), []
     claimed: set[Path] = set()

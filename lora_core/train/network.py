@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..block_weights import SD_COUNTS, BlockCounts, block_of, check_block_index, check_spec_length
+from ..apply.block_weights import SD_COUNTS, BlockCounts, block_of, check_block_index, check_spec_length
 
 # Module paths (ComfyUI / LDM spelling for the UNet, transformers spelling for CLIP) per preset.
 _ATTN = r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$|\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$"

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..savefile import kohya_metadata
+from ..files.savefile import kohya_metadata
 from .state import CheckpointPlan, DamagedStateError, list_states, read_state, save_checkpoint
 from .trainer import NonFiniteLossError, StepReport, Trainer
 

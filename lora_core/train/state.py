@@ -23,8 +23,8 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from ..atomic import write_bytes, write_with
-from ..savefile import lora_state_dict, resolve_dtype, save_tensors
+from ..files.atomic import write_bytes, write_with
+from ..files.savefile import lora_state_dict, resolve_dtype, save_tensors
 from .network import LoraNetwork
 
 STATE_SUFFIX = ".trainstate"
@@ -72,7 +72,7 @@ class CheckpointPlan:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    # Kept for train/dataset.py's latent cache until it calls lora_core.atomic itself.
+    # Kept for train/dataset.py's latent cache until it calls lora_core.files.atomic itself.
     write_bytes(path, data, overwrite=True)
 
 

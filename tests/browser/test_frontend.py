@@ -14,7 +14,7 @@ pytestmark = pytest.mark.server
 
 WORKFLOWS = sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
 TRAIN_EVENT = "lora_foundry.train"  # nodes/comfy_bridge.py TRAIN_EVENT
-ROWS = "rows_json"  # lora_core/stack.py ROWS
+ROWS = "rows_json"  # lora_core/apply/stack.py ROWS
 EXTENSIONS = ("LoraFoundry.Report", "LoraFoundry.StackRows", "LoraFoundry.LossChart")
 
 

@@ -16,7 +16,8 @@ import torch
 from patch_compare import modules, write
 from train_run import make_dataset, train
 
-from lora_foundry.lora_core import bake, budget
+from lora_foundry.lora_core import budget
+from lora_foundry.lora_core.merge import bake
 from lora_foundry.nodes import comfy_bridge as bridge
 from lora_foundry.nodes import merge as merge_nodes
 from lora_foundry.nodes.load_lora import LoadLora
@@ -54,7 +55,7 @@ def test_block_counts_are_the_models_own(sd15, sdxl):
 
 
 def budget_counts(i, m, o):
-    from lora_foundry.lora_core.block_weights import BlockCounts
+    from lora_foundry.lora_core.apply.block_weights import BlockCounts
 
     return BlockCounts(i, m, o)
 
@@ -93,7 +94,7 @@ def test_block_weights_outside_the_model_are_named(sd15, lora, node):
 
 
 def _item(bw):
-    from lora_foundry.lora_core.stack import StackItem
+    from lora_foundry.lora_core.apply.stack import StackItem
 
     return StackItem(LORA, 1.0, 1.0, bw)
 

@@ -16,7 +16,7 @@ from make_demo_models import write_demo_tagger
 from PIL import Image
 from train_run import make_dataset, train
 
-from lora_foundry.lora_core.confine import ALLOWED_FILE, ENV_VAR
+from lora_foundry.lora_core.files.confine import ALLOWED_FILE, ENV_VAR
 from lora_foundry.nodes import comfy_bridge as bridge
 from lora_foundry.nodes.caption import CaptionDataset, PrepareImages
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from patch_compare import assert_same, modules, patched, write
 
-from lora_foundry.lora_core import loader
+from lora_foundry.lora_core.apply import loader
 from lora_foundry.nodes.load_lora import LoadLora, LoadLoraModelOnly
 
 

@@ -13,7 +13,7 @@ import comfy.lora
 import pytest
 import torch
 
-from lora_foundry.lora_core.keymap import resolve
+from lora_foundry.lora_core.apply.keymap import resolve
 
 # (label, module, class): ComfyUI's own text encoder classes, built on 'meta' (full size, no memory).
 FAMILIES = [

@@ -11,9 +11,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from lora_foundry.lora_core import atomic
-from lora_foundry.lora_core.atomic import STALE_AFTER_S, sweep_stale, temp_name, write_bytes, write_with
-from lora_foundry.lora_core.savefile import save_lora
+from lora_foundry.lora_core.files import atomic
+from lora_foundry.lora_core.files.atomic import STALE_AFTER_S, sweep_stale, temp_name, write_bytes, write_with
+from lora_foundry.lora_core.files.savefile import save_lora
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OLD = time.time() - STALE_AFTER_S - 60
@@ -189,7 +189,7 @@ KILLED_WRITER = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 import conftest  # the pack importable as lora_foundry
-from lora_foundry.lora_core.atomic import write_with
+from lora_foundry.lora_core.files.atomic import write_with
 
 def writer(tmp):
     with open(tmp, "wb") as handle:

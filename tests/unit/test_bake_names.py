@@ -1,6 +1,6 @@
 """Kohya names chosen for merged files: what kohya's own trainers write for each weight."""
 
-from lora_foundry.lora_core.keymap import kohya_names
+from lora_foundry.lora_core.apply.keymap import kohya_names
 
 L_KEY = "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
 G_KEY = "clip_g.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lora_foundry.lora_core.block_weights import block_of, block_weight_for, parse_block_weights
+from lora_foundry.lora_core.apply.block_weights import block_of, block_weight_for, parse_block_weights
 
 SD_VEC = "1,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0,1.1,1.2,1.3,1.4,1.5,1.6"
 

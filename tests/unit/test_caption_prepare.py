@@ -7,8 +7,8 @@ from PIL import Image
 from lora_foundry.lora_core.caption.prepare import (
     PrepareOptions,
     fit_image,
-    make_buckets,
     nearest_bucket,
+    prepare_buckets,
     prepare_images,
 )
 
@@ -25,7 +25,7 @@ def _source(tmp_path):
 
 
 def test_buckets_respect_area_and_step():
-    buckets = make_buckets(512, 64)
+    buckets = prepare_buckets(512, 64)
     assert (512, 512) in buckets
     assert all(w % 64 == 0 and h % 64 == 0 and w * h <= 512 * 512 for w, h in buckets)
     assert all(max(w, h) <= 4 * min(w, h) for w, h in buckets)

@@ -1,4 +1,4 @@
-"""lora_core.confine: which folders a graph may name, the owner's folders, regular-file reads, new-file writes."""
+"""lora_core.files.confine: which folders a graph may name, the owner's folders, regular-file reads, new-file writes."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_foundry.lora_core import confine
-from lora_foundry.lora_core.confine import (
+from lora_foundry.lora_core.files import confine
+from lora_foundry.lora_core.files.confine import (
     ConfinementError,
     NotRegularFileError,
     Roots,
@@ -247,7 +247,7 @@ def test_confine_imports_no_comfy_module():
     script = (
         "import sys, types; sys.path = [p for p in sys.path if 'comfyui' not in p.lower()]\n"
         f"pkg = types.ModuleType('lora_foundry'); pkg.__path__ = [{str(REPO)!r}]; sys.modules['lora_foundry'] = pkg\n"
-        "import lora_foundry.lora_core.confine\n"
+        "import lora_foundry.lora_core.files.confine\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('comfy', 'folder_paths', 'server', 'nodes')))"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd="/")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lora_foundry.lora_core.detect import detect_family, model_family_from_unet_config
+from lora_foundry.lora_core.files.detect import detect_family, model_family_from_unet_config
 
 
 def pair(name, in_dim, out_dim=8, rank=2):

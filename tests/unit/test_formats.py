@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lora_foundry.lora_core.adapters import DiffAdapter, LohaAdapter, LokrAdapter, LoraAdapter, SetAdapter
-from lora_foundry.lora_core.formats import parse_lora
+from lora_foundry.lora_core.files.formats import parse_lora
 
 
 def t(*shape):

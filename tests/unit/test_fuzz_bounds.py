@@ -12,8 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lora_foundry.lora_core.block_weights import SD_COUNTS, SDXL_COUNTS, BlockCounts, parse_block_weights
-from lora_foundry.lora_core.stack import StackEntry, read_rows
+from lora_foundry.lora_core.apply.block_weights import (
+    SD_COUNTS,
+    SDXL_COUNTS,
+    BlockCounts,
+    parse_block_weights,
+)
+from lora_foundry.lora_core.apply.stack import StackEntry, read_rows
 from lora_foundry.lora_core.train.network import parse_blocks
 
 FUZZ = settings(

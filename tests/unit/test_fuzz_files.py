@@ -21,20 +21,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
 
-from lora_foundry.lora_core import loader
-from lora_foundry.lora_core.detect import FamilyGuess
-from lora_foundry.lora_core.formats import _SUFFIXES, parse_lora
-from lora_foundry.lora_core.layouts import convert_layout
-from lora_foundry.lora_core.loader import LoraMismatchError, plan_lora
-from lora_foundry.lora_core.lorafile import LoraFileError, read_lora_file
-from lora_foundry.lora_core.metadata import (
+from lora_foundry.lora_core.apply import loader
+from lora_foundry.lora_core.apply.loader import LoraMismatchError, plan_lora
+from lora_foundry.lora_core.apply.patching import apply_terms
+from lora_foundry.lora_core.files.detect import FamilyGuess
+from lora_foundry.lora_core.files.formats import _SUFFIXES, parse_lora
+from lora_foundry.lora_core.files.layouts import convert_layout
+from lora_foundry.lora_core.files.lorafile import LoraFileError, read_lora_file
+from lora_foundry.lora_core.files.metadata import (
     adapter_config_alphas,
     diffusers_alphas,
     tag_frequency,
     trigger_words,
 )
-from lora_foundry.lora_core.patching import apply_terms
-from lora_foundry.lora_core.peft_patterns import matches, read_key
+from lora_foundry.lora_core.files.peft_patterns import matches, read_key
 
 FUZZ = settings(
     derandomize=True,

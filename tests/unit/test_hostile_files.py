@@ -14,9 +14,10 @@ import torch
 from hostile_lora import diffusers_lora, kohya, split_file, write, write_raw
 from safetensors.torch import load_file
 
-from lora_foundry.lora_core import loader, lorafile, metadata
-from lora_foundry.lora_core.detect import FamilyGuess
-from lora_foundry.lora_core.lorafile import LoraFileError, read_lora_file
+from lora_foundry.lora_core.apply import loader
+from lora_foundry.lora_core.files import lorafile, metadata
+from lora_foundry.lora_core.files.detect import FamilyGuess
+from lora_foundry.lora_core.files.lorafile import LoraFileError, read_lora_file
 
 BOMB = r"(\w+\.?)+!"  # exponential backtracking on any long dotted path
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
@@ -67,8 +68,8 @@ def test_alpha_pattern_keys_match_as_peft_matches_them():
     def get_pattern_key(keys, path):
         return next((k for k in keys if re.match(rf"(.*\.)?({k})$", path)), path)
 
-    from lora_foundry.lora_core.metadata import _number
-    from lora_foundry.lora_core.peft_patterns import read_alpha_pattern
+    from lora_foundry.lora_core.files.metadata import _number
+    from lora_foundry.lora_core.files.peft_patterns import read_alpha_pattern
 
     pattern = {
         "down_blocks.0.attentions.0.proj_in": 3,

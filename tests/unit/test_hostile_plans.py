@@ -6,10 +6,10 @@ import pytest
 import torch
 from hostile_lora import kohya, write
 
-from lora_foundry.lora_core import loader
-from lora_foundry.lora_core.detect import FamilyGuess
-from lora_foundry.lora_core.loader import LoraMismatchError, cache_budget_bytes, plan_lora
-from lora_foundry.lora_core.patching import Term, apply_terms
+from lora_foundry.lora_core.apply import loader
+from lora_foundry.lora_core.apply.loader import LoraMismatchError, cache_budget_bytes, plan_lora
+from lora_foundry.lora_core.apply.patching import Term, apply_terms
+from lora_foundry.lora_core.files.detect import FamilyGuess
 
 UNKNOWN = FamilyGuess("unknown", "test")
 

@@ -5,14 +5,20 @@ import json
 
 import pytest
 
-from lora_foundry.lora_core.block_weights import (
+from lora_foundry.lora_core.apply.block_weights import (
     MAX_SPEC_CHARS,
     SD_COUNTS,
     SDXL_COUNTS,
     BlockCounts,
     parse_block_weights,
 )
-from lora_foundry.lora_core.stack import MAX_ROWS, MAX_ROWS_BYTES, MAX_STACK_ENTRIES, read_rows, read_stack
+from lora_foundry.lora_core.apply.stack import (
+    MAX_ROWS,
+    MAX_ROWS_BYTES,
+    MAX_STACK_ENTRIES,
+    read_rows,
+    read_stack,
+)
 from lora_foundry.lora_core.train.network import parse_blocks
 
 

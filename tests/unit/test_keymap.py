@@ -1,6 +1,6 @@
 """Resolving module names: a hand-made key map in ComfyUI's spellings (see comfy/lora.py)."""
 
-from lora_foundry.lora_core.keymap import resolve, summarize_unmatched
+from lora_foundry.lora_core.apply.keymap import resolve, summarize_unmatched
 
 Q = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
 OUT = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.weight"

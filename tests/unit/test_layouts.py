@@ -1,8 +1,8 @@
-"""Whole-file layout renames (lora_core/layouts.py) on plain dicts."""
+"""Whole-file layout renames (lora_core/files/layouts.py) on plain dicts."""
 
 import torch
 
-from lora_foundry.lora_core.layouts import convert_layout
+from lora_foundry.lora_core.files.layouts import convert_layout
 
 
 def test_ordinary_files_pass_unchanged():

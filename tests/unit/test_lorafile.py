@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_foundry.lora_core.lorafile import LoraFileError, read_lora_file
+from lora_foundry.lora_core.files.lorafile import LoraFileError, read_lora_file
 
 SD = {"lora_unet_a.lora_up.weight": torch.ones(4, 2), "lora_unet_a.lora_down.weight": torch.ones(2, 3)}
 

@@ -5,17 +5,17 @@ import math
 import pytest
 import torch
 
-from lora_foundry.lora_core.lowrank import (
+from lora_foundry.lora_core.adapters import LoraAdapter
+from lora_foundry.lora_core.merge.lowrank import (
     DenseDelta,
     Factors,
-    LoraModule,
     dense_term,
     factored_fro,
     factored_svd,
     flatten_conv,
     unflatten_conv,
 )
-from lora_foundry.lora_core.merge import (
+from lora_foundry.lora_core.merge.merge import (
     concat,
     dare,
     disjoint_merge,
@@ -276,7 +276,7 @@ def test_merge_modules_handles_missing_modules_conv_and_reports():
     assert set(result.modules) == {"lora_unet_a", "lora_unet_b", "lora_unet_conv"}
     assert result.empty == ("lora_unet_none",)
     a = result.modules["lora_unet_a"]
-    assert isinstance(a, LoraModule) and a.alpha == 4.0 and a.up.shape == (24, 4)
+    assert isinstance(a, LoraAdapter) and a.alpha == 4.0 and a.up.shape == (24, 4)
     b = result.modules["lora_unet_b"]
     assert b.alpha == 3.0 and rel(b.up @ b.down, 0.5 * TERMS[2].up @ TERMS[2].down) < 1e-5
     conv = result.modules["lora_unet_conv"]

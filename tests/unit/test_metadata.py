@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lora_foundry.lora_core.adapters import LoraAdapter
-from lora_foundry.lora_core.metadata import (
+from lora_foundry.lora_core.files.metadata import (
     adapter_config_alphas,
     describe,
     diffusers_alphas,
@@ -70,7 +70,7 @@ def test_describe_prefers_module_ranks_and_alphas():
 def test_diffusers_header_alphas_follow_peft_config():
     header = {
         "unet.lora_alpha": 8,
-        # "[" is syntax beyond the subset the pack reads (lora_core.peft_patterns): not run, noted
+        # "[" is syntax beyond the subset the pack reads (lora_core.files.peft_patterns): not run, noted
         "unet.alpha_pattern": {"to_v": 2, "mid_block.*to_q": 6, "[": 1},
         "text_encoder.lora_alpha": 16,
         "text_encoder.use_rslora": True,

@@ -4,8 +4,8 @@
 import pytest
 import torch
 
-from lora_foundry.lora_core.atomic import NAME_MAX, temp_name
-from lora_foundry.lora_core.savefile import SUFFIX, safe_output_name, save_lora
+from lora_foundry.lora_core.files.atomic import NAME_MAX, temp_name
+from lora_foundry.lora_core.files.savefile import SUFFIX, safe_output_name, save_lora
 from lora_foundry.lora_core.train.state import LONGEST_SUFFIX, CheckpointPlan, write_state
 
 MODULES = {"lora_unet_x": (torch.ones(4, 2), torch.ones(2, 3), 2.0)}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lora_foundry.lora_core.adapters import DiffAdapter, LohaAdapter, LoraAdapter
-from lora_foundry.lora_core.patching import Term, apply_steps_half_, apply_terms, lora_blocks, prepare
+from lora_foundry.lora_core.apply.patching import Term, apply_steps_half_, apply_terms, lora_blocks, prepare
 
 HALF = [torch.bfloat16, torch.float16]
 

@@ -3,7 +3,7 @@
 import torch
 
 from lora_foundry.lora_core.adapters import DiffAdapter, LohaAdapter, LoraAdapter, apply
-from lora_foundry.lora_core.patching import Term, apply_terms, prepare
+from lora_foundry.lora_core.apply.patching import Term, apply_terms, prepare
 
 
 def _lora(out, inp, r, seed, alpha=None, dora=False):

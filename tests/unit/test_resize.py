@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lora_foundry.lora_core.lowrank import LoraModule
-from lora_foundry.lora_core.resize import resize, resize_modules, select_rank
+from lora_foundry.lora_core.adapters import LoraAdapter
+from lora_foundry.lora_core.merge.resize import resize, resize_modules, select_rank
 
 SPECTRUM = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.25])
 
@@ -95,8 +95,8 @@ def test_resize_modules_applies_alpha_and_keeps_conv_shape():
     g = torch.Generator().manual_seed(3)
     conv_up, conv_down = torch.randn(8, 4, 1, 1, generator=g), torch.randn(4, 5, 3, 3, generator=g)
     modules = {
-        "lora_unet_lin": LoraModule(up=up, down=down, alpha=3.0),  # scale 3 / 6
-        "lora_unet_conv": LoraModule(up=conv_up, down=conv_down, alpha=4.0),
+        "lora_unet_lin": LoraAdapter(up=up, down=down, alpha=3.0),  # scale 3 / 6
+        "lora_unet_conv": LoraAdapter(up=conv_up, down=conv_down, alpha=4.0),
     }
     result = resize_modules(modules, "fixed", 2)
     lin = result.modules["lora_unet_lin"]
@@ -111,6 +111,6 @@ def test_resize_modules_applies_alpha_and_keeps_conv_shape():
 
 
 def test_resize_modules_names_the_bad_module():
-    bad = {"lora_unet_bad": LoraModule(up=torch.zeros(4, 2, 3, 3), down=torch.zeros(2, 3, 3, 3), alpha=2.0)}
+    bad = {"lora_unet_bad": LoraAdapter(up=torch.zeros(4, 2, 3, 3), down=torch.zeros(2, 3, 3, 3), alpha=2.0)}
     with pytest.raises(ValueError, match="module 'lora_unet_bad': .*1x1"):
         resize_modules(bad, "fixed", 1)

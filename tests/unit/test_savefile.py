@@ -8,9 +8,9 @@ import safetensors
 import safetensors.torch
 import torch
 
-from lora_foundry.lora_core import savefile
-from lora_foundry.lora_core.lowrank import LoraModule
-from lora_foundry.lora_core.savefile import (
+from lora_foundry.lora_core.adapters import LoraAdapter
+from lora_foundry.lora_core.files import savefile
+from lora_foundry.lora_core.files.savefile import (
     MergeSource,
     addnet_hashes,
     kohya_metadata,
@@ -19,9 +19,9 @@ from lora_foundry.lora_core.savefile import (
 )
 
 MODULES = {
-    "lora_unet_mid_block_attentions_0_proj_in": LoraModule(torch.randn(8, 2), torch.randn(2, 6), 2.0),
+    "lora_unet_mid_block_attentions_0_proj_in": LoraAdapter(torch.randn(8, 2), torch.randn(2, 6), 2.0),
     "lora_te_text_model_encoder_layers_0_mlp_fc1": (torch.randn(12, 2), torch.randn(2, 8), 1.0),
-    "lora_unet_conv_in": LoraModule(torch.randn(4, 2, 1, 1), torch.randn(2, 3, 3, 3), 2.0),
+    "lora_unet_conv_in": LoraAdapter(torch.randn(4, 2, 1, 1), torch.randn(2, 3, 3, 3), 2.0),
 }
 META = {"ss_network_module": "networks.lora", "ss_network_dim": "2"}
 

@@ -4,11 +4,11 @@ in ComfyUI's spellings (comfy/lora.py model_lora_keys_clip) for SD1.x and SDXL."
 import pytest
 import torch
 
-from lora_foundry.lora_core.detect import FamilyGuess
-from lora_foundry.lora_core.formats import parse_lora
-from lora_foundry.lora_core.keymap import resolve
-from lora_foundry.lora_core.loader import LoadedLora, plan_lora
-from lora_foundry.lora_core.te_names import kohya_te4_name, naming_note, te4_name
+from lora_foundry.lora_core.apply.keymap import resolve
+from lora_foundry.lora_core.apply.loader import LoadedLora, plan_lora
+from lora_foundry.lora_core.apply.te_names import kohya_te4_name, naming_note, te4_name
+from lora_foundry.lora_core.files.detect import FamilyGuess
+from lora_foundry.lora_core.files.formats import parse_lora
 
 L = "clip_l.transformer.text_model.encoder.layers.{}.{}.weight"
 G = "clip_g.transformer.text_model.encoder.layers.{}.{}.weight"

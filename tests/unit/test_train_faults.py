@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from unit.test_train_helpers import one_thread  # noqa: F401
 from unit.test_train_trainer import make_trainer, weights
+from unit.train_helpers import one_thread  # noqa: F401
 
 from lora_foundry.lora_core.train.run import RunInfo, fit
 from lora_foundry.lora_core.train.state import CheckpointPlan, DamagedStateError, read_state
@@ -96,7 +96,7 @@ def test_changed_rank_is_a_settings_error_not_damage(tmp_path):
     p = stopped_at_4(tmp_path)
     cfg = TrainConfig(**CFG)
     trainer, model = make_trainer(cfg)
-    from unit.test_train_helpers import targets
+    from unit.train_helpers import targets
 
     from lora_foundry.lora_core.train.network import LoraNetwork, select_targets
     from lora_foundry.lora_core.train.trainer import Trainer

@@ -4,7 +4,7 @@ of lora_core.adapters (plain, conv, DoRA), hooks removed cleanly, LoRA+ groups, 
 import pytest
 import torch
 from torch import nn
-from unit.test_train_helpers import (
+from unit.train_helpers import (
     CTX,
     TOKENS,
     TinyUNet,
@@ -147,3 +147,9 @@ def test_checkpointing_same_gradients():
     assert "forward" not in model.input_blocks[1][1].__dict__
     for a, b in zip(plain, checked, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_tiny_unet_runs():
+    model = TinyUNet()
+    out = model(torch.randn(2, 4, 4, 4), torch.tensor([1, 500]), torch.randn(2, TOKENS, CTX))
+    assert out.shape == (2, 4, 4, 4)

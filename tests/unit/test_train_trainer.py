@@ -6,7 +6,7 @@ import json
 import pytest
 import safetensors.torch
 import torch
-from unit.test_train_helpers import (
+from unit.train_helpers import (
     CTX,
     TOKENS,
     FixedData,

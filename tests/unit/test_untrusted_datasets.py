@@ -14,7 +14,7 @@ from lora_foundry.lora_core.caption.dataset import RunOptions, caption_folder
 from lora_foundry.lora_core.caption.images import LINK_OUT, NOT_REGULAR, scan_folder
 from lora_foundry.lora_core.caption.prepare import PrepareOptions, prepare_images
 from lora_foundry.lora_core.caption.tagger import clear_tagger_cache
-from lora_foundry.lora_core.confine import CAPTION_LIMIT
+from lora_foundry.lora_core.files.confine import CAPTION_LIMIT
 from lora_foundry.lora_core.train.dataset import DatasetOptions, scan_dataset, tag_frequency
 
 SECRET = "sk-secret-token"

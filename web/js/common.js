@@ -12,7 +12,7 @@ export const NODE = {
 };
 export const PACK_PREFIX = "LoraFoundry_";
 
-// The LoRA Stack node's JSON input and its row fields: lora_core/stack.py ROWS and ROW_FIELDS.
+// The LoRA Stack node's JSON input and its row fields: lora_core/apply/stack.py ROWS and ROW_FIELDS.
 export const ROWS = "rows_json";
 export const ROW_FIELDS = ["lora", "on", "strength_model", "strength_clip", "block_weights"];
 

@@ -102,8 +102,11 @@ def _publish(data: Path, target: Path, overwrite: bool) -> None:
     except FileExistsError:
         raise exists_error(target) from None
     except OSError:
-        # File systems without hard links: a check, then the atomic replace.
-        if os.path.lexists(target):
+        # File systems without hard links: the name claimed with O_EXCL (which, like the link,
+        # refuses any entry there, a dangling link included), then the data renamed over the claim.
+        try:
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
             raise exists_error(target) from None
         os.replace(data, target)
 

@@ -10,24 +10,22 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import Adapter, LoraAdapter, delta, is_linear, scaled_factors
-from .budget import MemoryNeed, check_fits, factors_need
-from .loader import LoadedLora, LoraPlan
-from .lowrank import DenseDelta, Factors, LoraModule
+from ..adapters import Adapter, LoraAdapter, delta, is_linear, scaled_factors
+from ..adapters.registry import either, not_a_plain_sum
+from ..apply.loader import LoadedLora, LoraPlan
+from ..budget import MemoryNeed, check_fits, factors_need
+from ..files.families import by_label
+from ..files.metadata import tag_frequency
+from ..files.savefile import MergeSource, kohya_metadata, resolve_dtype, safe_output_name, save_lora
+from .lowrank import DenseDelta, Factors
 from .merge import MergeSpec, ModuleReport, merge_modules
-from .metadata import tag_frequency
-from .savefile import MergeSource, kohya_metadata, resolve_dtype, safe_output_name, save_lora
-
-_BASE_VERSIONS = {"SD1.x": "sd_v1", "SD2.x": "sd_v2", "SDXL": "sdxl_base_v1-0", "SD3": "sd3", "Flux": "flux"}
-_ARCHITECTURES = {"SD1.x": "stable-diffusion-v1/lora", "SD2.x": "stable-diffusion-v2/lora",
-                  "SDXL": "stable-diffusion-xl-v1-base/lora"}  # fmt: skip
 
 
 def _merge_term(lora: LoadedLora, adapter: Adapter, shape: tuple[int, ...], key: str):
     kernel = tuple(shape[2:]) if len(shape) == 4 else None
     if not is_linear(adapter):
         raise ValueError(
-            f"{lora.name} uses DoRA, OFT (LyCORIS or PEFT), BOFT, GLoRA, (IA)3 or set_weight (or grows the weight) on {key}: that is not a sum of low-rank terms and cannot "
+            f"{lora.name} uses {either(not_a_plain_sum())} (or grows the weight) on {key}: that is not a sum of low-rank terms and cannot "
             "be merged into a LoRA file; apply it with Load LoRA / Apply LoRA Stack instead"
         )
     if isinstance(adapter, LoraAdapter):
@@ -83,7 +81,7 @@ def bake_stack(
         raise FileExistsError(f"{path} exists; choose another output_name or switch overwrite on")
     per_module, weights, notes = _collect(loras, plans, names, shapes)
     check_fits(merge_need(per_module, spec, dtype), available, "this machine")
-    modules: dict[str, LoraModule] = {}
+    modules: dict[str, LoraAdapter] = {}
     reports: dict[str, ModuleReport] = {}
     for step, (name, terms) in enumerate(per_module.items(), start=1):
         result = merge_modules({name: terms}, weights[name], spec.method, spec.rank, spec.conv_rank,
@@ -253,17 +251,18 @@ def _metadata(loras, plans, modules, spec: MergeSpec, family: str, output_name: 
     sources = [
         MergeSource(lora.name, p.strengths.get("unet", 1.0)) for lora, p in zip(loras, plans, strict=True)
     ]
+    base = by_label(family)
     meta = kohya_metadata(
         network_dim=dim,
         network_alpha=dim,
-        base_model_version=_BASE_VERSIONS.get(family),
+        base_model_version=base.base_model_version if base else None,
         output_name=output_name,
         tag_frequency=freq or None,
         merged_from=sources,
         merge_method=spec.method,
         merge_rank=spec.rank,
         merge_conv_rank=spec.conv_rank,
-        modelspec_architecture=_ARCHITECTURES.get(family),
+        modelspec_architecture=base.architecture if base else None,
     )
     meta["lora_foundry.strengths"] = json.dumps([p.strengths for p in plans])
     return meta

@@ -1,5 +1,6 @@
 """Resizing a whole LoRA file: lower every module's rank and write a new kohya file with the
-source's metadata carried over and the per-module energy kept reported."""
+source's metadata carried over and the per-module energy kept reported. The source is opened
+through the loader (apply/loader.py), so it is read as Load LoRA reads it."""
 
 from __future__ import annotations
 
@@ -8,14 +9,12 @@ import math
 import os
 from dataclasses import dataclass
 
-from .adapters import LoraAdapter
-from .budget import check_fits, factors_need
-from .formats import parse_lora
-from .lorafile import read_lora_file
-from .lowrank import LoraModule
+from ..adapters import LoraAdapter
+from ..apply.loader import LoadedLora, load_lora
+from ..apply.te_names import kohya_te4_name
+from ..budget import check_fits, factors_need
+from ..files.savefile import resolve_dtype, safe_output_name, save_lora
 from .resize import ResizeReport, resize_modules
-from .savefile import resolve_dtype, safe_output_name, save_lora
-from .te_names import kohya_te4_name
 
 
 @dataclass(frozen=True)
@@ -45,9 +44,8 @@ def _span(values: list[int]) -> str:
     return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
 
 
-def _kohya_modules(path: str) -> dict[str, LoraModule]:
-    parsed = parse_lora(read_lora_file(path).tensors)
-    name = os.path.basename(path)
+def _kohya_modules(lora: LoadedLora) -> dict[str, LoraAdapter]:
+    parsed, name = lora.parsed, lora.name
     modules = {}
     for module, adapter in parsed.modules.items():
         if not isinstance(adapter, LoraAdapter) or adapter.dora_scale is not None or adapter.mid is not None:
@@ -68,13 +66,15 @@ def _kohya_modules(path: str) -> dict[str, LoraModule]:
             raise ValueError(
                 f"{name} holds module {kohya} twice, in its transformers 4 and 5 spellings; the file is damaged"
             )
-        modules[kohya] = LoraModule(adapter.up, adapter.down, float(alpha))
+        modules[kohya] = LoraAdapter(adapter.up, adapter.down, float(alpha))
     if not modules:
         raise ValueError(f"{name} holds no LoRA modules to resize")
     return modules
 
 
-def _check_memory(modules: dict[str, LoraModule], mode: str, value: float, dtype: str, available: int | None):
+def _check_memory(
+    modules: dict[str, LoraAdapter], mode: str, value: float, dtype: str, available: int | None
+):
     # Only a fixed rank is known before the SVDs; the other modes never exceed the source's rank,
     # and the source is already in memory.
     if mode != "fixed":
@@ -93,10 +93,13 @@ def resize_file(src: str, out_dir: str, output_name: str, mode: str, value: floa
         raise FileExistsError(f"{path} exists; choose another output_name or switch overwrite on")
     if os.path.realpath(path) == os.path.realpath(src):
         raise ValueError("output_name is the source file itself; choose a new name (the original is kept)")
-    modules = _kohya_modules(src)
+    # The one loading path (read once, cached): layout renames and header / PEFT-config alphas
+    # included, as Load LoRA applies the file.
+    lora = load_lora(src)
+    modules = _kohya_modules(lora)
     _check_memory(modules, mode, value, dtype, available)
     result = resize_modules(modules, mode, value)
-    meta = dict(read_lora_file(src).metadata)
+    meta = dict(lora.metadata)
     ranks = {m.rank for m in result.modules.values()}
     meta["ss_network_dim"] = str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic"
     meta["ss_network_alpha"] = meta["ss_network_dim"]

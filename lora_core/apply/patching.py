@@ -22,7 +22,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from .adapters import Adapter, DiffAdapter, LoraAdapter, apply, delta, is_linear, scale_of, scaled_factors
+from ..adapters import Adapter, DiffAdapter, LoraAdapter, apply, delta, is_linear, scale_of, scaled_factors
 
 # Weight dtypes the in-place path computes in: GEMMs in them accumulate in float32 (CPU, and CUDA
 # for bfloat16; for float16, unless PyTorch's reduced-precision reduction setting allows cuBLAS

@@ -41,7 +41,7 @@ _DOTTED = {
 class Resolution:
     matched: dict[str, object]  # module name (file spelling) -> key-map target
     unmatched: tuple[str, ...]
-    # matched names that only matched in their transformers 4 spelling (lora_core.te_names)
+    # matched names that only matched in their transformers 4 spelling (lora_core.apply.te_names)
     transformers5: tuple[str, ...] = ()
 
 

@@ -7,83 +7,29 @@ from dataclasses import dataclass, field, replace
 
 from torch import Tensor
 
-from .adapters import (
-    Adapter,
-    BoftAdapter,
-    DiffAdapter,
-    GloraAdapter,
-    Ia3Adapter,
-    LohaAdapter,
-    LokrAdapter,
-    LoraAdapter,
-    OftAdapter,
-    OftV2Adapter,
-    SetAdapter,
-    rank_of,
-)
+from ..adapters import Adapter, BadLayout, DiffAdapter, LoraAdapter, rank_of
+from ..adapters.dora import MAGNITUDE_SUFFIXES
+from ..adapters.ia3 import VECTOR_ROLE
+from ..adapters.registry import KINDS, PARSE_ORDER, suffix_roles
 from .lorafile import LoraFileError
 
-# suffix -> (family, role). Families: "lora" (up/down pairs in several spellings), "loha", "lokr",
-# "extra" (alpha, dora_scale, PEFT's DoRA magnitude), "oft", "oftv2", "glora", "ia3", "diff", "set", "bias". The module name is the key
-# without the suffix, so "x.to_q_lora.up.weight" gives module "x.to_q".
+# suffix -> (family, role): what each adapter kind owns (lora_core.adapters), plus the extras every
+# kind may carry ("extra": alpha, dora_scale, a LoRA's reshape_weight, PEFT's DoRA magnitude) and bias
+# diffs. The module name is the key without the suffix, so "x.to_q_lora.up.weight" gives module "x.to_q".
+_EXTRAS = {".alpha": "alpha", ".dora_scale": "dora_scale", ".reshape_weight": "reshape"}
 _SUFFIXES: dict[str, tuple[str, str]] = {
-    ".lora_up.weight": ("lora", "up:kohya"),
-    ".lora_down.weight": ("lora", "down:kohya"),
-    ".lora_mid.weight": ("lora", "mid"),
-    ".lora_B.weight": ("lora", "up:AB"),
-    ".lora_A.weight": ("lora", "down:AB"),
-    ".lora_B.default.weight": ("lora", "up:ABdefault"),
-    ".lora_A.default.weight": ("lora", "down:ABdefault"),
-    ".lora_B": ("lora", "up:ABbare"),
-    ".lora_A": ("lora", "down:ABbare"),
-    ".lora.up.weight": ("lora", "up:dotted"),
-    ".lora.down.weight": ("lora", "down:dotted"),
-    "_lora.up.weight": ("lora", "up:processor"),
-    "_lora.down.weight": ("lora", "down:processor"),
-    ".lora_linear_layer.up.weight": ("lora", "up:linear_layer"),
-    ".lora_linear_layer.down.weight": ("lora", "down:linear_layer"),
-    ".alpha": ("extra", "alpha"),
-    ".dora_scale": ("extra", "dora_scale"),
-    ".reshape_weight": ("extra", "reshape"),
-    ".hada_w1_a": ("loha", "hada_w1_a"),
-    ".hada_w1_b": ("loha", "hada_w1_b"),
-    ".hada_w2_a": ("loha", "hada_w2_a"),
-    ".hada_w2_b": ("loha", "hada_w2_b"),
-    ".hada_t1": ("loha", "hada_t1"),
-    ".hada_t2": ("loha", "hada_t2"),
-    ".lokr_w1": ("lokr", "lokr_w1"),
-    ".lokr_w1_a": ("lokr", "lokr_w1_a"),
-    ".lokr_w1_b": ("lokr", "lokr_w1_b"),
-    ".lokr_w2": ("lokr", "lokr_w2"),
-    ".lokr_w2_a": ("lokr", "lokr_w2_a"),
-    ".lokr_w2_b": ("lokr", "lokr_w2_b"),
-    ".lokr_t2": ("lokr", "lokr_t2"),
-    ".oft_blocks": ("oft", "oft_blocks"),
-    ".a1.weight": ("glora", "a1"),
-    ".a2.weight": ("glora", "a2"),
-    ".b1.weight": ("glora", "b1"),
-    ".b2.weight": ("glora", "b2"),
-    ".rescale": ("oft", "rescale"),
-    ".oft_R.weight": ("oftv2", "oft_R"),  # PEFT's OFT (v2)
-    ".oft_R.default.weight": ("oftv2", "oft_R"),
-    ".oft_R.scaled_oft": ("oftv2", "scaled_oft"),
-    ".on_input": ("ia3", "on_input"),  # its vector is the module's bare ".weight" (see parse_lora)
-    ".diff": ("diff", "diff"),
-    ".w_norm": ("diff", "w_norm"),
-    ".set_weight": ("set", "set_weight"),
+    **suffix_roles(),
+    **{suffix: ("extra", role) for suffix, role in _EXTRAS.items()},
+    **{suffix: ("extra", "magnitude") for suffix in MAGNITUDE_SUFFIXES},
     ".diff_b": ("bias", "diff_b"),
     ".b_norm": ("bias", "b_norm"),
-    ".lora_magnitude_vector": ("extra", "magnitude"),  # PEFT's DoRA
-    ".lora_magnitude_vector.weight": ("extra", "magnitude"),
-    ".lora_magnitude_vector.default.weight": ("extra", "magnitude"),
 }
 _BY_LENGTH = sorted(_SUFFIXES, key=len, reverse=True)
 # Roles whose tensor is a number or flag, not a factor: any numeric dtype (tools write integer alphas).
-_NOT_FACTORS = frozenset({"alpha", "reshape", "on_input", "scaled_oft"})
+_NOT_FACTORS = frozenset({"alpha", "reshape"}).union(*(kind.flag_roles for kind in KINDS))
 # Families whose factors are matrices (or conv kernels): a 0-D or 1-D one is no such layout.
-_MATRIX_FAMILIES = frozenset({"lora", "loha", "lokr", "glora", "oft", "oftv2"})
+_MATRIX_FAMILIES = frozenset(kind.family for kind in KINDS if kind.matrix_factors)
 _FIX = "download the file again (it may be damaged) or pick another LoRA"
-_LORA_SPELLINGS = ("kohya", "AB", "ABdefault", "ABbare", "dotted", "processor", "linear_layer")
 PEFT_PREFIXES = ("base_model.model.", "unet.base_model.model.")
 
 
@@ -127,119 +73,16 @@ def _alpha(tensors: dict[str, Tensor], key: str | None, notes: list[str]) -> tup
     return float(value.item()), True
 
 
-def _build_lora(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] | None:
-    for spelling in _LORA_SPELLINGS:
-        up, down = m.keys.get(f"up:{spelling}"), m.keys.get(f"down:{spelling}")
-        if up and down:
-            mid = m.keys.get("mid") if spelling == "kohya" else None
-            used = [up, down] + ([mid] if mid else [])
-            reshape = None
-            if "reshape" in m.keys:  # the weight is first zero-padded to this shape (Flux control LoRAs)
-                reshape = _reshape_weight(t[m.keys["reshape"]], m.keys["reshape"])
-                used.append(m.keys["reshape"])
-            m.label = "kohya LoRA" if spelling == "kohya" else "diffusers"
-            return LoraAdapter(up=t[up], down=t[down], mid=t[mid] if mid else None, reshape=reshape), used
-    return None
-
-
-def _reshape_weight(t: Tensor, key: str) -> tuple[int, ...]:
-    """The shape a ``reshape_weight`` grows the weight to: 1 to 8 whole, positive sizes."""
-    values = t.flatten().tolist() if t.numel() <= 8 and not t.is_complex() else None
-    if not values or any(not float(v).is_integer() or not 1 <= v < 2**31 for v in values):
-        raise LoraFileError(f"'{key}' should list the sizes of the weight it grows, got {t.numel()} values "
-                            f"{str(values)[:60] if values else ''}; {_FIX}")  # fmt: skip
-    return tuple(int(v) for v in values)
-
-
-def _build_loha(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] | None:
-    names = ("w1_a", "w1_b", "w2_a", "w2_b") + (
-        ("t1", "t2") if "hada_t1" in m.keys and "hada_t2" in m.keys else ()
-    )
-    if not all(f"hada_{n}" in m.keys for n in names[:4]):
-        return None
-    used = [m.keys[f"hada_{n}"] for n in names]
-    kwargs = {n: t[m.keys[f"hada_{n}"]] for n in names}
-    m.label = "LyCORIS LoHa"
-    return LohaAdapter(**kwargs), used
-
-
-def _build_lokr(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] | None:
-    k = {role[len("lokr_") :]: key for role, key in m.keys.items() if role.startswith("lokr_")}
-    w1_ok = "w1" in k or ("w1_a" in k and "w1_b" in k)
-    w2_ok = "w2" in k or ("w2_a" in k and "w2_b" in k)
-    if not (w1_ok and w2_ok):
-        return None
-    # A full factor wins over its a/b pair, as in ComfyUI; the pair is then left unused.
-    roles = ["w1"] if "w1" in k else ["w1_a", "w1_b"]
-    roles += ["w2"] if "w2" in k else ["w2_a", "w2_b"] + (["t2"] if "t2" in k else [])
-    m.label = "LyCORIS LoKr"
-    return LokrAdapter(**{r: t[k[r]] for r in roles}), [k[r] for r in roles]
-
-
-def _build_glora(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] | None:
-    keys = [m.keys.get(r) for r in ("a1", "a2", "b1", "b2")]
-    if not all(keys):
-        return None
-    m.label = "LyCORIS GLoRA"
-    return GloraAdapter(*(t[k] for k in keys)), keys
-
-
-def _build_oft(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] | None:
-    blocks = m.keys.get("oft_blocks")
-    if blocks is None or t[blocks].dim() not in (3, 4):
-        return None
-    rescale = m.keys.get("rescale")
-    used = [blocks] + ([rescale] if rescale else [])
-    if t[blocks].dim() == 4:  # (levels, blocks, size, size): butterfly OFT
-        m.label = "LyCORIS BOFT"
-        return BoftAdapter(t[blocks], t[rescale] if rescale else None), used
-    # ComfyUI reads a diag-OFT's ``rescale`` but does not use it; it is taken here too, with the same effect.
-    m.label = "LyCORIS OFT"
-    return OftAdapter(t[blocks]), used
-
-
-def _build_oftv2(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] | None:
-    vectors = m.keys.get("oft_R")
-    if vectors is None:
-        return None
-    scaled = m.keys.get("scaled_oft")
-    m.label = "PEFT OFT"
-    return OftV2Adapter(t[vectors], scaled=scaled is not None), [vectors] + ([scaled] if scaled else [])
-
-
-def _build_ia3(m: _Module, t: dict[str, Tensor]) -> tuple[Adapter, list[str]] | None:
-    if "ia3_weight" not in m.keys or "on_input" not in m.keys:
-        return None
-    m.label = "LyCORIS (IA)3"
-    used = [m.keys["ia3_weight"], m.keys["on_input"]]
-    flag = t[m.keys["on_input"]].flatten()
-    if flag.numel() != 1 or flag.is_complex():
-        raise LoraFileError(f"'{m.keys['on_input']}' should be one flag, got {flag.numel()} values; {_FIX}")
-    return Ia3Adapter(t[m.keys["ia3_weight"]], bool(flag[0].item())), used
-
-
 def _build(m: _Module, t: dict[str, Tensor], notes: list[str]) -> tuple[Adapter, list[str]] | None:
-    """The module's weight patch and the keys it used; precedence mirrors ComfyUI's override order."""
-    if "set_weight" in m.keys:
-        m.label = "set_weight"
-        return SetAdapter(t[m.keys["set_weight"]]), [m.keys["set_weight"]]
-    for role in ("diff", "w_norm"):
-        if role in m.keys:
-            m.label = "full diff"
-            return DiffAdapter(t[m.keys[role]]), [m.keys[role]]
-    for builder in (
-        _build_lora,
-        _build_loha,
-        _build_lokr,
-        _build_glora,
-        _build_oft,
-        _build_oftv2,
-        _build_ia3,
-    ):
-        built = builder(m, t)
+    """The module's weight patch and the keys it used; kinds are tried in ComfyUI's override order."""
+    for kind in PARSE_ORDER:
+        built = kind.build(m.keys, t)
         if built is None:
             continue
-        adapter, used = built
+        m.label = built.label
+        adapter, used = built.adapter, built.used
+        if not kind.takes_extras:
+            return adapter, used
         alpha, alpha_used = _alpha(t, m.keys.get("alpha"), notes)
         dora_key = m.keys.get("dora_scale")
         adapter = _with(adapter, alpha, t[dora_key] if dora_key else None)
@@ -277,7 +120,7 @@ def _format_label(labels: Counter) -> str:
     return names[0] if len(names) == 1 else "mixed: " + " + ".join(names)
 
 
-_ROLE_FAMILY = {role: family for family, role in _SUFFIXES.values()} | {"ia3_weight": "ia3"}
+_ROLE_FAMILY = {role: family for family, role in _SUFFIXES.values()} | {VECTOR_ROLE: "ia3"}
 
 
 def _check_tensors(m: _Module, tensors: dict[str, Tensor]) -> None:
@@ -329,7 +172,7 @@ def parse_lora(tensors: dict[str, Tensor], source: str = "") -> ParsedLora:
     ia3_vectors = {k[: -len(".on_input")] + ".weight" for k in tensors if k.endswith(".on_input")}
     for key in tensors:
         if key in ia3_vectors:
-            groups[key[: -len(".weight")]].keys["ia3_weight"] = key
+            groups[key[: -len(".weight")]].keys[VECTOR_ROLE] = key
             continue
         split = split_key(key)
         if split is None:
@@ -347,7 +190,7 @@ def parse_lora(tensors: dict[str, Tensor], source: str = "") -> ParsedLora:
             built = _build(m, tensors, notes)
             if built is not None:
                 _check_built(name, *built, tensors)
-        except LoraFileError as e:
+        except (LoraFileError, BadLayout) as e:
             raise LoraFileError(f"{source}: {e}" if source else str(e)) from None
         except ValueError as e:  # an adapter record refusing its factors (rank mismatch, ...)
             where = f"{source}: module '{name}'" if source else f"module '{name}'"

@@ -1,4 +1,5 @@
 """Merging several LoRAs into one, per module: concat, svd, linear, ties, dare_ties, dare_linear.
+(The TIES / DARE pruning and sign election are in prune.py; they are re-exported here.)
 
 Each method is a stateless function on one module's terms (like peft's merge_utils); the
 input factors are already scaled by alpha / rank and each term has a weight w_i. The exact
@@ -12,23 +13,36 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
+from ..adapters import LoraAdapter
+from ..adapters.registry import dense_sums, either
 from .lowrank import (
     DenseDelta,
     Factors,
-    LoraModule,
-    Term,
+    ModuleDelta,
     dense_svd,
     factored_fro,
     factored_svd,
     split_top,
     unflatten_conv,
 )
+from .prune import (  # noqa: F401 (re-exported)
+    MajoritySign,
+    dare_delta,
+    disjoint_merge,
+    magnitude_prune,
+    random_prune,
+    ties_delta,
+)
 
-METHODS = ("concat", "svd", "linear", "ties", "dare_ties", "dare_linear")
-DENSE_METHODS = ("svd", "ties", "dare_ties", "dare_linear")
+# Option names typed, as peft types them; the tuples (for node lists and checks) come from the types.
+MergeMethod = Literal["concat", "svd", "linear", "ties", "dare_ties", "dare_linear"]
+DenseMethod = Literal["svd", "ties", "dare_ties", "dare_linear"]
+METHODS: tuple[MergeMethod, ...] = get_args(MergeMethod)
+DENSE_METHODS: tuple[DenseMethod, ...] = get_args(DenseMethod)
 
 
 @dataclass(frozen=True)
@@ -56,7 +70,7 @@ class Merged:
         yield self.info
 
 
-def _check_terms(terms: Sequence[Term], weights: Sequence[float]) -> None:
+def _check_terms(terms: Sequence[ModuleDelta], weights: Sequence[float]) -> None:
     if len(terms) == 0:
         raise ValueError("terms is empty: pass at least one LoRA term (Factors or DenseDelta) to merge")
     if len(weights) != len(terms):
@@ -95,18 +109,18 @@ def _check_density(density: float) -> float:
     return float(density)
 
 
-def _out_dtype(terms: Sequence[Term], dtype: torch.dtype | None) -> torch.dtype:
+def _out_dtype(terms: Sequence[ModuleDelta], dtype: torch.dtype | None) -> torch.dtype:
     if dtype is not None:
         return dtype
     first = terms[0]
     return first.up.dtype if isinstance(first, Factors) else first.delta.dtype
 
 
-def _refuse_dense(terms: Sequence[Term], method: str) -> None:
+def _refuse_dense(terms: Sequence[ModuleDelta], method: str) -> None:
     for index, term in enumerate(terms):
         if isinstance(term, DenseDelta):
             raise ValueError(
-                f"term {index} is a dense delta (LoHa/LoKr/DoRA...): method '{method}' needs LoRA "
+                f"term {index} is a dense delta ({either(dense_sums())}): method '{method}' needs LoRA "
                 f"factors; use one of {', '.join(DENSE_METHODS)}"
             )
 
@@ -118,68 +132,10 @@ def _stacked(terms: Sequence[Factors], weights: Sequence[float]) -> Factors:
     return Factors(up=torch.cat(ups, dim=1), down=torch.cat(downs, dim=0), kernel=terms[0].kernel)
 
 
-def _dense(term: Term) -> torch.Tensor:
+def _dense(term: ModuleDelta) -> torch.Tensor:
     if isinstance(term, DenseDelta):
         return term.delta.float()
     return term.up.float() @ term.down.float()  # (out, r) @ (r, in)
-
-
-def magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the int(density * numel) largest-magnitude entries (at least one), zero the rest."""
-    if density >= 1.0:
-        return delta
-    k = max(1, int(density * delta.numel()))
-    flat = delta.reshape(-1)
-    mask = torch.zeros_like(flat)
-    mask[torch.topk(flat.abs(), k=k, largest=True).indices] = 1.0
-    return (flat * mask).reshape(delta.shape)
-
-
-def random_prune(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """Keep each entry with probability `density` and rescale kept ones by 1 / density (DARE)."""
-    if density >= 1.0:
-        return delta
-    # The mask is drawn on the CPU so a seed gives the same mask on any device.
-    keep = torch.bernoulli(torch.full(delta.shape, density), generator=generator).to(delta.device)
-    return delta * keep / density
-
-
-def disjoint_merge(stack: torch.Tensor, weights: Sequence[float], majority_sign: str) -> torch.Tensor:
-    """TIES sign election on the unweighted stack (n, out, in), then the mean of the weighted
-    entries that agree with the elected sign (as peft's merge_utils)."""
-    if majority_sign == "total":
-        magnitude = stack.sum(dim=0)
-    elif majority_sign == "frequency":
-        magnitude = stack.sign().sum(dim=0)
-    else:
-        raise ValueError(f"majority_sign must be 'total' or 'frequency', got {majority_sign!r}")
-    elected = torch.where(magnitude >= 0, 1.0, -1.0)  # (out, in)
-    agree = stack.sign() == elected  # (n, out, in); pruned zeros never agree
-    scale = torch.tensor([float(w) for w in weights], dtype=stack.dtype, device=stack.device).view(-1, 1, 1)
-    total = (stack * scale * agree).sum(dim=0)
-    return total / agree.sum(dim=0).clamp(min=1)
-
-
-def ties_delta(
-    deltas: Sequence[torch.Tensor], weights: Sequence[float], density: float, majority_sign: str = "total"
-) -> torch.Tensor:
-    """TIES on dense deltas: magnitude trim to `density`, elect sign, disjoint mean."""
-    stack = torch.stack([magnitude_prune(d.float(), density) for d in deltas])  # (n, out, in)
-    return disjoint_merge(stack, weights, majority_sign)
-
-
-def dare_delta(
-    deltas: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    density: float,
-    generator: torch.Generator,
-    elect_sign: bool,
-) -> torch.Tensor:
-    """DARE on dense deltas: random drop + rescale, then TIES election or a weighted sum."""
-    pruned = [random_prune(d.float(), density, generator) for d in deltas]
-    if elect_sign:
-        return disjoint_merge(torch.stack(pruned), weights, "total")
-    return sum(p * float(w) for p, w in zip(pruned, weights, strict=True))
 
 
 def concat(terms: Sequence[Factors], weights: Sequence[float], dtype: torch.dtype | None = None) -> Merged:
@@ -193,7 +149,7 @@ def concat(terms: Sequence[Factors], weights: Sequence[float], dtype: torch.dtyp
 
 
 def svd_merge(
-    terms: Sequence[Term], weights: Sequence[float], rank: int, dtype: torch.dtype | None = None
+    terms: Sequence[ModuleDelta], weights: Sequence[float], rank: int, dtype: torch.dtype | None = None
 ) -> Merged:
     """Best rank-`rank` approximation (Eckart-Young) of sum_i w_i B_i A_i.
 
@@ -251,11 +207,11 @@ def _refactor(target: torch.Tensor, method: str, rank: int, dtype: torch.dtype) 
 
 
 def ties(
-    terms: Sequence[Term],
+    terms: Sequence[ModuleDelta],
     weights: Sequence[float],
     rank: int,
     density: float,
-    majority_sign: str = "total",
+    majority_sign: MajoritySign = "total",
     dtype: torch.dtype | None = None,
 ) -> Merged:
     """TIES (trim by magnitude, elect sign, disjoint mean) on dense deltas, re-factored to `rank`."""
@@ -266,7 +222,7 @@ def ties(
 
 
 def dare(
-    terms: Sequence[Term],
+    terms: Sequence[ModuleDelta],
     weights: Sequence[float],
     rank: int,
     density: float,
@@ -297,7 +253,7 @@ class ModuleReport:
 
 @dataclass(frozen=True)
 class MergeResult:
-    modules: dict[str, LoraModule]  # file-ready: conv factors reshaped back to 4-D, alpha = rank
+    modules: dict[str, LoraAdapter]  # file-ready: conv factors reshaped back to 4-D, alpha = rank
     reports: dict[str, ModuleReport]
     empty: tuple[str, ...]  # modules no LoRA had (every entry None): not written
 
@@ -306,7 +262,7 @@ class MergeResult:
 class MergeSpec:
     """The method and its parameters, checked once for a whole file (peft-style config)."""
 
-    method: str
+    method: MergeMethod
     rank: int | None = None
     conv_rank: int | None = None  # for 3x3 (non-1x1) conv modules, as kohya; None: use rank
     density: float = 1.0
@@ -329,7 +285,7 @@ class MergeSpec:
         return self.rank
 
 
-def merge_terms(terms: Sequence[Term], weights: Sequence[float], spec: MergeSpec, seed: int) -> Merged:
+def merge_terms(terms: Sequence[ModuleDelta], weights: Sequence[float], spec: MergeSpec, seed: int) -> Merged:
     """One module's terms (no None) merged with `spec`; seed is this module's DARE seed."""
     method, rank, dtype = spec.method, spec.rank_for(terms[0].kernel), spec.dtype
     if method == "concat":
@@ -343,7 +299,7 @@ def merge_terms(terms: Sequence[Term], weights: Sequence[float], spec: MergeSpec
     return dare(terms, weights, rank, spec.density, seed, method == "dare_ties", dtype)  # type: ignore[arg-type]
 
 
-def _merge_entry(name: str, entries: Sequence[Term | None], weights: Sequence[float], spec: MergeSpec):
+def _merge_entry(name: str, entries: Sequence[ModuleDelta | None], weights: Sequence[float], spec: MergeSpec):
     if len(entries) != len(weights):
         raise ValueError(
             f"module '{name}' has {len(entries)} entries for {len(weights)} weights: "
@@ -361,13 +317,13 @@ def _merge_entry(name: str, entries: Sequence[Term | None], weights: Sequence[fl
     up, down = unflatten_conv(Factors(merged.up, merged.down, kernel=terms[0].kernel))
     info = merged.info
     report = ModuleReport(len(terms), info.rank, info.rel_error, info.energy_kept, info.approximate)
-    return LoraModule(up=up, down=down, alpha=float(info.rank)), report
+    return LoraAdapter(up=up, down=down, alpha=float(info.rank)), report
 
 
 def merge_modules(
-    per_module: Mapping[str, Sequence[Term | None]],
+    per_module: Mapping[str, Sequence[ModuleDelta | None]],
     weights: Sequence[float],
-    method: str,
+    method: MergeMethod,
     rank: int | None = None,
     conv_rank: int | None = None,
     density: float = 1.0,
@@ -384,7 +340,7 @@ def merge_modules(
     spec = MergeSpec(method, rank, conv_rank, density, seed, dtype)
     if len(weights) == 0:
         raise ValueError("weights is empty: pass one weight per LoRA")
-    modules: dict[str, LoraModule] = {}
+    modules: dict[str, LoraAdapter] = {}
     reports: dict[str, ModuleReport] = {}
     empty: list[str] = []
     for step, (name, entries) in enumerate(per_module.items(), start=1):

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .adapters import Adapter, rank_of
+from ..adapters import Adapter, rank_of
 from .peft_patterns import AlphaPatterns, read_alpha_pattern
 
 DEFAULT_TRIGGER_LIMIT = 10
@@ -113,7 +113,7 @@ def peft_alphas(config: Mapping[str, object], ranks: Mapping[str, int]) -> Confi
     """Module name -> alpha (scale = alpha / rank, as for a kohya ``.alpha``) from a PEFT LoRA config
     whose keys carry the component the modules are named under: ``<component>.lora_alpha``,
     ``.alpha_pattern``, ``.use_rslora``, for modules named ``<component>.<path>``. Pattern keys are
-    matched as PEFT means them (lora_core.peft_patterns), never run as regular expressions."""
+    matched as PEFT means them (lora_core.files.peft_patterns), never run as regular expressions."""
     out: dict[str, float] = {}
     patterns: dict[str, AlphaPatterns] = {}
     for name, rank in ranks.items():

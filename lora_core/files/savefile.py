@@ -2,7 +2,7 @@
 
 Keys written per module: `<name>.lora_up.weight`, `<name>.lora_down.weight` and `<name>.alpha`
 (0-dim). The file appears complete or not at all and never clobbers a file unless asked
-(lora_core.atomic, the pack's one writer: temp in the same folder, fsync, link or replace).
+(lora_core.files.atomic, the pack's one writer: temp in the same folder, fsync, link or replace).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from ..adapters import LoraAdapter
 from .atomic import NAME_MAX, TEMP_OVERHEAD, exists_error, write_with
-from .lowrank import LoraModule
 
 SUFFIX = ".safetensors"
 DTYPES: dict[str, torch.dtype] = {
@@ -102,29 +102,33 @@ def safe_output_name(name: str, longest_suffix: str = SUFFIX) -> str:
     return stripped if stripped.lower().endswith(SUFFIX) else stripped + SUFFIX
 
 
-def _as_module(name: str, module: LoraModule | tuple) -> LoraModule:
-    if not isinstance(module, LoraModule):
+def _as_module(name: str, module: LoraAdapter | tuple) -> LoraAdapter:
+    """The plain up/down pair a kohya file stores, checked before it is built (so the error names
+    the module); a LoraAdapter with Tucker, DoRA or a reshape is no such pair."""
+    if isinstance(module, LoraAdapter):
+        if module.mid is not None or module.dora_scale is not None or module.reshape is not None:
+            raise ValueError(
+                f"module '{name}' has a Tucker mid, DoRA or reshape: a kohya LoRA file holds up/down pairs"
+            )
+        up, down, alpha = module.up, module.down, module.alpha
+    else:
         up, down, alpha = module
-        module = LoraModule(up=up, down=down, alpha=alpha)
     if not name or "." in name:
         raise ValueError(
             f"module name {name!r} is not a kohya module name: use names like "
             "'lora_unet_down_blocks_0_attentions_0_proj_in' (no dots)"
         )
-    up, down = module.up, module.down
     if up.dim() not in (2, 4) or down.dim() != up.dim() or up.shape[1] != down.shape[0]:
         raise ValueError(
             f"module '{name}': up {tuple(up.shape)} and down {tuple(down.shape)} do not chain; "
             "pass up (out, r[,1,1]) and down (r, in[,kh,kw])"
         )
-    if not math.isfinite(float(module.alpha)):
-        raise ValueError(
-            f"module '{name}': alpha is {module.alpha!r}; pass a finite number, usually the rank"
-        )
-    return module
+    if alpha is None or not math.isfinite(float(alpha)):
+        raise ValueError(f"module '{name}': alpha is {alpha!r}; pass a finite number, usually the rank")
+    return module if isinstance(module, LoraAdapter) else LoraAdapter(up=up, down=down, alpha=alpha)
 
 
-def lora_state_dict(modules: Mapping[str, LoraModule | tuple], dtype: torch.dtype | str) -> dict:
+def lora_state_dict(modules: Mapping[str, LoraAdapter | tuple], dtype: torch.dtype | str) -> dict:
     """kohya key -> contiguous CPU tensor in `dtype` (alpha as a 0-dim tensor)."""
     target = resolve_dtype(dtype)
     tensors: dict[str, torch.Tensor] = {}
@@ -158,7 +162,7 @@ def _check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
 
 def save_lora(
     path: str | os.PathLike,
-    modules: Mapping[str, LoraModule | tuple],
+    modules: Mapping[str, LoraAdapter | tuple],
     metadata: Mapping[str, str],
     dtype: torch.dtype | str = torch.float16,
     overwrite: bool = False,
@@ -166,7 +170,7 @@ def save_lora(
 ) -> Path:
     """Write a kohya-format LoRA atomically; returns the path written.
 
-    modules maps a kohya module name to LoraModule(up, down, alpha) or an (up, down, alpha)
+    modules maps a kohya module name to LoraAdapter(up, down, alpha) or an (up, down, alpha)
     tuple. add_hashes adds sshs_model_hash / sshs_legacy_hash (serialises twice).
     """
     target = Path(path)

@@ -1,7 +1,7 @@
 """Guessing the base model family of a LoRA (from keys, shapes, metadata) and of a model (its unet_config).
 
-Both sides use the same labels so a caller can compare them: "SD1.x", "SD2.x", "SDXL", "SDXL Refiner",
-"SD3", "Flux", or "unknown" when the evidence is not clear enough to refuse a LoRA over it.
+Both sides use the family table's labels (lora_core.files.families) so a caller can compare them, or
+"unknown" when the evidence is not clear enough to refuse a LoRA over it.
 """
 
 from __future__ import annotations
@@ -12,23 +12,14 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from .families import UNKNOWN, from_architecture, from_base_version
 from .formats import split_key
 
-UNKNOWN = "unknown"
 # Width of the cross-attention context (attn2 to_k / to_v input) per UNet family.
 _CONTEXT_DIMS = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL", 1280: "SDXL Refiner"}
 # First text encoder hidden width for files with a single text encoder (lora_te_ / text_encoder.).
 _TE_DIMS = {768: "SD1.x", 1024: "SD2.x"}
 _DIT_WIDTHS = {3072: "Flux", 1536: "SD3", 2432: "SD3"}
-_BASE_VERSIONS = (("sdxl", "SDXL"), ("sd_v1", "SD1.x"), ("sd_v2", "SD2.x"), ("sd3", "SD3"), ("flux", "Flux"))
-_ARCHITECTURES = (
-    ("stable-diffusion-xl-v1-refiner", "SDXL Refiner"),
-    ("stable-diffusion-xl", "SDXL"),
-    ("stable-diffusion-v1", "SD1.x"),
-    ("stable-diffusion-v2", "SD2.x"),
-    ("stable-diffusion-3", "SD3"),
-    ("flux", "Flux"),
-)
 
 
 @dataclass(frozen=True)
@@ -81,13 +72,11 @@ def _from_keys(tensors: Mapping[str, Tensor]) -> FamilyGuess | None:
 
 def family_from_metadata(metadata: Mapping[str, str]) -> FamilyGuess | None:
     arch = str(metadata.get("modelspec.architecture", "")).lower()
-    for needle, family in _ARCHITECTURES:
-        if needle in arch:
-            return FamilyGuess(family, f"modelspec.architecture '{arch}'")
+    if family := from_architecture(arch):
+        return FamilyGuess(family.label, f"modelspec.architecture '{arch}'")
     version = str(metadata.get("ss_base_model_version", "")).lower()
-    for prefix, family in _BASE_VERSIONS:
-        if version.startswith(prefix):
-            return FamilyGuess(family, f"ss_base_model_version '{version}'")
+    if family := from_base_version(version):
+        return FamilyGuess(family.label, f"ss_base_model_version '{version}'")
     if str(metadata.get("ss_v2", "")).lower() == "true":
         return FamilyGuess("SD2.x", "ss_v2 = True")
     return None

@@ -18,10 +18,11 @@ import contextlib
 import errno
 import os
 import stat
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from .atomic import write_with
 
 ENV_VAR = "LORA_FOUNDRY_ALLOWED_DIRS"
 ALLOWED_FILE = "allowed_folders.txt"
@@ -225,30 +226,12 @@ def read_text_capped(path: str | os.PathLike, limit: int = CAPTION_LIMIT) -> Cap
 
 
 def create_new(dest: str | os.PathLike, write) -> None:
-    """Writes a new file at `dest` through a temp file in the same folder; never replaces anything.
+    """Writes a new file at `dest` with the pack's atomic writer (files/atomic.py); never replaces
+    anything: raises FileExistsError when any entry (file, link, dangling link) has that name.
 
-    `write(path)` fills the temp file. The finished file is hard-linked to `dest`, which fails if any
-    entry (file, link, dangling link) has that name, so a user's file is never overwritten and no one
-    ever sees half a file. Where hard links are not supported, `dest` is first claimed with O_EXCL and
-    the temp file renamed over that empty claim. Raises FileExistsError when `dest` exists.
+    `write(path)` fills the temp file; no one ever sees half a file, and the temp is removed on error.
     """
-    dest = Path(dest)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from the user's other accounts and tools
-        write(Path(tmp))
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        try:
-            os.link(tmp, dest)
-        except FileExistsError:
-            raise
-        except OSError:  # no hard links here (some network and FAT file systems)
-            os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-            os.replace(tmp, dest)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    write_with(dest, write, overwrite=False)
 
 
 def make_folder_within(folder: str | os.PathLike, root: str | os.PathLike) -> None:

@@ -13,16 +13,18 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .adapters import Adapter, LoraAdapter, rank_of
+from ..adapters import Adapter, LoraAdapter, rank_of
+from ..adapters.registry import either, names
+from ..files.detect import FamilyGuess, detect_family, model_family_from_unet_config
+from ..files.families import by_comfy_class
+from ..files.formats import ParsedLora, parse_lora
+from ..files.layouts import convert_layout
+from ..files.lorafile import LoraFileError, read_lora_file
+from ..files.metadata import adapter_config_alphas, diffusers_alphas, trigger_words
 from .block_weights import BlockWeights, parse_block_weights
-from .detect import FamilyGuess, detect_family, model_family_from_unet_config
 from .extremes import extreme_changes, extreme_note, limit_for
 from .fit import shape_error, target_shape
-from .formats import ParsedLora, parse_lora
 from .keymap import resolve, summarize_unmatched
-from .layouts import convert_layout
-from .lorafile import LoraFileError, read_lora_file
-from .metadata import adapter_config_alphas, diffusers_alphas, trigger_words
 from .patching import Term
 from .te_names import naming_note
 
@@ -30,19 +32,10 @@ log = logging.getLogger("lora_foundry")
 PARTS = ("unet", "clip")
 
 
-# ComfyUI's model classes (comfy.supported_models), as the caller names them, to family labels.
-_COMFY_MODEL_FAMILIES = {
-    "SD15": "SD1.x", "SD15_instructpix2pix": "SD1.x",
-    "SD20": "SD2.x", "SD21UnclipL": "SD2.x", "SD21UnclipH": "SD2.x",
-    "SDXL": "SDXL", "SDXL_instructpix2pix": "SDXL", "SDXLRefiner": "SDXL Refiner",
-    "SD3": "SD3", "Flux": "Flux", "FluxInpaint": "Flux", "FluxSchnell": "Flux",
-}  # fmt: skip
-
-
 def model_family(model_class: str, unet_config: Mapping[str, object]) -> FamilyGuess:
     """The model's family from the name of ComfyUI's model class, else from its unet_config."""
-    if model_class in _COMFY_MODEL_FAMILIES:
-        return FamilyGuess(_COMFY_MODEL_FAMILIES[model_class], f"ComfyUI detected {model_class}")
+    if family := by_comfy_class(model_class):
+        return FamilyGuess(family.label, f"ComfyUI detected {model_class}")
     return model_family_from_unet_config(unet_config)
 
 
@@ -385,8 +378,8 @@ def _check_layout(lora: LoadedLora) -> None:
     raise LoraMismatchError(
         f"{lora.name}: none of its {len(keys)} keys is in a LoRA layout this pack reads "
         f"(e.g. {', '.join(telling[:3])}). It may be a kind of adapter neither this pack nor ComfyUI "
-        "applies, or not a LoRA at all: pick a LoRA, LoCon, LoHa, LoKr, OFT (LyCORIS or PEFT), BOFT, GLoRA, (IA)3, "
-        "DoRA, diffusers or PEFT file."
+        f"applies, or not a LoRA at all: pick a {either(names())} file (DoRA too; kohya, LyCORIS, diffusers "
+        "or PEFT names)."
     )
 
 

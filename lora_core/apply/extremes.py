@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .adapters import (
+from ..adapters import (
     Adapter,
     DiffAdapter,
     LohaAdapter,

@@ -71,20 +71,9 @@ class DenseDelta:
         return int(self.delta.shape[0]), int(self.delta.shape[1])
 
 
-Term = Factors | DenseDelta
-
-
-@dataclass(frozen=True)
-class LoraModule:
-    """One module as stored in a kohya file: delta = (alpha / rank) * up @ down."""
-
-    up: torch.Tensor  # (out, r) or (out, r, 1, 1)
-    down: torch.Tensor  # (r, in) or (r, in, kh, kw)
-    alpha: float
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
+# A module's change as merging sees it: factored or dense. (A patch's adapter-at-a-strength is
+# patching.Term, the library's one Term.)
+ModuleDelta = Factors | DenseDelta
 
 
 @dataclass(frozen=True)

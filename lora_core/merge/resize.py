@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
-from .lowrank import Factors, LoraModule, factored_svd, flatten_conv, split_top, unflatten_conv
+from ..adapters import LoraAdapter
+from .lowrank import Factors, factored_svd, flatten_conv, split_top, unflatten_conv
 
-RESIZE_MODES = ("fixed", "sv_ratio", "energy")
+ResizeMode = Literal["fixed", "sv_ratio", "energy"]
+RESIZE_MODES: tuple[ResizeMode, ...] = get_args(ResizeMode)
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class Resized:
         yield self.down
 
 
-def _check_mode(mode: str, value: float) -> None:
+def _check_mode(mode: ResizeMode, value: float) -> None:
     if mode not in RESIZE_MODES:
         raise ValueError(f"mode must be one of {', '.join(RESIZE_MODES)}; got {mode!r}")
     if mode == "fixed" and (isinstance(value, bool) or int(value) != value or value <= 0):
@@ -45,7 +48,7 @@ def _check_mode(mode: str, value: float) -> None:
         )
 
 
-def select_rank(s: torch.Tensor, mode: str, value: float) -> int:
+def select_rank(s: torch.Tensor, mode: ResizeMode, value: float) -> int:
     """How many of the descending singular values `s` a resize keeps (at least 1)."""
     _check_mode(mode, value)
     n = int(s.shape[0])
@@ -62,7 +65,7 @@ def select_rank(s: torch.Tensor, mode: str, value: float) -> int:
 
 
 def resize(
-    up: torch.Tensor, down: torch.Tensor, mode: str, value: float, dtype: torch.dtype | None = None
+    up: torch.Tensor, down: torch.Tensor, mode: ResizeMode, value: float, dtype: torch.dtype | None = None
 ) -> Resized:
     """Lower the rank of up (out, r) @ down (r, in); returns new factors and what was kept."""
     _check_mode(mode, value)
@@ -86,20 +89,20 @@ class ResizeReport:
 
 @dataclass(frozen=True)
 class ResizeResult:
-    modules: dict[str, LoraModule]  # file-ready, alpha = new rank (scale 1)
+    modules: dict[str, LoraAdapter]  # file-ready, alpha = new rank (scale 1)
     reports: dict[str, ResizeReport]
 
 
 def resize_modules(
-    modules: Mapping[str, LoraModule],
-    mode: str,
+    modules: Mapping[str, LoraAdapter],
+    mode: ResizeMode,
     value: float,
     dtype: torch.dtype | None = None,
     on_step: Callable[[int, int], None] | None = None,
 ) -> ResizeResult:
     """Resize every module of a kohya-style LoRA (alpha applied, conv kept as conv)."""
     _check_mode(mode, value)
-    out: dict[str, LoraModule] = {}
+    out: dict[str, LoraAdapter] = {}
     reports: dict[str, ResizeReport] = {}
     for step, (name, module) in enumerate(modules.items(), start=1):
         try:
@@ -109,7 +112,7 @@ def resize_modules(
         scale = float(module.alpha) / factors.rank
         result = resize(factors.up.float() * scale, factors.down, mode, value, dtype or module.up.dtype)
         up, down = unflatten_conv(Factors(result.up, result.down, kernel=factors.kernel))
-        out[name] = LoraModule(up=up, down=down, alpha=float(result.rank))
+        out[name] = LoraAdapter(up=up, down=down, alpha=float(result.rank))
         reports[name] = ResizeReport(factors.rank, result.rank, result.energy_kept, result.rel_error)
         if on_step is not None:
             on_step(step, len(modules))
