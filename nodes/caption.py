@@ -1,4 +1,4 @@
-"""Dataset nodes: Caption Dataset (WD14-style tagging of a folder) and Prepare Images."""
+"""Caption Dataset node: captions an image folder with a WD14-style tagger."""
 
 from __future__ import annotations
 
@@ -7,30 +7,19 @@ from pathlib import Path
 from ..lora_core.caption import (
     CaptionOptions,
     ImageLoadError,
-    PrepareOptions,
     RunOptions,
     TaggerError,
     caption_folder,
     find_taggers,
     parse_replacements,
     parse_tag_list,
-    prepare_images,
 )
-from ..lora_core.confine import resolve_folder
 from . import comfy_bridge as bridge
+from .dataset_inputs import CATEGORY, FOLDER_TIP, WRITE_TIP, confined_folder
 
-CATEGORY = "LoRA Foundry/dataset"
 NO_TAGGER = "(no tagger installed: see models/taggers)"
 THRESHOLD = {"min": 0.0, "max": 1.0, "step": 0.01}
-CAPTION_NODE, PREPARE_NODE = "Caption Dataset", "Prepare Images"
-FOLDER_TIP = (
-    "A folder inside ComfyUI's input folder (relative names start there); absolute paths work inside "
-    "input, output, the models folders or a folder the server's owner allowed (allowed_folders.txt)."
-)
-WRITE_TIP = (
-    "Inside ComfyUI's input folder (relative names start there) or output folder, or a folder the "
-    "server's owner allowed; models folders are read only."
-)
+CAPTION_NODE = "Caption Dataset"
 
 
 def _tagger_folders() -> list[Path]:
@@ -54,12 +43,6 @@ def _tagger_files(name: str):
         "<name>/model.onnx with <name>/selected_tags.csv (as SmilingWolf publishes them), or <name>.onnx "
         "with <name>.csv; then refresh the node list (press R)"
     )
-
-
-def _folder(text: str, field: str, write: bool = False, must_exist: bool = True) -> Path:
-    """The real path of a folder typed into the graph, confined to the folders this server allows
-    (lora_core.confine: input, output, models read only, and the owner's); relative ones start in input."""
-    return resolve_folder(text, bridge.confinement_roots(), field, write=write, must_exist=must_exist)
 
 
 def _previews(report):
@@ -129,10 +112,10 @@ class CaptionDataset:
             )  # fmt: skip
             out = None
             if output_folder.strip():
-                out = _folder(output_folder, "output_folder", write=True, must_exist=False)
+                out = confined_folder(output_folder, "output_folder", write=True, must_exist=False)
             run = RunOptions(mode=mode, output_dir=out, recursive=include_subfolders, batch_size=batch_size)
             # captions are written beside the images unless an output folder is given
-            source = _folder(folder, "folder", write=out is None)
+            source = confined_folder(folder, "folder", write=out is None)
             model = _tagger_files(tagger).model
             on_progress, should_stop = bridge.progress_callbacks()
             report = caption_folder(source, model, options, run, on_progress, should_stop)
@@ -145,59 +128,3 @@ class CaptionDataset:
         if report.previews:
             ui["images"] = bridge.preview_images(previews, "lora_foundry_captions")
         return {"ui": ui, "result": result}
-
-
-class PrepareImages:
-    DESCRIPTION = (
-        "Crops or resizes a folder of images to aspect-ratio buckets or a fixed size, applies EXIF rotation and "
-        "converts to RGB, writing into a new folder. The originals are never changed, and no file already in the "
-        "output folder is replaced."
-    )
-    CATEGORY = CATEGORY
-    FUNCTION = "execute"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING", "STRING")
-    RETURN_NAMES = ("output_folder", "summary")
-    OUTPUT_TOOLTIPS = (
-        "Absolute path of the prepared folder (connect it to Caption Dataset's folder).",
-        "What was written and skipped.",
-    )
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "source_folder": ("STRING", {"default": "dataset", "tooltip": "Images to prepare. Never modified. " + FOLDER_TIP}),
-                "output_folder": ("STRING", {"default": "dataset_prepared", "tooltip": "A new folder for the results; files already there are kept, never replaced. Must not be the source folder. " + WRITE_TIP}),
-                "target": (["buckets", "fixed"], {"default": "buckets", "tooltip": "buckets: the aspect-ratio bucket nearest each image (area resolution x resolution, sides multiples of 64). fixed: width x height."}),
-                "resolution": ("INT", {"default": 1024, "min": 256, "max": 4096, "step": 64, "tooltip": "Bucket resolution (512 for SD1.5, 1024 for SDXL)."}),
-                "width": ("INT", {"default": 1024, "min": 64, "max": 8192, "step": 8, "tooltip": "Width for target 'fixed'."}),
-                "height": ("INT", {"default": 1024, "min": 64, "max": 8192, "step": 8, "tooltip": "Height for target 'fixed'."}),
-                "fit": (["crop", "resize"], {"default": "crop", "tooltip": "crop: fill the target exactly and cut the overflow (centred). resize: fit inside, keep everything and the aspect ratio."}),
-            },
-            "optional": {
-                "output_format": (["png", "jpg", "webp"], {"default": "png", "tooltip": "png is lossless; jpg and webp are written at quality 95."}),
-                "allow_upscale": ("BOOLEAN", {"default": True, "tooltip": "Off: images smaller than their target are skipped instead of enlarged."}),
-                "include_subfolders": ("BOOLEAN", {"default": False, "tooltip": "Also prepare subfolders, keeping their layout."}),
-                "copy_captions": ("BOOLEAN", {"default": True, "tooltip": "Copy each image's existing .txt caption next to the prepared image (an existing .txt there is kept; captions over 64 KB are cut, with a note)."}),
-            },
-        }  # fmt: skip
-
-    @classmethod
-    def IS_CHANGED(cls, **kwargs):
-        return float("nan")
-
-    def execute(self, source_folder, output_folder, target, resolution, width, height, fit, output_format="png",
-                allow_upscale=True, include_subfolders=False, copy_captions=True):  # fmt: skip
-        try:
-            options = PrepareOptions(target=target, resolution=resolution, width=width, height=height, fit=fit,
-                                     allow_upscale=allow_upscale, output_format=output_format,
-                                     recursive=include_subfolders, copy_captions=copy_captions)  # fmt: skip
-            source = _folder(source_folder, "source_folder")
-            out = _folder(output_folder, "output_folder", write=True, must_exist=False)
-            on_progress, should_stop = bridge.progress_callbacks()
-            report = prepare_images(source, out, options, on_progress, should_stop)
-        except (OSError, ValueError) as e:
-            raise RuntimeError(f"[{PREPARE_NODE}] {e}") from e
-        summary = report.summary()
-        return {"ui": {"text": [summary]}, "result": (str(report.output), summary)}

@@ -5,9 +5,9 @@ find_taggers, prepare_images (with PrepareOptions, PrepareReport), load_image, t
 onnxruntime is imported only when a tagger is first loaded.
 """
 
+from .captioning import CaptionReport, RunOptions, caption_folder
 from .captions import CaptionOptions, build_caption, parse_replacements, parse_tag_list
-from .dataset import CaptionReport, RunOptions, caption_folder
-from .images import ImageLoadError, load_image, scan_folder
+from .image_files import ImageLoadError, load_image, scan_folder
 from .prepare import PrepareOptions, PrepareReport, make_buckets, prepare_images
 from .preprocess import tagger_input, to_rgb
 from .tagger import (

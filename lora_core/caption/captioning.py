@@ -23,7 +23,7 @@ from .captions import (
     read_caption,
     write_text_atomic,
 )
-from .images import DEFAULT_MAX_PIXELS, ImageLoadError, Problem, load_image, scan_folder
+from .image_files import DEFAULT_MAX_PIXELS, ImageLoadError, Problem, load_image, scan_folder
 from .preprocess import tagger_input, thumbnail
 from .tagger import Tagger, get_tagger
 
