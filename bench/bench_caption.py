@@ -16,6 +16,7 @@ torch into ~/.cache/lora-foundry/bench. Images: 3000x2000 JPEGs (gradients, shap
 
     .venv/bin/python bench/bench_caption.py            # 24 images, ViT-B/16 @ 448
     .venv/bin/python bench/bench_caption.py --quick    # 8 images, a 4-block ViT @ 448
+    .venv/bin/python bench/bench_caption.py --vlm      # 16 images, Qwen2-VL-class captioner (caption_vlm_case.py)
 """
 
 from __future__ import annotations
@@ -231,8 +232,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8 images and a 4-block ViT")
     parser.add_argument("--images", type=int, help="number of 3000x2000 JPEGs (default 24, quick 8)")
-    parser.add_argument("--batch-size", type=int, default=1, help="our batch size (default 1: best on CPU)")
+    parser.add_argument(
+        "--batch-size", type=int, help="our batch size (default 1 for the tagger: best on CPU; 16 --vlm)"
+    )
+    parser.add_argument(
+        "--vlm", action="store_true", help="the vision-language captioner case instead (16 images)"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=32, help="--vlm: tokens per caption (default 32)"
+    )
     args = parser.parse_args()
+    if args.vlm:
+        sys.path.insert(0, str(REPO / "bench"))
+        import caption_vlm_case
+
+        with tempfile.TemporaryDirectory() as tmp:
+            caption_vlm_case.run(
+                Path(tmp), args.images or 16, args.quick, args.batch_size or 16, args.max_new_tokens
+            )
+        return
+    args.batch_size = args.batch_size or 1
     count = max(ROUNDS, args.images or (8 if args.quick else 24))
     model = model_files(4 if args.quick else 12)
     import onnxruntime as ort

@@ -1,8 +1,9 @@
 """The pack's node table: stable, namespaced ids (never renamed after release) -> class, display name."""
 
-from .caption import CaptionDataset, PrepareImages
+from .caption import CaptionDataset
 from .load_lora import LoadLora, LoadLoraModelOnly
 from .merge import MergeLoras, ResizeLora
+from .prepare import PrepareImages
 from .stack import ApplyLoraStack, LoraStack
 from .train import LoraTrainingDataset, TrainLora
 

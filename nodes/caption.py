@@ -1,4 +1,5 @@
-"""Dataset nodes: Caption Dataset (WD14-style tagging of a folder) and Prepare Images."""
+"""Caption Dataset node: captions an image folder with a WD14-style tagger (tags) or a vision-language model
+(sentences, see caption_vlm.py)."""
 
 from __future__ import annotations
 
@@ -7,30 +8,21 @@ from pathlib import Path
 from ..lora_core.caption import (
     CaptionOptions,
     ImageLoadError,
-    PrepareOptions,
     RunOptions,
     TaggerError,
     caption_folder,
     find_taggers,
     parse_replacements,
     parse_tag_list,
-    prepare_images,
 )
-from ..lora_core.files.confine import resolve_folder
+from ..lora_core.caption.vlm_files import CaptionerError
 from . import comfy_bridge as bridge
+from .caption_vlm import TAGGER_CHOICE, run_vlm, sentence_options, vlm_inputs
+from .dataset_inputs import CATEGORY, FOLDER_TIP, WRITE_TIP, confined_folder
 
-CATEGORY = "LoRA Foundry/dataset"
 NO_TAGGER = "(no tagger installed: see models/taggers)"
 THRESHOLD = {"min": 0.0, "max": 1.0, "step": 0.01}
-CAPTION_NODE, PREPARE_NODE = "Caption Dataset", "Prepare Images"
-FOLDER_TIP = (
-    "A folder inside ComfyUI's input folder (relative names start there); absolute paths work inside "
-    "input, output, the models folders or a folder the server's owner allowed (allowed_folders.txt)."
-)
-WRITE_TIP = (
-    "Inside ComfyUI's input folder (relative names start there) or output folder, or a folder the "
-    "server's owner allowed; models folders are read only."
-)
+CAPTION_NODE = "Caption Dataset"
 
 
 def _tagger_folders() -> list[Path]:
@@ -56,12 +48,6 @@ def _tagger_files(name: str):
     )
 
 
-def _folder(text: str, field: str, write: bool = False, must_exist: bool = True) -> Path:
-    """The real path of a folder typed into the graph, confined to the folders this server allows
-    (lora_core.files.confine: input, output, models read only, and the owner's); relative ones start in input."""
-    return resolve_folder(text, bridge.confinement_roots(), field, write=write, must_exist=must_exist)
-
-
 def _previews(report):
     import numpy as np
     import torch
@@ -73,8 +59,9 @@ def _previews(report):
 
 class CaptionDataset:
     DESCRIPTION = (
-        "Tags every image in a folder with a WD14-style ONNX tagger and writes training captions "
-        "(<image name>.txt). Bad files are reported and skipped; existing captions are kept unless you choose "
+        "Captions every image in a folder and writes training captions (<image name>.txt): tags from a WD14-style "
+        "ONNX tagger, or sentences from a vision-language model (captioner: Qwen2.5-VL, Qwen3-VL, Florence-2, "
+        "JoyCaption) for DiT families that read natural language. Bad files are reported and skipped; existing captions are kept unless you choose "
         "overwrite or append."
     )
     CATEGORY = CATEGORY
@@ -98,19 +85,20 @@ class CaptionDataset:
                 "tagger": (tagger_names(), {"tooltip": "A WD14 tagger from models/taggers (<name>/model.onnx + selected_tags.csv)."}),
                 "general_threshold": ("FLOAT", {"default": 0.35, **THRESHOLD, "tooltip": "General tags scoring above this are kept. Lower: more tags."}),
                 "character_threshold": ("FLOAT", {"default": 0.85, **THRESHOLD, "tooltip": "Character tags scoring above this are kept."}),
-                "trigger_word": ("STRING", {"default": "", "tooltip": "Written first in every caption (your LoRA's activation word). Empty: none."}),
+                "trigger_word": ("STRING", {"default": "", "tooltip": "Your LoRA's activation word: written first in every caption (with a captioner's training (trigger woven in) preset, used inside the sentence instead). Empty: none."}),
                 "mode": (["skip", "overwrite", "append"], {"default": "skip", "tooltip": "Images that already have a caption: skip them, overwrite the caption, or append new tags to it without duplicates."}),
             },
             "optional": {
                 "always_first": ("STRING", {"default": "", "tooltip": "Comma-separated tags moved to the front when the tagger finds them (e.g. 1girl, 1boy)."}),
-                "exclude_tags": ("STRING", {"default": "", "multiline": True, "tooltip": "Comma-separated tags never written (e.g. features every image shares)."}),
-                "tag_replacements": ("STRING", {"default": "", "multiline": True, "tooltip": "'old -> new' pairs, comma or line separated; 'old ->' removes the tag."}),
+                "exclude_tags": ("STRING", {"default": "", "multiline": True, "tooltip": "Comma-separated tags never written (e.g. features every image shares). For sentences: these words or phrases are removed."}),
+                "tag_replacements": ("STRING", {"default": "", "multiline": True, "tooltip": "'old -> new' pairs, comma or line separated; 'old ->' removes the tag. For sentences: whole words or phrases, any case."}),
                 "replace_underscores": ("BOOLEAN", {"default": True, "tooltip": "long_hair -> long hair (kaomoji such as ^_^ are kept)."}),
                 "escape_brackets": ("BOOLEAN", {"default": True, "tooltip": "Write ( ) as \\( \\) so prompts do not read them as weights."}),
                 "max_tags": ("INT", {"default": 0, "min": 0, "max": 500, "tooltip": "Keep at most this many tagger tags (highest scores first); 0: no limit."}),
                 "output_folder": ("STRING", {"default": "", "tooltip": "Write captions here instead of beside the images (same relative layout). Empty: beside the images. " + WRITE_TIP}),
                 "include_subfolders": ("BOOLEAN", {"default": False, "tooltip": "Also caption images in subfolders."}),
-                "batch_size": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "Images per model call. Larger helps on GPU; on CPU 1-4 is as fast."}),
+                "batch_size": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "Images per model call. Larger helps on GPU; on CPU 1-4 is as fast for the tagger, while a vision-language captioner gains from 8-16."}),
+                **vlm_inputs(),
             },
         }  # fmt: skip
 
@@ -120,7 +108,7 @@ class CaptionDataset:
 
     def execute(self, folder, tagger, general_threshold, character_threshold, trigger_word, mode, always_first="",
                 exclude_tags="", tag_replacements="", replace_underscores=True, escape_brackets=True, max_tags=0,
-                output_folder="", include_subfolders=False, batch_size=4):  # fmt: skip
+                output_folder="", include_subfolders=False, batch_size=4, captioner=TAGGER_CHOICE, **vlm):  # fmt: skip
         try:
             options = CaptionOptions(
                 general_threshold, character_threshold, trigger_word.strip(), parse_tag_list(always_first),
@@ -129,14 +117,19 @@ class CaptionDataset:
             )  # fmt: skip
             out = None
             if output_folder.strip():
-                out = _folder(output_folder, "output_folder", write=True, must_exist=False)
+                out = confined_folder(output_folder, "output_folder", write=True, must_exist=False)
             run = RunOptions(mode=mode, output_dir=out, recursive=include_subfolders, batch_size=batch_size)
             # captions are written beside the images unless an output folder is given
-            source = _folder(folder, "folder", write=out is None)
-            model = _tagger_files(tagger).model
-            on_progress, should_stop = bridge.progress_callbacks()
-            report = caption_folder(source, model, options, run, on_progress, should_stop)
-        except (TaggerError, ImageLoadError, OSError, ValueError) as e:
+            source = confined_folder(folder, "folder", write=out is None)
+            if captioner == TAGGER_CHOICE:
+                model = _tagger_files(tagger).model
+                on_progress, should_stop = bridge.progress_callbacks()
+                report = caption_folder(source, model, options, run, on_progress, should_stop)
+            else:
+                sentences = sentence_options(vlm, options.trigger_word, options.exclude, options.replacements)
+                hints = _tagger_files(tagger).model if sentences.tag_hints else None
+                report = run_vlm(source, captioner, sentences, run, hints, options)
+        except (TaggerError, CaptionerError, ImageLoadError, OSError, ValueError) as e:
             raise RuntimeError(f"[{CAPTION_NODE}] {e}") from e
         summary = report.summary()
         previews = _previews(report)
@@ -145,59 +138,3 @@ class CaptionDataset:
         if report.previews:
             ui["images"] = bridge.preview_images(previews, "lora_foundry_captions")
         return {"ui": ui, "result": result}
-
-
-class PrepareImages:
-    DESCRIPTION = (
-        "Crops or resizes a folder of images to aspect-ratio buckets or a fixed size, applies EXIF rotation and "
-        "converts to RGB, writing into a new folder. The originals are never changed, and no file already in the "
-        "output folder is replaced."
-    )
-    CATEGORY = CATEGORY
-    FUNCTION = "execute"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING", "STRING")
-    RETURN_NAMES = ("output_folder", "summary")
-    OUTPUT_TOOLTIPS = (
-        "Absolute path of the prepared folder (connect it to Caption Dataset's folder).",
-        "What was written and skipped.",
-    )
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "source_folder": ("STRING", {"default": "dataset", "tooltip": "Images to prepare. Never modified. " + FOLDER_TIP}),
-                "output_folder": ("STRING", {"default": "dataset_prepared", "tooltip": "A new folder for the results; files already there are kept, never replaced. Must not be the source folder. " + WRITE_TIP}),
-                "target": (["buckets", "fixed"], {"default": "buckets", "tooltip": "buckets: the aspect-ratio bucket nearest each image (area resolution x resolution, sides multiples of 64). fixed: width x height."}),
-                "resolution": ("INT", {"default": 1024, "min": 256, "max": 4096, "step": 64, "tooltip": "Bucket resolution (512 for SD1.5, 1024 for SDXL)."}),
-                "width": ("INT", {"default": 1024, "min": 64, "max": 8192, "step": 8, "tooltip": "Width for target 'fixed'."}),
-                "height": ("INT", {"default": 1024, "min": 64, "max": 8192, "step": 8, "tooltip": "Height for target 'fixed'."}),
-                "fit": (["crop", "resize"], {"default": "crop", "tooltip": "crop: fill the target exactly and cut the overflow (centred). resize: fit inside, keep everything and the aspect ratio."}),
-            },
-            "optional": {
-                "output_format": (["png", "jpg", "webp"], {"default": "png", "tooltip": "png is lossless; jpg and webp are written at quality 95."}),
-                "allow_upscale": ("BOOLEAN", {"default": True, "tooltip": "Off: images smaller than their target are skipped instead of enlarged."}),
-                "include_subfolders": ("BOOLEAN", {"default": False, "tooltip": "Also prepare subfolders, keeping their layout."}),
-                "copy_captions": ("BOOLEAN", {"default": True, "tooltip": "Copy each image's existing .txt caption next to the prepared image (an existing .txt there is kept; captions over 64 KB are cut, with a note)."}),
-            },
-        }  # fmt: skip
-
-    @classmethod
-    def IS_CHANGED(cls, **kwargs):
-        return float("nan")
-
-    def execute(self, source_folder, output_folder, target, resolution, width, height, fit, output_format="png",
-                allow_upscale=True, include_subfolders=False, copy_captions=True):  # fmt: skip
-        try:
-            options = PrepareOptions(target=target, resolution=resolution, width=width, height=height, fit=fit,
-                                     allow_upscale=allow_upscale, output_format=output_format,
-                                     recursive=include_subfolders, copy_captions=copy_captions)  # fmt: skip
-            source = _folder(source_folder, "source_folder")
-            out = _folder(output_folder, "output_folder", write=True, must_exist=False)
-            on_progress, should_stop = bridge.progress_callbacks()
-            report = prepare_images(source, out, options, on_progress, should_stop)
-        except (OSError, ValueError) as e:
-            raise RuntimeError(f"[{PREPARE_NODE}] {e}") from e
-        summary = report.summary()
-        return {"ui": {"text": [summary]}, "result": (str(report.output), summary)}

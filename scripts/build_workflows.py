@@ -132,8 +132,8 @@ def prepare_node(id: int, pos: tuple[int, int]) -> N:
 def caption_node(id: int, pos: tuple[int, int], folder: tuple[int, int]) -> N:
     return N(id, "LoraFoundry_CaptionDataset", pos,
              ["lora_foundry_demo_prepared", DEMO_TAGGER, 0.5, 0.85, "foundrystyle", "overwrite", "", "", "", True,
-              True, 0, "", False, 4],
-             {"folder": (*folder, "STRING")}, CAPTION_OUTPUTS, size=(360, 460), widget_inputs=("folder",))  # fmt: skip
+              True, 0, "", False, 4, "WD14 tagger (tags)", "detailed", "", 160, 0.0, False, True],
+             {"folder": (*folder, "STRING")}, CAPTION_OUTPUTS, size=(360, 640), widget_inputs=("folder",))  # fmt: skip
 
 
 def train_lora_workflow() -> dict:
@@ -215,7 +215,9 @@ def caption_dataset_workflow() -> dict:
              "folder (the originals are never changed); Caption Dataset writes a .txt caption beside each prepared "
              "image, trigger word first. The demo tagger only looks at colours; for real captions put a WD14 tagger "
              "(model.onnx + selected_tags.csv, e.g. from SmilingWolf's wd-v1-4 taggers) in models/taggers/<name>/ and "
-             "pick it, and point 'source_folder' at your own images."),
+             "pick it, and point 'source_folder' at your own images. For sentence captions (Flux, Qwen-Image, Wan and "
+             "other DiT models), put a vision-language model folder (Qwen2.5-VL, Qwen3-VL, Florence-2 or JoyCaption, "
+             "with safetensors weights) in models/captioners/<name>/ and pick it as 'captioner'."),
         prepare_node(2, (0, 0)),
         caption_node(3, (400, 0), (2, 0)),
         N(4, "SaveImage", (800, 0), ["lora_foundry/caption_previews"], {"images": (3, 2, "IMAGE")}, []),

@@ -13,7 +13,7 @@ from PIL import Image
 
 from ..files.confine import create_new, make_folder_within
 from .captions import read_caption
-from .images import DEFAULT_MAX_PIXELS, ImageLoadError, Problem, load_image, scan_folder
+from .image_files import DEFAULT_MAX_PIXELS, ImageLoadError, Problem, load_image, scan_folder
 
 TARGETS = ("buckets", "fixed")
 FITS = ("crop", "resize")

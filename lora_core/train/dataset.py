@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..caption.captions import read_caption, split_caption
-from ..caption.images import ImageLoadError, Problem, load_image, scan_folder
+from ..caption.image_files import ImageLoadError, Problem, load_image, scan_folder
 from ..files.confine import is_within
 from .buckets import Size, center_crop, center_offset, make_buckets, nearest_bucket, resize_cover
 from .trainer import Batch

@@ -35,6 +35,14 @@ def test_caption_bench_runs_on_a_tiny_set(tmp_path):
     assert (tmp_path / "bench" / "vit_d4_448_bias" / "model.onnx").is_file()
 
 
+@pytest.mark.timeout(900)
+def test_caption_bench_vlm_case_runs_on_two_images():
+    out = _run([str(REPO / "bench" / "bench_caption.py"), "--vlm", "--quick", "--images", "2", "--max-new-tokens", "4"],
+               timeout=850)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "VLM ratio ours / per-image loop:" in out.stdout and "2 images, max_new_tokens 4" in out.stdout
+
+
 @pytest.mark.server
 def test_server_bench_runs_one_round():
     """Its three graphs run in a real server (5 core loaders, our stack, no LoRA) and the timer node reports."""

@@ -18,7 +18,8 @@ from train_run import make_dataset, train
 
 from lora_foundry.lora_core.files.confine import ALLOWED_FILE, ENV_VAR
 from lora_foundry.nodes import comfy_bridge as bridge
-from lora_foundry.nodes.caption import CaptionDataset, PrepareImages
+from lora_foundry.nodes.caption import CaptionDataset
+from lora_foundry.nodes.prepare import PrepareImages
 
 SECRET = "sk-secret-token"
 OUTSIDE_MESSAGE = "is not inside a folder this server lets nodes"

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 from tiny_tagger import build_tiny_tagger
 
+from lora_foundry.lora_core.caption.captioning import RunOptions, caption_folder
 from lora_foundry.lora_core.caption.captions import CaptionOptions
-from lora_foundry.lora_core.caption.dataset import RunOptions, caption_folder
-from lora_foundry.lora_core.caption.images import LINK_OUT, NOT_REGULAR, scan_folder
+from lora_foundry.lora_core.caption.image_files import LINK_OUT, NOT_REGULAR, scan_folder
 from lora_foundry.lora_core.caption.prepare import PrepareOptions, prepare_images
 from lora_foundry.lora_core.caption.tagger import clear_tagger_cache
 from lora_foundry.lora_core.files.confine import CAPTION_LIMIT

@@ -10,8 +10,8 @@ from PIL import Image
 from tiny_tagger import build_tiny_tagger
 
 from lora_foundry.lora_core.caption import captions as captions_mod
+from lora_foundry.lora_core.caption.captioning import RunOptions, caption_folder
 from lora_foundry.lora_core.caption.captions import CaptionOptions
-from lora_foundry.lora_core.caption.dataset import RunOptions, caption_folder
 from lora_foundry.lora_core.caption.tagger import clear_tagger_cache, get_tagger
 
 TAGS = [("general", 9), ("1girl", 0), ("long_hair", 0), ("hat_(object)", 0), ("blurry", 0), ("miku", 4)]
@@ -206,7 +206,7 @@ def test_non_utf8_caption_is_left_alone_in_append(tmp_path, model):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is a Linux feature")
 def test_decode_thread_yields_to_inference(tmp_path, model, monkeypatch):
     """The decode thread runs at a lower priority than the caller; the caller's own is untouched."""
-    from lora_foundry.lora_core.caption import dataset
+    from lora_foundry.lora_core.caption import captioning as dataset
 
     seen = []
     real = dataset._decode

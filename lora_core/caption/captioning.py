@@ -23,7 +23,7 @@ from .captions import (
     read_caption,
     write_text_atomic,
 )
-from .images import DEFAULT_MAX_PIXELS, ImageLoadError, Problem, load_image, scan_folder
+from .image_files import DEFAULT_MAX_PIXELS, ImageLoadError, Problem, load_image, scan_folder
 from .preprocess import tagger_input, thumbnail
 from .tagger import Tagger, get_tagger
 
@@ -96,6 +96,7 @@ class CaptionReport:
     previews: tuple[np.ndarray, ...]  # (size, size, 3) uint8 RGB
     stopped: bool = False
     providers: tuple[str, ...] = ()  # onnxruntime providers of the session, in use order
+    notes: tuple[str, ...] = ()  # lines for the summary from other captioners (which model, device, dtype)
 
     def captions_text(self) -> str:
         return "\n".join(f"{_rel(t.image, self.folder)}: {', '.join(t.tags)}" for t in self.tagged)
@@ -108,6 +109,7 @@ class CaptionReport:
         ]
         if self.providers:
             lines.append(f"Tagger ran on {self.providers[0]}")
+        lines += list(self.notes)
         for title, problems in (("Skipped", self.skipped), ("Failed", self.failed)):
             if problems:
                 lines.append(f"{title}:")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_foundry.lora_core.caption.images import ImageLoadError, load_image, scan_folder
+from lora_foundry.lora_core.caption.image_files import ImageLoadError, load_image, scan_folder
 
 
 def _png_header_only(path, width, height):
