@@ -21,10 +21,12 @@ from .fit import shape_error, target_shape
 from .formats import ParsedLora, parse_lora
 from .keymap import resolve, summarize_unmatched
 from .layouts import convert_layout
+from .layouts_dit import with_aliases
 from .lorafile import LoraFileError, read_lora_file
 from .metadata import adapter_config_alphas, diffusers_alphas, trigger_words
 from .patching import Term
 from .te_names import naming_note
+from .trainer_names import family_name, layout_label
 
 log = logging.getLogger("lora_foundry")
 PARTS = ("unet", "clip")
@@ -238,6 +240,7 @@ class LoadReport:
     unused_keys: tuple[str, ...]
     ranks: tuple[int, ...]
     notes: tuple[str, ...] = ()
+    layout: str = ""  # trainer and key layout recognised (lora_core.trainer_names)
 
     @property
     def total_matched(self) -> int:
@@ -248,6 +251,7 @@ class LoadReport:
             f"ranks {min(self.ranks)}-{max(self.ranks)}" if self.ranks else "rank n/a")  # fmt: skip
         lines = [
             f"{self.file}: {self.format}, {rank}",
+            *([f"layout: {self.layout}"] if self.layout else []),
             f"base: LoRA {self.lora_family}, model {self.model_family}",
             "matched: " + ", ".join(f"{part} {n}" for part, n in self.matched.items()),
         ]
@@ -290,6 +294,7 @@ def plan_lora(
     block_weights: str = "",
     weight_shapes: Mapping[str, Mapping[str, tuple[int, ...]]] | None = None,
     weight_dtypes: Mapping[str, torch.dtype | None] | None = None,
+    model_class: str = "",
 ) -> LoraPlan:
     """Resolve the LoRA against each part's key map and build its patch terms.
 
@@ -297,7 +302,9 @@ def plan_lora(
     model's, or a tensor's shape does not fit its weight (``weight_shapes``: part -> key ->
     shape); a partial match is reported (report.unmatched), not raised. Modules whose change is
     beyond what the part's weights hold (``weight_dtypes``: part -> dtype; float16's range when
-    not given) are named in the report's notes.
+    not given) are named in the report's notes. ``model_class`` (ComfyUI's, e.g. "WAN21_T2V") names
+    the family in the report's layout line; the MODEL's key map gains the DiT trainers' spellings
+    (lora_core.layouts_dit).
     """
     _check_layout(lora)
     _check_family(lora, model_family)
@@ -311,7 +318,9 @@ def plan_lora(
     renamed: list[str] = []  # text-encoder names transformers 5 wrote, read in their 4.x spelling
     notes = list(lora.parsed.notes)
     for part, key_map in key_maps.items():
-        res = resolve({n: modules.get(n) for n in remaining}, key_map)
+        res = resolve(
+            {n: modules.get(n) for n in remaining}, with_aliases(key_map) if part == "unet" else key_map
+        )
         renamed += res.transformers5
         part_patches: dict[object, tuple[Term, ...]] = {}
         strength = strengths.get(part, 1.0)
@@ -345,7 +354,9 @@ def plan_lora(
         unused_keys=lora.parsed.unused_keys,
         ranks=tuple(sorted({r for a in modules.values() if (r := rank_of(a)) is not None})),
         notes=tuple(notes) + naming_note(renamed),
-    )
+        layout=layout_label([*modules, *lora.parsed.bias_diffs], lora.metadata,
+                            family_name(model_class, "" if model_family.family == "unknown" else model_family.family)),
+    )  # fmt: skip
     if report.total_matched == 0:
         raise LoraMismatchError(
             f"{lora.name} ({lora.parsed.format}, base {lora.family.family}) matched none of the "

@@ -1,0 +1,166 @@
+"""LoRA files of the DiT trainers (issue #19) on tiny models of each family ComfyUI runs: Wan, Z-Image,
+Qwen-Image, Chroma, Flux.2, HiDream, LTX-Video. Every module of each file must match, and the weights
+must equal what ComfyUI core loads from the file's core-readable twin: the same tensors under the names
+core's key map holds (its ``diffusion_model.<path>`` names, or the source a peer converted from).
+
+Where the names come from:
+- kohya / musubi-tuner: ``lora_unet_`` + the module path with underscores, ``lora_down``/``lora_up`` and
+  ``.alpha`` (musubi-tuner networks/lora.py; for Z-Image the diffusers paths, split to_q/to_k/to_v, as
+  networks/convert_z_image_lora_to_comfy.py in kohya-ss/musubi-tuner reads them).
+- ai-toolkit: ``diffusion_model.`` + the ComfyUI path, PEFT lora_A/lora_B (its ComfyUI-format save).
+- diffusers / SimpleTuner: ``transformer.`` + diffusers paths, written here by diffusers itself: its
+  converters (diffusers.loaders.lora_conversion_utils) turn the ComfyUI-named file into diffusers names,
+  or PEFT's adapter on a tiny diffusers transformer is saved by the pipeline's ``save_lora_weights``.
+- OneTrainer: ``lora_transformer_`` + the diffusers path with underscores; SimpleTuner LyCORIS:
+  ``lycoris_`` + the same (ComfyUI's comfy/lora.py names both); DiffSynth-Studio: the bare diffusers path
+  (ComfyUI 0.12's key map: "DiffSynth lora format").
+"""
+
+from __future__ import annotations
+
+import comfy.lora
+import comfy.sd
+import dit_factory
+import model_factory
+import pytest
+import torch
+from patch_compare import assert_same, patched, write
+
+from lora_foundry.nodes.load_lora import LoadLoraModelOnly
+
+FAMILIES = ("wan", "zimage", "qwen_image", "chroma", "flux2", "hidream", "ltxv")
+NAMES = {"wan": "Wan 2.1", "zimage": "Z-Image", "qwen_image": "Qwen-Image", "chroma": "Chroma",
+         "flux2": "Flux.2", "hidream": "HiDream", "ltxv": "LTX-Video"}  # fmt: skip
+# diffusers' own converter from the ComfyUI / original names of each family
+CONVERTERS = {"wan": "_convert_non_diffusers_wan_lora_to_diffusers",
+              "flux2": "_convert_non_diffusers_flux2_lora_to_diffusers",
+              "qwen_image": "_convert_non_diffusers_qwen_lora_to_diffusers",
+              "hidream": "_convert_non_diffusers_hidream_lora_to_diffusers",
+              "ltxv": "_convert_non_diffusers_ltxv_lora_to_diffusers"}  # fmt: skip
+SUFFIXES = {"peft": ("lora_A.weight", "lora_B.weight"), "kohya": ("lora_down.weight", "lora_up.weight")}
+_MODELS: dict = {}
+
+
+def model_of(family: str):
+    if family not in _MODELS:
+        _MODELS[family] = model_factory.wan_model() if family == "wan" else dit_factory.dit_model(family)
+    return _MODELS[family]
+
+
+def core_map(model) -> dict:
+    return comfy.lora.model_lora_keys_unet(model.model, {})
+
+
+def block_paths(model) -> dict[str, tuple[int, int]]:
+    """ComfyUI path -> shape of each 2-D weight in the model's blocks (what trainers train)."""
+    sd = model.model.state_dict()
+    return {k[len("diffusion_model.") : -len(".weight")]: tuple(v.shape) for k, v in sd.items()
+            if k.startswith("diffusion_model.") and k.endswith(".weight") and v.ndim == 2
+            and any(b in k for b in ("blocks.", "layers."))}  # fmt: skip
+
+
+def factors(shapes: dict[str, tuple[int, int]], seed: int, rank: int = 4) -> dict[str, tuple]:
+    g = torch.Generator().manual_seed(seed)
+    return {p: (torch.randn(rank, s[1], generator=g) * 0.1, torch.randn(s[0], rank, generator=g) * 0.1)
+            for p, s in shapes.items()}  # fmt: skip
+
+
+def tensors(named: dict[str, tuple], style: str = "peft", alpha: float | None = None) -> dict:
+    down, up = SUFFIXES[style]
+    out = {}
+    for name, (a, b) in named.items():
+        out |= {f"{name}.{down}": a, f"{name}.{up}": b}
+        if alpha is not None:
+            out[f"{name}.alpha"] = torch.tensor(alpha)
+    return out
+
+
+def core_loads(model, loras_dir, name: str, strength: float):
+    sd = comfy.utils.load_torch_file(str(loras_dir / name), safe_load=True)
+    return comfy.sd.load_lora_for_models(model, None, sd, strength, 0)[0]
+
+
+def check(model, loras_dir, family: str, file: dict, twin: dict, tag: str, expect: str, strength=0.8) -> str:
+    """Ours on ``file`` equals core on ``twin`` (whose every module core's map names); returns the report."""
+    modules = {k.rsplit(".lora_", 1)[0].removesuffix(".alpha") for k in twin}
+    missing = sorted(m for m in modules if m not in core_map(model))
+    assert not missing, f"the twin is not core-readable (test bug): {missing[:3]}"
+    name = write(loras_dir, f"{family}_{tag}.safetensors", file)
+    twin_name = write(loras_dir, f"{family}_{tag}_twin.safetensors", twin)
+    out = LoadLoraModelOnly().execute(model, name, strength)
+    report = out["ui"]["text"][0]
+    n = len({k.rsplit(".lora_", 1)[0] for k in file if ".lora_" in k})
+    assert f"matched: unet {n}" in report and "NOT applied" not in report, report
+    assert f"layout: {expect} {NAMES[family]} LoRA" in report, report
+    assert_same(patched(out["result"][0]), patched(core_loads(model, loras_dir, twin_name, strength)))
+    return report
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_comfyui_path_layouts(family, loras_dir):
+    """ai-toolkit (diffusion_model. PEFT), kohya / musubi-tuner (lora_unet_ with alpha) and bare paths."""
+    model = model_of(family)
+    f = factors(block_paths(model), seed=81)
+    twin_peft = tensors({f"diffusion_model.{p}": ab for p, ab in f.items()})
+    twin_kohya = tensors({f"diffusion_model.{p}": ab for p, ab in f.items()}, "kohya", alpha=2.0)
+    check(model, loras_dir, family, twin_peft, twin_peft, "aitk", "ai-toolkit / ComfyUI-style")
+    kohya = tensors({"lora_unet_" + p.replace(".", "_"): ab for p, ab in f.items()}, "kohya", alpha=2.0)
+    check(model, loras_dir, family, kohya, twin_kohya, "kohya", "kohya-style (sd-scripts / musubi-tuner)")
+    bare = tensors(dict(f.items()))
+    check(model, loras_dir, family, bare, twin_peft, "bare", "DiffSynth-Studio")
+
+
+def _diffusers_twin_of_converted(family: str, model):
+    """(diffusers-named file made by diffusers' converter, the ComfyUI-named source it converted)."""
+    import diffusers.loaders.lora_conversion_utils as conversion
+
+    source = tensors({f"diffusion_model.{p}": ab for p, ab in factors(block_paths(model), seed=82).items()})
+    converted = getattr(conversion, CONVERTERS[family])(dict(source))
+    assert all(k.startswith("transformer.") for k in converted) and len(converted) >= len(source)
+    return converted, source
+
+
+def _diffusers_twin_of_peft(family: str, model, folder):
+    """(diffusers' own LoRA file from PEFT on a tiny diffusers model, the same tensors under core's names)."""
+    import dit_peer
+    from safetensors.torch import load_file
+
+    cmap, sd = core_map(model), model.model.state_dict()
+
+    def core_name(path):  # the name core's map gives this diffusers path, if any
+        return next((p + path for p in ("transformer.", "diffusion_model.", "") if p + path in cmap), None)
+
+    def shape(path):
+        name = core_name(path)
+        if name is None:
+            return None
+        target = cmap[name]
+        key, offset = (target, None) if isinstance(target, str) else target[:2]
+        return (offset[2] if offset else sd[key].shape[0], sd[key].shape[1]) if sd[key].ndim == 2 else None
+
+    path, pairs = dit_peer.peft_lora_file(family, folder, shape, seed=83)
+    assert len(pairs) >= 8, f"PEFT targeted only {sorted(pairs)}"
+    return load_file(str(path)), tensors({core_name(p): ab for p, ab in pairs.items()})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_diffusers_layouts(family, loras_dir, tmp_path):
+    """diffusers / SimpleTuner (transformer.), OneTrainer (lora_transformer_), SimpleTuner LyCORIS
+    (lycoris_), musubi-tuner on diffusers paths (lora_unet_) and DiffSynth-Studio (bare) names."""
+    model = model_of(family)
+    if family in CONVERTERS:
+        file, twin = _diffusers_twin_of_converted(family, model)
+    else:
+        file, twin = _diffusers_twin_of_peft(family, model, tmp_path)
+    check(model, loras_dir, family, file, twin, "diffusers", "diffusers / SimpleTuner / ai-toolkit")
+    by_module = {}
+    for k, v in file.items():
+        module, _, suffix = k.removeprefix("transformer.").rpartition(".lora_")
+        by_module.setdefault(module, {})[suffix] = v
+    pairs = {m: (s["A.weight"], s["B.weight"]) for m, s in by_module.items()}
+    flat = {m.replace(".", "_"): ab for m, ab in pairs.items()}
+    for prefix, expect in (("lora_transformer_", "OneTrainer"), ("lycoris_", "SimpleTuner LyCORIS"),
+                           ("lora_unet_", "kohya-style (sd-scripts / musubi-tuner)")):  # fmt: skip
+        renamed = tensors({prefix + m: ab for m, ab in flat.items()})
+        check(model, loras_dir, family, renamed, twin, prefix.strip("_"), expect)
+    check(model, loras_dir, family, tensors(pairs), twin, "diffsynth", "DiffSynth-Studio")
