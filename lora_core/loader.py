@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .adapters import Adapter, LoraAdapter, rank_of
-from .block_weights import BlockWeights, parse_block_weights
+from .block_weights_dit import parse_for_model
 from .detect import FamilyGuess, detect_family, model_family_from_unet_config
 from .extremes import extreme_changes, extreme_note, limit_for
 from .fit import shape_error, target_shape
@@ -302,15 +302,11 @@ def plan_lora(
     model's, or a tensor's shape does not fit its weight (``weight_shapes``: part -> key ->
     shape); a partial match is reported (report.unmatched), not raised. Modules whose change is
     beyond what the part's weights hold (``weight_dtypes``: part -> dtype; float16's range when
-    not given) are named in the report's notes. ``model_class`` (ComfyUI's, e.g. "WAN21_T2V") names
-    the family in the report's layout line; the MODEL's key map gains the DiT trainers' spellings
-    (lora_core.layouts_dit).
+    not given) are named in the report's notes. ``model_class``: ComfyUI's, for the layout line.
     """
     _check_layout(lora)
     _check_family(lora, model_family)
-    bw: BlockWeights | None = (
-        parse_block_weights(block_weights, model_family.family) if block_weights.strip() else None
-    )
+    bw = parse_for_model(block_weights, model_family.family, (weight_shapes or {}).get("unet"))
     modules: dict[str, Adapter] = dict(lora.parsed.modules)
     remaining = set(modules) | set(lora.parsed.bias_diffs)
     patches: dict[str, dict[object, tuple[Term, ...]]] = {}

@@ -55,7 +55,22 @@ def dit_model(family: str, seed: int = 0, dtype=torch.float32):
     import model_factory
 
     class_name, unet_config = CONFIGS[family]
-    config = dict(unet_config)
-    if family == "flux2":
-        config.update(model_factory._flux_version_fields())
+    config = {**unet_config, **_version_fields(family)}
     return model_factory._dit_patcher(getattr(sm, class_name), config, seed, dtype)
+
+
+# Fields newer ComfyUIs (0.8+) require and older ones refuse, with the values their detection sets.
+_NEWER_FIELDS = {"flux2": {"txt_ids_dims": [3]}, "chroma": {"txt_ids_dims": [], "vec_in_dim": None}}
+
+
+def _version_fields(family: str) -> dict:
+    import dataclasses
+
+    if family not in _NEWER_FIELDS:
+        return {}
+    if family == "chroma":
+        from comfy.ldm.chroma.model import ChromaParams as params
+    else:
+        from comfy.ldm.flux.model import FluxParams as params
+    names = {f.name for f in dataclasses.fields(params)}
+    return {k: v for k, v in _NEWER_FIELDS[family].items() if k in names}
