@@ -74,6 +74,36 @@ _TABLES: dict[str, tuple[tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...
 }  # fmt: skip
 
 
+# Fused weights ComfyUI holds whose q / k / v trainers write apart, by a key of the family's model ->
+# (fused weight path with {i}, the split path of q, k, v with {i}). HunyuanVideo 1.5: ComfyUI's
+# repackaged checkpoint packs img_attn_qkv; musubi-tuner's model (hunyuan_video_1_5_models.py) splits it.
+_SPLIT_QKV = {
+    "diffusion_model.txt_in.individual_token_refiner.blocks.0.norm1.weight": (
+        ("double_blocks.{i}.img_attn.qkv", "double_blocks.{i}.img_attn_{x}"),
+        ("double_blocks.{i}.txt_attn.qkv", "double_blocks.{i}.txt_attn_{x}"),
+    ),
+}
+
+
+def split_paths(key_map: Mapping[str, object], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple]:
+    """Split q / k / v path -> (fused weight key, (dim, start, rows)) for the tables above."""
+    keys = _weight_keys(key_map)
+    out: dict[str, tuple] = {}
+    for marker, pairs in _SPLIT_QKV.items():
+        if marker not in keys:
+            continue
+        for fused, split in pairs:
+            container = fused.split(".", 1)[0]
+            for i in range(_block_count(keys, container)):
+                key = f"diffusion_model.{fused.format(i=i)}.weight"
+                rows = shapes.get(key, (0,))[0]
+                if key not in keys or rows % 3:
+                    continue
+                for n, x in enumerate("qkv"):
+                    out[split.format(i=i, x=x)] = (key, (0, n * rows // 3, rows // 3))
+    return out
+
+
 def _weight_keys(key_map: Mapping[str, object]) -> set[str]:
     return {t if isinstance(t, str) else t[0] for t in key_map.values()}
 
@@ -115,12 +145,15 @@ def _is_weight(target: object) -> bool:
     return isinstance(key, str) and key.endswith(".weight")
 
 
-def with_aliases(key_map: Mapping[str, object]) -> dict[str, object]:
-    """``key_map`` plus every trainer spelling of each DiT weight path it names (see the module doc).
-    A map of a UNet model (SD1.x, SDXL: input_blocks) is returned as it is."""
+def with_aliases(
+    key_map: Mapping[str, object], shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> dict[str, object]:
+    """``key_map`` plus every trainer spelling of each DiT weight path it names (see the module doc);
+    with the weights' ``shapes`` (key -> shape), also the split q / k / v of fused weights. A map of a
+    UNet model (SD1.x, SDXL: input_blocks) is returned as it is."""
     if any(k.startswith("diffusion_model.input_blocks.") for k in _weight_keys(key_map)):
         return dict(key_map)
-    paths: dict[str, object] = dict(table_paths(key_map))
+    paths: dict[str, object] = {**table_paths(key_map), **(split_paths(key_map, shapes) if shapes else {})}
     unclear: set[str] = set()  # a path two names give different weights: left out
     for name, target in key_map.items():
         path = _dotted_path(name) if _is_weight(target) else None

@@ -314,13 +314,12 @@ def plan_lora(
     renamed: list[str] = []  # text-encoder names transformers 5 wrote, read in their 4.x spelling
     notes = list(lora.parsed.notes)
     for part, key_map in key_maps.items():
-        res = resolve(
-            {n: modules.get(n) for n in remaining}, with_aliases(key_map) if part == "unet" else key_map
-        )
+        shapes = (weight_shapes or {}).get(part)
+        names = with_aliases(key_map, shapes) if part == "unet" else key_map
+        res = resolve({n: modules.get(n) for n in remaining}, names)
         renamed += res.transformers5
         part_patches: dict[object, tuple[Term, ...]] = {}
         strength = strengths.get(part, 1.0)
-        shapes = (weight_shapes or {}).get(part)
         applied = []  # (module, adapter, strength, the shape it patches) for the overflow check
         for name, target in res.matched.items():
             s = strength * (bw.weight_for(_target_key(target)) if bw else 1.0)

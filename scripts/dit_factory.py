@@ -1,4 +1,5 @@
-"""Tiny DiT MODELs of the 2026 families (Z-Image, Qwen-Image, Chroma, Flux.2, HiDream, LTX-V), built
+"""Tiny DiT MODELs of the 2026 families (Z-Image, Qwen-Image, Chroma, Flux.2, HiDream, LTX-V,
+HunyuanVideo 1.5), built
 from ComfyUI's own classes with random weights, for the LoRA layout tests.
 
 Each config is ComfyUI's own for the family (the fields its model detection sets, see
@@ -46,6 +47,12 @@ CONFIGS: dict[str, tuple[str, dict]] = {
         "image_model": "ltxv", "in_channels": 128, "cross_attention_dim": 64, "attention_head_dim": 32,
         "num_attention_heads": 2, "caption_channels": 32, "num_layers": 2,
     }),
+    "hunyuan_video15": ("HunyuanVideo15", {
+        "image_model": "hunyuan_video", "in_channels": 32, "out_channels": 32, "patch_size": [1, 1, 1],
+        "vec_in_dim": None, "axes_dim": [8, 12, 12], "meanflow": False, "context_in_dim": 32, "hidden_size": 64,
+        "mlp_ratio": 4.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 0, "theta": 256, "qkv_bias": True,
+        "byt5": True, "guidance_embed": False, "use_cond_type_embedding": True, "vision_in_dim": 1152,
+    }),
 }  # fmt: skip
 
 
@@ -60,7 +67,11 @@ def dit_model(family: str, seed: int = 0, dtype=torch.float32):
 
 
 # Fields newer ComfyUIs (0.8+) require and older ones refuse, with the values their detection sets.
-_NEWER_FIELDS = {"flux2": {"txt_ids_dims": [3]}, "chroma": {"txt_ids_dims": [], "vec_in_dim": None}}
+_NEWER_FIELDS = {
+    "flux2": {"txt_ids_dims": [3]},
+    "chroma": {"txt_ids_dims": [], "vec_in_dim": None},
+    "hunyuan_video15": {"meanflow_sum": True},
+}
 
 
 def _version_fields(family: str) -> dict:
@@ -70,6 +81,8 @@ def _version_fields(family: str) -> dict:
         return {}
     if family == "chroma":
         from comfy.ldm.chroma.model import ChromaParams as params
+    elif family == "hunyuan_video15":
+        from comfy.ldm.hunyuan_video.model import HunyuanVideoParams as params
     else:
         from comfy.ldm.flux.model import FluxParams as params
     names = {f.name for f in dataclasses.fields(params)}

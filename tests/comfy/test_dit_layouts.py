@@ -30,7 +30,7 @@ from lora_foundry.nodes.load_lora import LoadLoraModelOnly
 
 FAMILIES = ("wan", "zimage", "qwen_image", "chroma", "flux2", "hidream", "ltxv")
 NAMES = {"wan": "Wan 2.1", "zimage": "Z-Image", "qwen_image": "Qwen-Image", "chroma": "Chroma",
-         "flux2": "Flux.2", "hidream": "HiDream", "ltxv": "LTX-Video"}  # fmt: skip
+         "flux2": "Flux.2", "hidream": "HiDream", "ltxv": "LTX-Video", "hunyuan_video15": "HunyuanVideo 1.5"}  # fmt: skip
 # diffusers' own converter from the ComfyUI / original names of each family
 CONVERTERS = {"wan": "_convert_non_diffusers_wan_lora_to_diffusers",
               "flux2": "_convert_non_diffusers_flux2_lora_to_diffusers",
@@ -96,7 +96,7 @@ def check(model, loras_dir, family: str, file: dict, twin: dict, tag: str, expec
     return report
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", (*FAMILIES, "hunyuan_video15"))
 def test_comfyui_path_layouts(family, loras_dir):
     """ai-toolkit (diffusion_model. PEFT), kohya / musubi-tuner (lora_unet_ with alpha) and bare paths."""
     model = model_of(family)
@@ -164,3 +164,46 @@ def test_diffusers_layouts(family, loras_dir, tmp_path):
         renamed = tensors({prefix + m: ab for m, ab in flat.items()})
         check(model, loras_dir, family, renamed, twin, prefix.strip("_"), expect)
     check(model, loras_dir, family, tensors(pairs), twin, "diffsynth", "DiffSynth-Studio")
+
+
+def test_musubi_hunyuan_video_15_split_qkv(loras_dir):
+    """musubi-tuner's HunyuanVideo 1.5 model splits img_attn_qkv / txt_attn_qkv into _q, _k, _v (kohya-ss/
+    musubi-tuner hunyuan_video_1_5_models.py splits ComfyUI's packed weights on load) and names the rest as
+    diffusion-pipe does (img_attn_proj, img_mlp.fc1, img_mod.linear: ComfyUI's comfy/lora.py). Its twin:
+    the q, k, v LoRAs fused exactly, as musubi-tuner's Z-Image converter fuses them (down stacked, up
+    block-diagonal, alpha times 3)."""
+    model = model_of("hunyuan_video15")
+    sd = model.model.state_dict()
+    g = torch.Generator().manual_seed(84)
+    file, twin = {}, {}
+    rank, alpha = 4, 2.0
+
+    def pair(rows, cols):
+        return torch.randn(rank, cols, generator=g) * 0.1, torch.randn(rows, rank, generator=g) * 0.1
+
+    for i in range(2):
+        for side in ("img", "txt"):
+            qkv = sd[f"diffusion_model.double_blocks.{i}.{side}_attn.qkv.weight"]
+            h = qkv.shape[0] // 3
+            parts = {x: pair(h, qkv.shape[1]) for x in "qkv"}
+            file |= tensors({f"lora_unet_double_blocks_{i}_{side}_attn_{x}": ab for x, ab in parts.items()},
+                            "kohya", alpha)  # fmt: skip
+            down = torch.cat([parts[x][0] for x in "qkv"])
+            up = torch.block_diag(*[parts[x][1] for x in "qkv"])
+            twin |= tensors(
+                {f"diffusion_model.double_blocks.{i}.{side}_attn.qkv": (down, up)}, "kohya", 3 * alpha
+            )
+            for theirs, ours in (("attn_proj", "attn.proj"), ("mlp_fc1", "mlp.0"), ("mlp_fc2", "mlp.2"),
+                                 ("mod_linear", "mod.lin")):  # fmt: skip
+                w = sd[f"diffusion_model.double_blocks.{i}.{side}_{ours}.weight"]
+                ab = pair(*w.shape)
+                file |= tensors({f"lora_unet_double_blocks_{i}_{side}_{theirs}": ab}, "kohya", alpha)
+                twin |= tensors({f"diffusion_model.double_blocks.{i}.{side}_{ours}": ab}, "kohya", alpha)
+    meta = {"ss_network_module": "networks.lora_hv_1_5"}
+    name = write(loras_dir, "hv15_musubi.safetensors", file, meta)
+    twin_name = write(loras_dir, "hv15_musubi_twin.safetensors", twin)
+    out = LoadLoraModelOnly().execute(model, name, 0.7)
+    report = out["ui"]["text"][0]
+    assert "matched: unet 28" in report and "NOT applied" not in report, report
+    assert "layout: musubi-tuner HunyuanVideo 1.5 LoRA (lora_unet_ names)" in report, report
+    assert_same(patched(out["result"][0]), patched(core_loads(model, loras_dir, twin_name, 0.7)))

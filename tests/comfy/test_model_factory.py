@@ -41,6 +41,7 @@ READ_FROM_WEIGHTS = {
     "flux2": ("in_channels", "hidden_size", "context_in_dim", "depth", "depth_single_blocks"),
     "hidream": ("in_channels",),
     "ltxv": ("num_layers", "cross_attention_dim"),
+    "hunyuan_video15": ("in_channels", "hidden_size", "context_in_dim", "depth", "vision_in_dim"),
 }
 
 
