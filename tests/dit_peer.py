@@ -32,11 +32,13 @@ PEERS = {
 
 
 def peft_lora_file(
-    family: str, folder, shapes: dict[str, tuple], seed: int, rank: int = 4, alpha: float = 2.0
+    family: str, folder, shapes, seed: int, rank: int = 4, alpha: float = 2.0, header_alpha: bool = False
 ) -> tuple:
     """Writes diffusers' LoRA file for ``family`` into ``folder`` with PEFT's adapter on every Linear
     of the diffusers model whose module path ``shapes`` accepts (path -> the ComfyUI weight shape it
-    must have; a callable returning None leaves the module out). Returns (file path, {module: (A, B)})."""
+    must have; a callable returning None leaves the module out); ``header_alpha``: the PEFT config (and
+    so lora_alpha) in the header, as diffusers' training scripts save it. Returns (file path,
+    {module: (A, B)})."""
     import diffusers
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
@@ -48,8 +50,9 @@ def peft_lora_file(
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
     model = inject_adapter_in_model(cfg, model)
     sd = get_peft_model_state_dict(model)
+    header = {"transformer_lora_adapter_metadata": cfg.to_dict()} if header_alpha else {}
     getattr(diffusers, pipe).save_lora_weights(
-        str(folder), transformer_lora_layers=sd, safe_serialization=True
+        str(folder), transformer_lora_layers=sd, safe_serialization=True, **header
     )
     pairs = {n: (sd[f"{n}.lora_A.weight"], sd[f"{n}.lora_B.weight"]) for n in targets}
     return folder / "pytorch_lora_weights.safetensors", pairs

@@ -81,3 +81,39 @@ def test_sd3_joint_blocks(loras_dir):
     ours = LoadLoraModelOnly().execute(sd3, name, 1.0, "joint=0.3, joint1=2")
     want = expected(sd3, loras_dir, name, lambda k: 2.0 if ".joint_blocks.1." in k else 0.3)
     assert_close(patched(ours["result"][0]), want)
+
+
+@pytest.mark.parametrize(
+    ("family", "spec", "container", "group"),
+    [("flux2", "double=0.5, single1=0", "single_blocks", "single"),
+     ("chroma", "double=0.5, single1=0", "single_blocks", "single"),
+     ("zimage", "layer=0.5, layer1=0", "layers", "layer"),
+     ("qwen_image", "block=0.5, block1=0", "transformer_blocks", "block")],
+)  # fmt: skip
+def test_other_dit_families(family, spec, container, group, loras_dir):
+    """Each family's own block lists, by the group names the docs give; weights outside them (Z-Image's
+    refiners, embedders) keep the default 1."""
+    from dit_files import model_of
+
+    model = model_of(family)
+    name = kohya_file(model, loras_dir, f"bw_{family}.safetensors", 94)
+    if family == "zimage":  # its blocks are "layers"; kohya_file takes "blocks." keys only
+        g = torch.Generator().manual_seed(95)
+        out = {}
+        for k, v in model.model.state_dict().items():
+            if k.endswith(".weight") and v.ndim == 2 and ("layers." in k or "refiner." in k):
+                n = "lora_unet_" + k[len("diffusion_model.") : -len(".weight")].replace(".", "_")
+                out |= {f"{n}.lora_down.weight": torch.randn(2, v.shape[1], generator=g) * 0.1,
+                        f"{n}.lora_up.weight": torch.randn(v.shape[0], 2, generator=g) * 0.1}  # fmt: skip
+        name = write(loras_dir, name, out)
+
+    def weight_of(key: str) -> float:
+        path = key.removeprefix("diffusion_model.")
+        if not path.startswith(container + ".") and not path.startswith(("double_blocks.", "single_blocks.")):
+            return 1.0
+        if path.startswith(f"{container}.1."):
+            return 0.0
+        return 0.5 if group != "single" or path.startswith("double_blocks.") else 1.0
+
+    ours = LoadLoraModelOnly().execute(model, name, 1.0, spec)
+    assert_close(patched(ours["result"][0]), expected(model, loras_dir, name, weight_of))

@@ -73,8 +73,9 @@ def _diffusers_twin_of_converted(family: str, model):
     return converted, source
 
 
-def _diffusers_twin_of_peft(family: str, model, folder):
-    """(diffusers' own LoRA file from PEFT on a tiny diffusers model, the same tensors under core's names)."""
+def _diffusers_twin_of_peft(family: str, model, folder, header_alpha: bool = False):
+    """(diffusers' own LoRA file from PEFT on a tiny diffusers model, the same tensors under core's names;
+    with ``header_alpha`` the twin carries the header's alpha as .alpha keys, which core reads)."""
     import dit_peer
     from safetensors.torch import load_file
 
@@ -91,9 +92,11 @@ def _diffusers_twin_of_peft(family: str, model, folder):
         key, offset = (target, None) if isinstance(target, str) else target[:2]
         return (offset[2] if offset else sd[key].shape[0], sd[key].shape[1]) if sd[key].ndim == 2 else None
 
-    path, pairs = dit_peer.peft_lora_file(family, folder, shape, seed=83)
+    path, pairs = dit_peer.peft_lora_file(family, folder, shape, seed=83, header_alpha=header_alpha)
     assert len(pairs) >= 8, f"PEFT targeted only {sorted(pairs)}"
-    return load_file(str(path)), tensors({core_name(p): ab for p, ab in pairs.items()})
+    named = {core_name(p): ab for p, ab in pairs.items()}
+    twin = tensors(named, "kohya", alpha=2.0) if header_alpha else tensors(named)
+    return load_file(str(path)), twin
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -160,3 +163,21 @@ def test_musubi_hunyuan_video_15_split_qkv(loras_dir):
     assert "matched: unet 28" in report and "NOT applied" not in report, report
     assert "layout: musubi-tuner HunyuanVideo 1.5 LoRA (lora_unet_ names)" in report, report
     assert_same(patched(out["result"][0]), patched(core_loads(model, loras_dir, twin_name, 0.7)))
+
+
+@pytest.mark.parametrize("family", ("zimage", "chroma"))
+def test_diffusers_header_alpha(family, loras_dir, tmp_path):
+    """diffusers' file with the PEFT config in its header (lora_alpha 2, rank 4): scaled by 2/4 as diffusers
+    loads it, equal to core on the twin with that alpha as .alpha keys (core alone ignores the header)."""
+    from safetensors import safe_open
+
+    model = model_of(family)
+    file, twin = _diffusers_twin_of_peft(family, model, tmp_path, header_alpha=True)
+    with safe_open(str(tmp_path / "pytorch_lora_weights.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    assert "lora_adapter_metadata" in metadata
+    name = write(loras_dir, f"{family}_header_alpha.safetensors", file, metadata)
+    twin_name = write(loras_dir, f"{family}_header_alpha_twin.safetensors", twin)
+    out = LoadLoraModelOnly().execute(model, name, 0.9)
+    assert "scaled by the lora_alpha in the file's diffusers header" in out["ui"]["text"][0]
+    assert_same(patched(out["result"][0]), patched(core_loads(model, loras_dir, twin_name, 0.9)))
