@@ -14,7 +14,9 @@ STRENGTH = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
 BLOCK_WEIGHTS_TIP = (
     "Optional per-block weights. A preset (e.g. ALL, INALL, MIDD, OUTALL), the numeric vector the "
     "Inspire pack's LoRA Block Weight node uses (17 numbers for SD1.x, 12 for SDXL), or a readable "
-    "form like 'in=0.5, mid=1, out=0.8'. Empty: every block at full strength."
+    "form like 'in=0.5, mid=1, out=0.8'. On DiT models: 'double=0.5, single0-10=1, single11-37=0' (Flux, "
+    "Flux.2, Chroma), joint= (SD3), layer= (Z-Image), block= (Wan, Qwen-Image), blocks counted from 0, "
+    "or Inspire's Flux vector (BASE, 19 double, 38 single). Empty: every block at full strength."
 )
 
 

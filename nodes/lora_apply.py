@@ -46,7 +46,8 @@ def plan_entries(node: str, model, clip, entries: Sequence[StackEntry]) -> Stack
         try:
             lora = load_lora(bridge.lora_path(e.lora_name))
             strengths = {"unet": e.strength_model, "clip": e.strength_clip}
-            plans.append(plan_lora(lora, key_maps, strengths, family, e.block_weights, shapes, dtypes))
+            plans.append(plan_lora(lora, key_maps, strengths, family, e.block_weights, shapes, dtypes,
+                                   model_class=bridge.model_class_name(model)))  # fmt: skip
         except (LoraFileError, LoraMismatchError, FileNotFoundError, ValueError) as err:
             raise RuntimeError(f"[{node}] {err}") from err
         loras.append(lora)

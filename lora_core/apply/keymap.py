@@ -90,6 +90,8 @@ def _spellings(name: str) -> Iterator[str]:
             yield prefix + path
             if p == "unet":
                 yield prefix + _processor_path(path)
+                if rest != path:  # a DiT's own "to_out" (HiDream) is no old attention-processor name
+                    yield prefix + rest
         for prefix in _UNDERSCORED[p]:
             yield prefix + path.replace(".", "_")
 

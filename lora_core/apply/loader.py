@@ -19,9 +19,11 @@ from ..files.detect import FamilyGuess, detect_family, model_family_from_unet_co
 from ..files.families import by_comfy_class
 from ..files.formats import ParsedLora, parse_lora
 from ..files.layouts import convert_layout
+from ..files.layouts_dit import with_aliases
 from ..files.lorafile import LoraFileError, read_lora_file
 from ..files.metadata import adapter_config_alphas, diffusers_alphas, trigger_words
-from .block_weights import BlockWeights, parse_block_weights
+from ..files.trainer_names import family_name, layout_label
+from .block_weights_dit import parse_for_model
 from .extremes import extreme_changes, extreme_note, limit_for
 from .fit import shape_error, target_shape
 from .keymap import resolve, summarize_unmatched
@@ -231,6 +233,7 @@ class LoadReport:
     unused_keys: tuple[str, ...]
     ranks: tuple[int, ...]
     notes: tuple[str, ...] = ()
+    layout: str = ""  # trainer and key layout recognised (lora_core.files.trainer_names)
 
     @property
     def total_matched(self) -> int:
@@ -241,6 +244,7 @@ class LoadReport:
             f"ranks {min(self.ranks)}-{max(self.ranks)}" if self.ranks else "rank n/a")  # fmt: skip
         lines = [
             f"{self.file}: {self.format}, {rank}",
+            *([f"layout: {self.layout}"] if self.layout else []),
             f"base: LoRA {self.lora_family}, model {self.model_family}",
             "matched: " + ", ".join(f"{part} {n}" for part, n in self.matched.items()),
         ]
@@ -283,6 +287,7 @@ def plan_lora(
     block_weights: str = "",
     weight_shapes: Mapping[str, Mapping[str, tuple[int, ...]]] | None = None,
     weight_dtypes: Mapping[str, torch.dtype | None] | None = None,
+    model_class: str = "",
 ) -> LoraPlan:
     """Resolve the LoRA against each part's key map and build its patch terms.
 
@@ -290,13 +295,11 @@ def plan_lora(
     model's, or a tensor's shape does not fit its weight (``weight_shapes``: part -> key ->
     shape); a partial match is reported (report.unmatched), not raised. Modules whose change is
     beyond what the part's weights hold (``weight_dtypes``: part -> dtype; float16's range when
-    not given) are named in the report's notes.
+    not given) are named in the report's notes. ``model_class``: ComfyUI's, for the layout line.
     """
     _check_layout(lora)
     _check_family(lora, model_family)
-    bw: BlockWeights | None = (
-        parse_block_weights(block_weights, model_family.family) if block_weights.strip() else None
-    )
+    bw = parse_for_model(block_weights, model_family.family, (weight_shapes or {}).get("unet"))
     modules: dict[str, Adapter] = dict(lora.parsed.modules)
     remaining = set(modules) | set(lora.parsed.bias_diffs)
     patches: dict[str, dict[object, tuple[Term, ...]]] = {}
@@ -304,11 +307,12 @@ def plan_lora(
     renamed: list[str] = []  # text-encoder names transformers 5 wrote, read in their 4.x spelling
     notes = list(lora.parsed.notes)
     for part, key_map in key_maps.items():
-        res = resolve({n: modules.get(n) for n in remaining}, key_map)
+        shapes = (weight_shapes or {}).get(part)
+        names = with_aliases(key_map, shapes) if part == "unet" else key_map
+        res = resolve({n: modules.get(n) for n in remaining}, names)
         renamed += res.transformers5
         part_patches: dict[object, tuple[Term, ...]] = {}
         strength = strengths.get(part, 1.0)
-        shapes = (weight_shapes or {}).get(part)
         applied = []  # (module, adapter, strength, the shape it patches) for the overflow check
         for name, target in res.matched.items():
             s = strength * (bw.weight_for(_target_key(target)) if bw else 1.0)
@@ -338,7 +342,9 @@ def plan_lora(
         unused_keys=lora.parsed.unused_keys,
         ranks=tuple(sorted({r for a in modules.values() if (r := rank_of(a)) is not None})),
         notes=tuple(notes) + naming_note(renamed),
-    )
+        layout=layout_label([*modules, *lora.parsed.bias_diffs], lora.metadata,
+                            family_name(model_class, "" if model_family.family == "unknown" else model_family.family)),
+    )  # fmt: skip
     if report.total_matched == 0:
         raise LoraMismatchError(
             f"{lora.name} ({lora.parsed.format}, base {lora.family.family}) matched none of the "

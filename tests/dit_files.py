@@ -1,0 +1,55 @@
+"""Shared by the DiT layout tests: the tiny model of each family, its block weights' paths, and LoRA
+tensors built from (A, B) factors under any module names."""
+
+from __future__ import annotations
+
+import comfy.lora
+import dit_factory
+import model_factory
+import torch
+
+FAMILIES = ("wan", "zimage", "qwen_image", "chroma", "flux2", "hidream", "ltxv")
+NAMES = {"wan": "Wan 2.1", "zimage": "Z-Image", "qwen_image": "Qwen-Image", "chroma": "Chroma",
+         "flux2": "Flux.2", "hidream": "HiDream", "ltxv": "LTX-Video", "hunyuan_video15": "HunyuanVideo 1.5"}  # fmt: skip
+# diffusers' own converter from the ComfyUI / original names of each family
+CONVERTERS = {"wan": "_convert_non_diffusers_wan_lora_to_diffusers",
+              "flux2": "_convert_non_diffusers_flux2_lora_to_diffusers",
+              "qwen_image": "_convert_non_diffusers_qwen_lora_to_diffusers",
+              "hidream": "_convert_non_diffusers_hidream_lora_to_diffusers",
+              "ltxv": "_convert_non_diffusers_ltxv_lora_to_diffusers"}  # fmt: skip
+SUFFIXES = {"peft": ("lora_A.weight", "lora_B.weight"), "kohya": ("lora_down.weight", "lora_up.weight")}
+_MODELS: dict = {}
+
+
+def model_of(family: str):
+    if family not in _MODELS:
+        _MODELS[family] = model_factory.wan_model() if family == "wan" else dit_factory.dit_model(family)
+    return _MODELS[family]
+
+
+def core_map(model) -> dict:
+    return comfy.lora.model_lora_keys_unet(model.model, {})
+
+
+def block_paths(model) -> dict[str, tuple[int, int]]:
+    """ComfyUI path -> shape of each 2-D weight in the model's blocks (what trainers train)."""
+    sd = model.model.state_dict()
+    return {k[len("diffusion_model.") : -len(".weight")]: tuple(v.shape) for k, v in sd.items()
+            if k.startswith("diffusion_model.") and k.endswith(".weight") and v.ndim == 2
+            and any(b in k for b in ("blocks.", "layers."))}  # fmt: skip
+
+
+def factors(shapes: dict[str, tuple[int, int]], seed: int, rank: int = 4) -> dict[str, tuple]:
+    g = torch.Generator().manual_seed(seed)
+    return {p: (torch.randn(rank, s[1], generator=g) * 0.1, torch.randn(s[0], rank, generator=g) * 0.1)
+            for p, s in shapes.items()}  # fmt: skip
+
+
+def tensors(named: dict[str, tuple], style: str = "peft", alpha: float | None = None) -> dict:
+    down, up = SUFFIXES[style]
+    out = {}
+    for name, (a, b) in named.items():
+        out |= {f"{name}.{down}": a, f"{name}.{up}": b}
+        if alpha is not None:
+            out[f"{name}.alpha"] = torch.tensor(alpha)
+    return out
