@@ -15,7 +15,7 @@ import torch
 from dit_files import CONVERTERS, FAMILIES, block_paths, factors, model_of, tensors
 from patch_compare import assert_same, patched, write
 
-from lora_foundry.lora_core.stack import StackEntry
+from lora_foundry.lora_core.apply.stack import StackEntry
 from lora_foundry.nodes.lora_apply import apply_entries, plan_entries
 
 DOTTED = ("diffusion_model.", "transformer.", "", "model.diffusion_model.", "base_model.model.")
