@@ -5,11 +5,11 @@ ModelPatcher injects, and a sampled latent equals patch mode's within fp32 toler
 from __future__ import annotations
 
 import comfy.model_management
-import comfy.sample
 import lora_factory as lf
 import pytest
 import torch
 from patch_compare import modules, write
+from sampling import assert_close, encode, flux_conds, sample, sd15_conds
 
 from lora_foundry.nodes import comfy_bridge_bypass as cbb
 from lora_foundry.nodes.load_lora import LoadLora, LoadLoraModelOnly
@@ -35,104 +35,80 @@ def sd15_files(sd15, loras_dir):
     return {k: write(loras_dir, f"bypass_{k}.safetensors", sd) for k, sd in files.items()}
 
 
-def _sd15_conds(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    positive = [[torch.randn(1, 77, 64, generator=g), {}]]
-    negative = [[torch.randn(1, 77, 64, generator=g), {}]]
-    return positive, negative, torch.zeros(1, 4, 8, 8)
-
-
-def sample(model, positive, negative, latent, steps: int = 2) -> torch.Tensor:
-    """A real KSampler run (euler, CFG 2): ComfyUI loads the model, injecting the bypass hooks."""
-    noise = comfy.sample.prepare_noise(latent, 7)
-    out = comfy.sample.sample(model, noise, steps, 2.0, "euler", "normal", positive, negative, latent,
-                              seed=7, disable_pbar=True)  # fmt: skip
-    return out.float()
-
-
-def encode(clip, text: str = "a lighthouse") -> torch.Tensor:
-    return clip.encode_from_tokens(clip.tokenize(text)).float()
-
-
-def _close(bypassed, patched, base, what: str) -> None:
-    effect = (patched - base).abs().max().item()
-    assert effect > 1e-2, f"{what}: the LoRA changed too little, the comparison is moot ({effect})"
-    diff = (bypassed - patched).abs().max().item()
-    assert diff <= 1e-4 * max(1.0, patched.abs().max().item()), f"{what}: bypass differs from patch by {diff}"
-
-
 def _load(name, mode, model, clip, sm=0.8, sc=0.6):
     out = LoadLora().execute(model, name, sm, sc, clip=clip, apply_mode=mode)
     return out["result"]
 
 
-@pytest.mark.parametrize("kind", ["locon", "loha", "lokr", "ia3"])
-def test_sd15_sample_equals_patch_mode(sd15, sd15_files, kind):
+@pytest.fixture(scope="module")
+def sd15_base(sd15):
+    """The tiny SD1.5's sampled latent and CLIP encoding without any LoRA (conditions of sd15_conds(0))."""
     comfy.model_management.unload_all_models()
-    conds = _sd15_conds()
+    return sample(sd15.model, *sd15_conds()), encode(sd15.clip)
+
+
+@pytest.mark.parametrize("kind", ["locon", "loha", "lokr", "ia3"])
+def test_sd15_sample_equals_patch_mode(sd15, sd15_files, sd15_base, kind):
+    conds = sd15_conds()
     bm, bc, _, report = _load(sd15_files[kind], BYPASS, sd15.model, sd15.clip)
     pm, pc, *_ = _load(sd15_files[kind], PATCH, sd15.model, sd15.clip)
     assert not bm.patches and not bc.patcher.patches, "bypass mode patched weights"
     assert cbb.bypass_injection_count(bm) == 1 and "on activations" in report, report
-    base = sample(sd15.model, *conds)
-    _close(sample(bm, *conds), sample(pm, *conds), base, f"{kind} unet")
-    _close(encode(bc), encode(pc), encode(sd15.clip), f"{kind} clip")
+    assert_close(sample(bm, *conds), sample(pm, *conds), sd15_base[0], f"{kind} unet")
+    assert_close(encode(bc), encode(pc), sd15_base[1], f"{kind} clip")
 
 
-def test_stack_of_several_loras_strength_changes_and_removal(sd15, sd15_files):
-    comfy.model_management.unload_all_models()
-    conds = _sd15_conds(1)
+def test_stack_of_several_loras_strength_changes_and_removal(sd15, sd15_files, sd15_base):
+    conds = sd15_conds()
     names = [sd15_files[k] for k in ("locon", "lora_b", "loha", "lokr")]
     node = ApplyLoraStack()
 
     def stack(strengths, mode):
-        return node.execute(sd15.model, [(n, s, s) for n, s in zip(names, strengths)], clip=sd15.clip,
+        return node.execute(sd15.model, [(n, s, s) for n, s in zip(names, strengths, strict=True)], clip=sd15.clip,
                             apply_mode=mode)["result"]  # fmt: skip
 
-    base = sample(sd15.model, *conds)
+    base = sd15_base[0]
     for strengths in ((0.5, -0.3, 0.7, 0.4), (1.0, 0.2, -0.5, 0.0)):
         bm, bc, *_ = stack(strengths, BYPASS)
         pm, pc, *_ = ApplyLoraStack().execute(
-            sd15.model, [(n, s, s) for n, s in zip(names, strengths)], clip=sd15.clip
+            sd15.model, [(n, s, s) for n, s in zip(names, strengths, strict=True)], clip=sd15.clip
         )["result"]
-        _close(sample(bm, *conds), sample(pm, *conds), base, f"stack at {strengths}")
-        _close(encode(bc), encode(pc), encode(sd15.clip), f"clip stack at {strengths}")
+        assert_close(sample(bm, *conds), sample(pm, *conds), base, f"stack at {strengths}")
+        assert_close(encode(bc), encode(pc), sd15_base[1], f"clip stack at {strengths}")
     # removal: the source MODEL (and any clone without the hooks) samples as if no LoRA was ever applied
     again = sample(sd15.model, *conds)
     assert torch.equal(again, base), "the bypass hooks outlived their model"
     assert all(not m._forward_hooks for m in sd15.model.model.modules()), "a hook was left on the base model"
 
 
-def test_chained_bypass_nodes_compose(sd15, sd15_files):
+def test_chained_bypass_nodes_compose(sd15, sd15_files, sd15_base):
     """Two Load LoRA nodes in bypass mode, one after the other, equal both applied by patching."""
-    comfy.model_management.unload_all_models()
-    conds = _sd15_conds(2)
+    conds = sd15_conds()
     a, b = sd15_files["locon"], sd15_files["lora_b"]
     m1 = LoadLoraModelOnly().execute(sd15.model, a, 0.6, apply_mode=BYPASS)["result"][0]
     m2 = LoadLoraModelOnly().execute(m1, b, -0.4, apply_mode=BYPASS)["result"][0]
     p1 = LoadLoraModelOnly().execute(sd15.model, a, 0.6)["result"][0]
     p2 = LoadLoraModelOnly().execute(p1, b, -0.4)["result"][0]
     assert cbb.bypass_injection_count(m2) == 2
-    base = sample(sd15.model, *conds)
+    base = sd15_base[0]
     first = sample(m1, *conds)  # m1 loaded first, then its clone m2: the hooks must switch over
-    _close(sample(m2, *conds), sample(p2, *conds), base, "chained")
-    _close(sample(m1, *conds), first, base, "first node again")
+    assert_close(sample(m2, *conds), sample(p2, *conds), base, "chained")
+    assert_close(sample(m1, *conds), first, base, "first node again")
 
 
-def test_weight_dependent_kinds_are_refused_or_patched(sd15, sd15_files):
+def test_weight_dependent_kinds_are_refused_or_patched(sd15, sd15_files, sd15_base):
     name = sd15_files["dora"]
     with pytest.raises(RuntimeError) as err:
         _load(name, BYPASS, sd15.model, None)
     text = str(err.value)
     assert text.startswith("[Load LoRA]") and "DoRA" in text and BYPASS_OR_PATCH in text, text
-    comfy.model_management.unload_all_models()
-    conds = _sd15_conds(3)
+    conds = sd15_conds()
     fm, _, _, report = _load(name, BYPASS_OR_PATCH, sd15.model, None)
     pm, *_ = _load(name, PATCH, sd15.model, None)
     dora = {k for k, p in fm.patches.items() if any(t.adapter.dora_scale is not None for t in p[0][1].terms)}
     assert dora and dora == set(fm.patches) and dora < set(pm.patches), "the fallback did not patch only DoRA"
     assert "patched instead" in report and "DoRA" in report, report
-    _close(sample(fm, *conds), sample(pm, *conds), sample(sd15.model, *conds), "dora fallback")
+    assert_close(sample(fm, *conds), sample(pm, *conds), sd15_base[0], "dora fallback")
 
 
 def test_unknown_mode_is_a_clear_error(sd15, sd15_files):
@@ -158,16 +134,6 @@ def _flux_lora(model, seed: int) -> dict:
     return out
 
 
-def _flux_conds(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-
-    def cond():
-        return [[torch.randn(1, 8, 32, generator=g), {"pooled_output": torch.randn(1, 32, generator=g),
-                                                      "guidance": 3.5}]]  # fmt: skip
-
-    return cond(), cond(), torch.zeros(1, 16, 8, 8)
-
-
 def test_flux_sample_equals_patch_mode(flux, loras_dir):
     import comfy.lora
 
@@ -176,9 +142,9 @@ def test_flux_sample_equals_patch_mode(flux, loras_dir):
     a = write(loras_dir, "bypass_flux_a.safetensors", _flux_lora(flux, 21))
     b = write(loras_dir, "bypass_flux_b.safetensors", _flux_lora(flux, 22))
     comfy.model_management.unload_all_models()
-    conds = _flux_conds()
+    conds = flux_conds()
     entries = [(a, 0.7, 1.0), (b, -0.5, 1.0)]
     bm, _, _, report = ApplyLoraStack().execute(flux, entries, apply_mode=BYPASS)["result"]
     pm = ApplyLoraStack().execute(flux, entries)["result"][0]
     assert not bm.patches and "0 patched" not in report
-    _close(sample(bm, *conds), sample(pm, *conds), sample(flux, *conds), "flux stack")
+    assert_close(sample(bm, *conds), sample(pm, *conds), sample(flux, *conds), "flux stack")
