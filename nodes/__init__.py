@@ -5,6 +5,7 @@ from .load_lora import LoadLora, LoadLoraModelOnly
 from .merge import MergeLoras, ResizeLora
 from .stack import ApplyLoraStack, LoraStack
 from .train import LoraTrainingDataset, TrainLora
+from .wan_pair import WanLoraPair
 
 NODES = [
     ("LoraFoundry_LoadLora", LoadLora, "Load LoRA (Foundry)"),
@@ -17,6 +18,7 @@ NODES = [
     ("LoraFoundry_CaptionDataset", CaptionDataset, "Caption Dataset (Foundry)"),
     ("LoraFoundry_TrainingDataset", LoraTrainingDataset, "LoRA Training Dataset (Foundry)"),
     ("LoraFoundry_TrainLora", TrainLora, "Train LoRA (Foundry)"),
+    ("LoraFoundry_WanLoraPair", WanLoraPair, "Wan 2.2 LoRA Pair (Foundry)"),
 ]
 
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, cls, _ in NODES}
