@@ -24,8 +24,10 @@ STACK = (("bq_a.safetensors", 0.3), ("bq_b.safetensors", -0.2), ("bq_c.safetenso
 
 @pytest.fixture(scope="module", params=qm.LAYOUTS)
 def quantized(request, sd15, tmp_path_factory, loras_dir):
-    """(MODEL loaded by core from a scaled-fp8 checkpoint of sd15's UNet, the same UNet in fp32 holding
-    exactly the dequantized values, the stack's entries)."""
+    """(a loader of fresh MODELs from a scaled-fp8 checkpoint of sd15's UNet, the same UNet in fp32 holding
+    exactly the dequantized values, the stack's entries). Each test loads its own MODEL: on 0.12.1 a
+    model whose patched fp8 weights were restored once fails its next load in-process ("Cannot set
+    version_counter for inference tensor", core's QuantizedTensor re-wrap), which is no bypass matter."""
     layout = request.param
     if layout == "metadata" and not hasattr(comfy.utils, "convert_old_quants"):
         pytest.skip("this ComfyUI (before 0.8) reads its own older mixed-precision keys, not weight_scale")
@@ -44,7 +46,7 @@ def quantized(request, sd15, tmp_path_factory, loras_dir):
     mods = modules(sd15)
     for i, (name, _) in enumerate(STACK):
         write(loras_dir, name, lf.kohya_lora(lf.random_factors(mods, rank=4 * (i + 1), seed=90 + i)))
-    return model, reference, [(n, s, s) for n, s in STACK]
+    return (lambda: qm.load_checkpoint(path, sm.SD15)), reference, [(n, s, s) for n, s in STACK]
 
 
 def _quant_layers(model) -> dict[str, torch.nn.Module]:
@@ -53,18 +55,21 @@ def _quant_layers(model) -> dict[str, torch.nn.Module]:
 
 
 def _fingerprint(model) -> dict[str, tuple]:
-    """Each quantized layer's weight: the tensor object, its storage, dtype and a checksum of its raw bytes."""
+    """Each quantized layer's weight: its storage's address, dtype and a checksum of its raw bytes (not the
+    Parameter object: ComfyUI 0.12 re-wraps a QuantizedTensor parameter when it moves the model, around
+    the same storage)."""
     out = {}
     for name, m in _quant_layers(model).items():
         w = m.weight
         raw = w._qdata if hasattr(w, "_qdata") else w  # a QuantizedTensor keeps its fp8 data inside
         raw = raw if isinstance(raw, torch.Tensor) and raw.dtype != torch.float32 else w.data
-        out[name] = (id(w), raw.dtype, raw.untyped_storage().data_ptr(), raw.view(torch.uint8).sum().item())
+        out[name] = (raw.dtype, raw.untyped_storage().data_ptr(), raw.view(torch.uint8).sum().item())
     return out
 
 
 def test_bypass_never_dequantizes_a_weight(quantized):
-    model, _, entries = quantized
+    load, _, entries = quantized
+    model = load()
     before = _fingerprint(model)
     assert len(before) > 100, "the base is not quantized: the test is moot"
     bm = ApplyLoraStack().execute(model, entries, apply_mode=BYPASS)["result"][0]
@@ -76,12 +81,13 @@ def test_bypass_never_dequantizes_a_weight(quantized):
     pm = ApplyLoraStack().execute(model, entries, apply_mode=PATCH)["result"][0]
     sample(pm, *sd15_conds())
     assert pm.backup and _fingerprint(model) != before
-    comfy.model_management.unload_all_models()  # core restores its backup: new Parameter, same bytes
-    assert {k: v[1:] for k, v in _fingerprint(model).items()} == {k: v[1:] for k, v in before.items()}
+    comfy.model_management.unload_all_models()  # core restores its backup
+    assert _fingerprint(model) == before
 
 
 def test_bypass_on_fp8_equals_the_lora_on_its_dequantized_weights(quantized):
-    model, reference, entries = quantized
+    load, reference, entries = quantized
+    model = load()
     comfy.model_management.unload_all_models()
     conds = sd15_conds()
     bypassed = sample(ApplyLoraStack().execute(model, entries, apply_mode=BYPASS)["result"][0], *conds)
