@@ -6,6 +6,7 @@ from .merge import MergeLoras, ResizeLora
 from .prepare import PrepareImages
 from .stack import ApplyLoraStack, LoraStack
 from .train import LoraTrainingDataset, TrainLora
+from .wan_pair import WanLoraPair
 
 NODES = [
     ("LoraFoundry_LoadLora", LoadLora, "Load LoRA (Foundry)"),
@@ -18,6 +19,7 @@ NODES = [
     ("LoraFoundry_CaptionDataset", CaptionDataset, "Caption Dataset (Foundry)"),
     ("LoraFoundry_TrainingDataset", LoraTrainingDataset, "LoRA Training Dataset (Foundry)"),
     ("LoraFoundry_TrainLora", TrainLora, "Train LoRA (Foundry)"),
+    ("LoraFoundry_WanLoraPair", WanLoraPair, "Wan 2.2 LoRA Pair (Foundry)"),
 ]
 
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, cls, _ in NODES}

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from ..lora_core.apply.block_weights import parse_block_weights
 from ..lora_core.apply.stack import StackEntry
 from . import comfy_bridge as bridge
-from .lora_apply import LastPatched, apply_entries
+from .lora_apply import MODE_TIP, MODES, PATCH, LastPatched, apply_entries
 
 CATEGORY = "LoRA Foundry"
 STRENGTH = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
@@ -36,7 +36,14 @@ def lora_inputs(with_clip: bool) -> dict:
             "clip": ("CLIP", {"tooltip": "The text encoder; leave unconnected to patch the model only."}),
             **optional,
         }
+    optional.update(mode_input())
     return {"required": required, "optional": optional}
+
+
+def mode_input() -> dict:
+    """The apply_mode widget: kept the last input, so workflows saved before it existed (whose widget
+    values list stops before it) load with every earlier value in place and this one at its default."""
+    return {"apply_mode": (list(MODES), {"default": PATCH, "tooltip": MODE_TIP})}
 
 
 def check_block_weights(node: str, model, entries: Sequence[StackEntry]) -> None:
@@ -53,12 +60,12 @@ def check_block_weights(node: str, model, entries: Sequence[StackEntry]) -> None
 
 def apply_lora(
     node: str, model, clip, lora_name: str, strength_model: float, strength_clip: float, block_weights: str,
-    last: LastPatched | None = None,
+    last: LastPatched | None = None, mode: str = PATCH,
 ):  # fmt: skip
     """Returns (model, clip, trigger words, report text)."""
     entries = [StackEntry(lora_name, strength_model, strength_clip, block_weights)]
     check_block_weights(node, model, entries)
-    return apply_entries(node, model, clip, entries, last)
+    return apply_entries(node, model, clip, entries, last, mode)
 
 
 class LoadLora:
@@ -83,9 +90,19 @@ class LoadLora:
     def __init__(self):
         self.last = LastPatched()  # a change on one side only re-patches that side
 
-    def execute(self, model, lora_name, strength_model, strength_clip, clip=None, block_weights=""):
+    def execute(
+        self, model, lora_name, strength_model, strength_clip, clip=None, block_weights="", apply_mode=PATCH
+    ):
         out = apply_lora(
-            "Load LoRA", model, clip, lora_name, strength_model, strength_clip, block_weights, self.last
+            "Load LoRA",
+            model,
+            clip,
+            lora_name,
+            strength_model,
+            strength_clip,
+            block_weights,
+            self.last,
+            apply_mode,
         )
         return {"ui": {"text": [out[3]], "trigger_words": [out[2]]}, "result": out}
 
@@ -105,8 +122,16 @@ class LoadLoraModelOnly:
     def __init__(self):
         self.last = LastPatched()
 
-    def execute(self, model, lora_name, strength_model, block_weights=""):
+    def execute(self, model, lora_name, strength_model, block_weights="", apply_mode=PATCH):
         m, _, triggers, report = apply_lora(
-            "Load LoRA (model only)", model, None, lora_name, strength_model, 0.0, block_weights, self.last
+            "Load LoRA (model only)",
+            model,
+            None,
+            lora_name,
+            strength_model,
+            0.0,
+            block_weights,
+            self.last,
+            apply_mode,
         )
         return {"ui": {"text": [report], "trigger_words": [triggers]}, "result": (m, triggers, report)}

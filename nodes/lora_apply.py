@@ -21,6 +21,21 @@ from ..lora_core.apply.stack import StackEntry, fuse_patches
 from ..lora_core.files.detect import FamilyGuess
 from ..lora_core.files.lorafile import LoraFileError
 from . import comfy_bridge as bridge
+from . import comfy_bridge_bypass as bypass
+
+# How a node applies its LoRAs (its ``apply_mode`` widget). The first is the default: what the nodes
+# always did, so graphs saved before the option existed run as they did.
+PATCH = "patch weights"
+BYPASS = "bypass"
+BYPASS_OR_PATCH = "bypass (patch what cannot)"
+MODES = (PATCH, BYPASS, BYPASS_OR_PATCH)
+MODE_TIP = (
+    "patch weights: the LoRA is added into a copy of each weight it changes (ComfyUI's usual way). "
+    "bypass: the weights stay as they are and the LoRA runs on each layer's activations "
+    "(y = W x + s*B(A x)), so a quantized (fp8, GGUF) or offloaded base is never copied or dequantized; "
+    "DoRA, OFT, BOFT, GLoRA and set_weight depend on the weight and are refused with an error. "
+    "bypass (patch what cannot): the same, but those few are patched into their weights instead."
+)
 
 
 @dataclass(frozen=True)
@@ -67,19 +82,32 @@ class LastPatched:
     sides: dict = field(default_factory=dict)  # "unet" / "clip" -> (source, applied, patched)
 
     def patched(
-        self, side: str, source, entries: Sequence[StackEntry], files: Sequence[tuple], plans
-    ) -> object:
-        """``source`` patched with the plans' ``side``; the last one again when nothing it depends on
-        changed (the source object, the files as on disk, this side's strengths, block weights)."""
+        self,
+        side: str,
+        source,
+        entries: Sequence[StackEntry],
+        files: Sequence[tuple],
+        plans,
+        mode: str = PATCH,
+    ) -> tuple[object, str]:
+        """(``source`` with the plans' ``side`` applied in ``mode``, a note for the report); the last
+        ones again when nothing they depend on changed (the source object, the files as on disk, this
+        side's strengths, block weights, the mode)."""
         strengths = [e.strength_model if side == "unet" else e.strength_clip for e in entries]
         applied = [(*f, float(s), e.block_weights) for f, s, e in zip(files, strengths, entries, strict=True)]
+        applied.append(mode)
         kept = self.sides.get(side)
         if kept is not None and kept[0] is source and kept[1] == applied:
-            return kept[2]
+            return kept[2], kept[3]
         new = source.clone()
-        bridge.add_patches(new, fuse_patches([p.patches[side] for p in plans]))
-        self.sides[side] = (source, applied, new)
-        return new
+        patches = fuse_patches([p.patches[side] for p in plans])
+        note = ""
+        if mode == PATCH:
+            bridge.add_patches(new, patches)
+        else:
+            note = bypass.apply_bypass(new, patches, fallback=mode == BYPASS_OR_PATCH).note(side)
+        self.sides[side] = (source, applied, new, note)
+        return new, note
 
 
 def _identity(path: str) -> tuple[int, int]:
@@ -87,17 +115,33 @@ def _identity(path: str) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def apply_entries(node: str, model, clip, entries: Sequence[StackEntry], last: LastPatched | None = None):
-    """Returns (model, clip, trigger words, report text); ``last``: the node's LastPatched."""
+def check_mode(node: str, mode: str) -> str:
+    if mode not in MODES:
+        raise RuntimeError(f"[{node}] apply_mode {str(mode)[:40]!r} is not one of: {', '.join(MODES)}")
+    return mode
+
+
+def apply_entries(
+    node: str, model, clip, entries: Sequence[StackEntry], last: LastPatched | None = None, mode: str = PATCH
+):
+    """Returns (model, clip, trigger words, report text); ``last``: the node's LastPatched; ``mode``: one of MODES."""
+    check_mode(node, mode)
     if not entries:
         return model, clip, "", "no LoRA enabled: MODEL and CLIP pass through unchanged"
     sp = plan_entries(node, model, clip, entries)
     last = last if last is not None else LastPatched()
     files = [(lora.path, *_identity(lora.path)) for lora in sp.loras]
-    new_model = last.patched("unet", model, entries, files, sp.plans)
-    new_clip = None if clip is None else last.patched("clip", clip, entries, files, sp.plans)
+    try:
+        new_model, notes = last.patched("unet", model, entries, files, sp.plans, mode)
+        notes = [notes]
+        new_clip = None
+        if clip is not None:
+            new_clip, clip_note = last.patched("clip", clip, entries, files, sp.plans, mode)
+            notes.append(clip_note)
+    except ValueError as err:  # bypass mode refusing weight-dependent adapters
+        raise RuntimeError(f"[{node}] {err}") from err
     triggers: list[str] = []
     for lora in sp.loras:
         triggers += [t for t in lora.triggers if t not in triggers]
-    report = "\n\n".join(p.report.text() for p in sp.plans)
+    report = "\n\n".join([p.report.text() for p in sp.plans] + [n for n in notes if n])
     return new_model, new_clip, ", ".join(triggers), report

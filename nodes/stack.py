@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ..lora_core.apply.stack import MAX_ROWS, ROWS, StackEntry, read_rows, read_stack, to_stack_items
 from . import comfy_bridge as bridge
-from .load_lora import BLOCK_WEIGHTS_TIP, CATEGORY, STRENGTH, check_block_weights
-from .lora_apply import LastPatched, apply_entries
+from .load_lora import BLOCK_WEIGHTS_TIP, CATEGORY, STRENGTH, check_block_weights, mode_input
+from .lora_apply import PATCH, LastPatched, apply_entries
 
 SLOTS = 4
 NONE = "None"
@@ -92,18 +92,19 @@ class ApplyLoraStack:
                 ),
             },
             "optional": {
-                "clip": ("CLIP", {"tooltip": "The text encoder; leave unconnected to patch the model only."})
+                "clip": ("CLIP", {"tooltip": "The text encoder; leave unconnected to patch the model only."}),
+                **mode_input(),
             },
         }
 
     def __init__(self):
         self.last = LastPatched()  # a change on one side only re-patches that side
 
-    def execute(self, model, lora_stack, clip=None):
+    def execute(self, model, lora_stack, clip=None, apply_mode=PATCH):
         try:
             entries = read_stack(lora_stack)
         except ValueError as e:
             raise RuntimeError(f"[Apply LoRA Stack] {e}") from e
         check_block_weights("Apply LoRA Stack", model, entries)
-        out = apply_entries("Apply LoRA Stack", model, clip, entries, self.last)
+        out = apply_entries("Apply LoRA Stack", model, clip, entries, self.last, apply_mode)
         return {"ui": {"text": [out[3]], "trigger_words": [out[2]]}, "result": out}
