@@ -1,4 +1,4 @@
-"""Bypass mode in ComfyUI: a stack's terms run on layer activations (lora_core.bypass) through forward
+"""Bypass mode in ComfyUI: a stack's terms run on layer activations (lora_core.apply.bypass) through forward
 hooks that the ModelPatcher injects when it loads the model and ejects when it unloads it.
 
 ModelPatcher's injections (``set_injections`` with ``comfy.patcher_extension.PatcherInjection``)
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import comfy.patcher_extension
 import torch
 
-from ..lora_core.bypass import BypassPatch, Layer, Target, refusal
-from ..lora_core.patching import Term
+from ..lora_core.apply.bypass import BypassPatch, Layer, Target, refusal
+from ..lora_core.apply.patching import Term
 from . import comfy_bridge as bridge
 
 INJECTION_KEY = "lora_foundry_bypass"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ..lora_core.loader import load_lora
-from ..lora_core.lorafile import LoraFileError
-from ..lora_core.stack import StackEntry, read_stack
-from ..lora_core.wan_pair import HIGH, LOW, check_side
+from ..lora_core.apply.loader import load_lora
+from ..lora_core.apply.stack import StackEntry, read_stack
+from ..lora_core.apply.wan_pair import HIGH, LOW, check_side
+from ..lora_core.files.lorafile import LoraFileError
 from . import comfy_bridge as bridge
 from .load_lora import CATEGORY, STRENGTH, mode_input
 from .lora_apply import PATCH, LastPatched, apply_entries, check_mode

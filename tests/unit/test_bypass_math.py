@@ -1,5 +1,5 @@
-"""lora_core.bypass: each adapter kind's change computed on activations equals the layer run with the
-patched weight (lora_core.patching.apply_terms, the weight path), for Linear and convolution layers,
+"""lora_core.apply.bypass: each adapter kind's change computed on activations equals the layer run with the
+patched weight (lora_core.apply.patching.apply_terms, the weight path), for Linear and convolution layers,
 slices of fused weights with a function, bias diffs and (IA)3; weight-dependent kinds are refused."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from lora_foundry.lora_core.adapters import (
     OftAdapter,
     SetAdapter,
 )
-from lora_foundry.lora_core.bypass import BypassPatch, Layer, Target, refusal
-from lora_foundry.lora_core.patching import Term, apply_terms
+from lora_foundry.lora_core.apply.bypass import BypassPatch, Layer, Target, refusal
+from lora_foundry.lora_core.apply.patching import Term, apply_terms
 
 G = torch.Generator().manual_seed(0)
 

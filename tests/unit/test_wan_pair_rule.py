@@ -1,11 +1,11 @@
-"""lora_core.wan_pair: which Wan 2.2 expert a LoRA file is for, from its trained timestep range
+"""lora_core.apply.wan_pair: which Wan 2.2 expert a LoRA file is for, from its trained timestep range
 (musubi-tuner's modelspec.timestep_range, ss_min/max_timestep) or its name; bad headers ignored."""
 
 from __future__ import annotations
 
 import pytest
 
-from lora_foundry.lora_core.wan_pair import HIGH, LOW, UNKNOWN, check_side, noise_side, trained_range
+from lora_foundry.lora_core.apply.wan_pair import HIGH, LOW, UNKNOWN, check_side, noise_side, trained_range
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .adapters import (
+from ..adapters import (
     BoftAdapter,
     DiffAdapter,
     GloraAdapter,
