@@ -28,6 +28,7 @@ from ..lora_core.train.schedule import SCHEDULERS
 from ..lora_core.train.state import LONGEST_SUFFIX, STATE_SUFFIX, CheckpointPlan
 from ..lora_core.train.trainer import PRECISIONS, NonFiniteLossError, TrainConfig, Trainer
 from . import comfy_bridge as bridge
+from . import comfy_bridge_train as train_bridge
 from .load_lora import apply_lora
 
 CATEGORY = "LoRA Foundry/training"
@@ -79,9 +80,9 @@ class LoraTrainingDataset:
             options = DatasetOptions(resolution, buckets, crop, flip, trigger_word, shuffle_tags, keep_tags,
                                      caption_dropout, repeats)  # fmt: skip
             scan = scan_dataset(_dataset_folder(folder), options)
-            cache_dir = Path(bridge.cache_directory()) if cache == "disk" else None
+            cache_dir = Path(train_bridge.cache_directory()) if cache == "disk" else None
             bar = bridge.progress(len(scan.entries))
-            dataset = build_dataset(scan, options, bridge.image_encoder(vae), bridge.text_encoder(clip),
+            dataset = build_dataset(scan, options, train_bridge.image_encoder(vae), train_bridge.text_encoder(clip),
                                     cache_dir, _encoder_id(vae, clip, cache), on_item=bar)  # fmt: skip
         except USER_ERRORS as e:
             raise RuntimeError(f"[{node}] {e}") from e
@@ -89,7 +90,11 @@ class LoraTrainingDataset:
 
 
 def _encoder_id(vae, clip, cache: str) -> str:
-    return f"{bridge.weights_fingerprint(vae)}:{bridge.weights_fingerprint(clip)}" if cache == "disk" else ""
+    return (
+        f"{train_bridge.weights_fingerprint(vae)}:{train_bridge.weights_fingerprint(clip)}"
+        if cache == "disk"
+        else ""
+    )
 
 
 def _dataset_folder(folder: str) -> Path:
@@ -262,21 +267,21 @@ def run_training(
     needs_clip = train_te or dataset.options.captions_vary
     if needs_clip and clip is None:
         raise ValueError("`clip` is needed to train the text encoder (te_lr > 0) or to shuffle tags")
-    device = bridge.prepare_for_training(model, clip if needs_clip else None)
+    device = train_bridge.prepare_for_training(model, clip if needs_clip else None)
     bridge.check_interrupted()  # loading can take minutes: a cancel meanwhile stops here
-    unet_targets = select_targets(bridge.unet_train_targets(model), net.targets, net.blocks,
+    unet_targets = select_targets(train_bridge.unet_train_targets(model), net.targets, net.blocks,
                                   bridge.unet_block_counts(model))  # fmt: skip
-    te_targets = select_targets(bridge.clip_train_targets(clip), net.targets) if train_te else []
+    te_targets = select_targets(train_bridge.clip_train_targets(clip), net.targets) if train_te else []
     _check_memory(model, clip if needs_clip else None, device, unet_targets + te_targets, cfg, net, dataset)
     unet = LoraNetwork(unet_targets, net.rank, net.alpha, net.dora, cfg.seed).to(device)
     te = LoraNetwork(te_targets, net.rank, net.alpha, net.dora, cfg.seed + 1).to(device) if train_te else None
-    data = Batches(dataset, cfg.batch_size, bridge.latent_transform(model))
-    encode = bridge.text_encoder(clip) if needs_clip else None
-    trainer = Trainer(cfg, data, bridge.noise_predictor(model), bridge.noise_schedule(model), unet, te, encode,
+    data = Batches(dataset, cfg.batch_size, train_bridge.latent_transform(model))
+    encode = train_bridge.text_encoder(clip) if needs_clip else None
+    trainer = Trainer(cfg, data, train_bridge.noise_predictor(model), train_bridge.noise_schedule(model), unet, te, encode,
                       device, check=bridge.check_interrupted)  # fmt: skip
     run = RunInfo(
         base_model=bridge.model_class_name(model),
-        base_model_version=bridge.base_model_version(model),
+        base_model_version=train_bridge.base_model_version(model),
         resolution=dataset.options.resolution,
         num_images=dataset.num_images,
         dataset_dirs=dataset.dataset_dirs(),
@@ -288,22 +293,22 @@ def run_training(
     sample = None
     if samples.every:
         size = dataset.options.resolution
-        sample = bridge.sampler(model, clip, samples.vae, samples.prompt, samples.seed, size, size)
+        sample = train_bridge.sampler(model, clip, samples.vae, samples.prompt, samples.seed, size, size)
 
     def on_step(report) -> None:
-        bridge.send_event({"node": unique_id, "step": report.step, "total": report.total,
+        train_bridge.send_event({"node": unique_id, "step": report.step, "total": report.total,
                            "loss": report.loss, "lr": report.lr, "eta_s": report.eta_s})  # fmt: skip
         bar(report.step)
         if sample is not None and report.step % samples.every == 0:
-            bridge.save_sample(sample(), plan.name, report.step)
+            train_bridge.save_sample(sample(), plan.name, report.step)
 
-    undo = [checkpoint_forward(bridge.checkpoint_blocks(model))] if net.gradient_checkpointing else []
+    undo = [checkpoint_forward(train_bridge.checkpoint_blocks(model))] if net.gradient_checkpointing else []
     # ComfyUI's UNet runs each block's layers itself (forward_timestep_embed), never the block's
     # own forward: the cancel check goes on the layers, which are called through their hooks.
-    layers = [layer for block in bridge.checkpoint_blocks(model) for layer in block]
+    layers = [layer for block in train_bridge.checkpoint_blocks(model) for layer in block]
     undo.append(check_before_forward(layers, bridge.check_interrupted))
     if train_te:
-        undo.append(bridge.text_encoder_grad_safe(clip))
+        undo.append(train_bridge.text_encoder_grad_safe(clip))
     networks = [n for n in (unet, te) if n is not None]
     for n in networks:
         n.attach()

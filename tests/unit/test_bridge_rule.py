@@ -1,4 +1,5 @@
-"""Only nodes/comfy_bridge.py imports ComfyUI (issue #18): the dataset nodes' module goes through it."""
+"""Only the bridge imports ComfyUI (issue #18): nodes/comfy_bridge.py and nodes/comfy_bridge_*.py;
+every other module of nodes/ goes through them."""
 
 import ast
 from pathlib import Path
@@ -6,7 +7,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-COMFY_MODULES = {"comfy", "comfy_extras", "folder_paths", "server", "nodes", "execution", "latent_preview"}
+COMFY_MODULES = {"comfy", "comfy_extras", "comfy_api", "folder_paths", "server", "nodes", "node_helpers", "execution",
+                 "latent_preview"}  # fmt: skip
+NODE_MODULES = sorted(p.name for p in (REPO / "nodes").glob("*.py") if not p.name.startswith("comfy_bridge"))
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -20,8 +23,13 @@ def imported_modules(path: Path) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("name", ["caption.py", "train.py"])
-def test_dataset_node_modules_import_no_comfy_module(name):
+def test_bridge_modules_exist_and_others_are_checked():
+    assert {"caption.py", "train.py", "load_lora.py"} <= set(NODE_MODULES)
+    assert (REPO / "nodes" / "comfy_bridge_train.py").is_file()
+
+
+@pytest.mark.parametrize("name", NODE_MODULES)
+def test_node_modules_outside_the_bridge_import_no_comfy_module(name):
     assert imported_modules(REPO / "nodes" / name) & COMFY_MODULES == set()
 
 

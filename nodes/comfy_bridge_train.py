@@ -1,0 +1,246 @@
+"""Train LoRA's bridge to ComfyUI: training targets, loading for autograd, the noise schedule and
+predictor, checkpointed blocks, encoders, progress events, sample images.
+
+What Train LoRA needs from ComfyUI is handed to lora_core.train as plain modules and callables;
+only this module (with nodes/comfy_bridge.py, whose general helpers it reuses) touches ComfyUI's
+internals for training.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+
+import comfy.model_management
+import folder_paths
+import torch
+
+from .comfy_bridge import clip_key_map, model_class_name, sgm_unet, unet_key_map
+
+TRAIN_EVENT = "lora_foundry.train"  # live training progress; the frontend listens for this name
+
+
+def _train_targets(key_map: Mapping[str, object], root, sgm_unet: bool = False) -> list:
+    """The weights of ``root`` that ``key_map`` names, as lora_core Targets under the kohya name
+    kohya's trainers write (lora_core.keymap.kohya_names)."""
+    from ..lora_core.keymap import kohya_names
+    from ..lora_core.train.network import Target
+
+    present = set(root.state_dict())  # ComfyUI's map also names weights a model may lack
+    named = {
+        n: k for n, k in key_map.items() if isinstance(k, str) and k.endswith(".weight") and k in present
+    }
+    out = []
+    for key, name in kohya_names(named, sgm_unet).items():
+        path = key[: -len(".weight")]
+        out.append(Target(name, path, root.get_submodule(path)))
+    return out
+
+
+def unet_train_targets(model) -> list:
+    """Every weight of the MODEL a LoRA file can address, as lora_core Targets (kohya names:
+    diffusers-style paths for SD1.x / SD2.x, SGM paths for SDXL, as kohya's trainers write them)."""
+    return _train_targets(unet_key_map(model), model.model, sgm_unet(model))
+
+
+def clip_train_targets(clip) -> list:
+    """The text encoder's weights as Targets: lora_te_ (one encoder) or lora_te1_/lora_te2_ (SDXL)."""
+    return _train_targets(clip_key_map(clip), clip.cond_stage_model)
+
+
+def _trainable_weights(module) -> None:
+    # Weights loaded while ComfyUI runs a graph are inference tensors, which autograd cannot save
+    # for backward. Each is replaced by a plain copy (same values), as ComfyUI's set_attr_param
+    # replaces parameters when it patches; swapping only .data would keep the inference wrapper.
+    with torch.inference_mode(False):
+        for sub in module.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is not None and p.is_inference():
+                    sub._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+            for name, b in list(sub._buffers.items()):
+                if b is not None and b.is_inference():
+                    sub._buffers[name] = b.clone()
+
+
+def prepare_for_training(model, clip=None) -> torch.device:
+    """Loads MODEL (and CLIP) with their patches, weights usable by autograd; returns the device."""
+    comfy.model_management.load_models_gpu([model], force_full_load=True)
+    model.model.requires_grad_(False)
+    _trainable_weights(model.model)
+    if clip is not None:
+        clip.load_model()
+        clip.cond_stage_model.requires_grad_(False)
+        _trainable_weights(clip.cond_stage_model)
+    return model.load_device
+
+
+def noise_schedule(model):
+    """The MODEL's discrete noise schedule and prediction type, for lora_core.train."""
+    import comfy.model_base
+    import comfy.model_sampling
+
+    from ..lora_core.train.loss import NoiseSchedule
+
+    sampling = model.model.model_sampling
+    kinds = {comfy.model_base.ModelType.EPS: "eps", comfy.model_base.ModelType.V_PREDICTION: "v"}
+    kind = kinds.get(model.model.model_type)
+    if kind is None or not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
+        raise ValueError(
+            f"training supports discrete-schedule eps / v-prediction models (SD1.x, SD2.x, SDXL); "
+            f"this model is {model_class_name(model)} with {model.model.model_type.name}"
+        )
+    return NoiseSchedule.from_sigmas(sampling.sigmas.detach().cpu(), kind)
+
+
+def noise_predictor(model) -> Callable:
+    """predict(x_t, timesteps, cond) -> the UNet's raw output (eps or v), for lora_core.train.
+
+    Calls the diffusion model directly (no sampler, no CFG); SDXL's size vector is built from the
+    batch's pixel size (bucket), the pooled text embedding from cond["pooled"].
+    """
+    base = model.model
+    unet = base.diffusion_model
+    dtype = base.manual_cast_dtype or base.get_dtype()
+    device = model.load_device
+
+    def predict(x, timesteps, cond):
+        context = cond["context"].to(device, dtype)
+        extra = {}
+        if base.adm_channels:
+            h, w = x.shape[-2] * 8, x.shape[-1] * 8
+            y = base.encode_adm(pooled_output=cond["pooled"].to(device), width=w, height=h, crop_w=0, crop_h=0,
+                                target_width=w, target_height=h, device=device)  # fmt: skip
+            extra["y"] = y.to(device, dtype)
+        return unet(x.to(device, dtype), timesteps.to(device).float(), context=context,
+                    transformer_options={}, **extra)  # fmt: skip
+
+    return predict
+
+
+def checkpoint_blocks(model) -> list:
+    """The UNet blocks gradient checkpointing wraps: each input, middle and output block."""
+    unet = model.model.diffusion_model
+    return [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+
+
+def latent_transform(model) -> Callable:
+    """Raw VAE latents -> the model's latent space (SD's 0.18215 scale and the like)."""
+    return model.model.process_latent_in
+
+
+def image_encoder(vae) -> Callable:
+    """(B, H, W, 3) 0..1 pixels -> raw VAE latents."""
+
+    def encode(pixels):
+        with torch.inference_mode(False), torch.no_grad():
+            return vae.encode(pixels[..., :3]).float().clone()
+
+    return encode
+
+
+def text_encoder(clip) -> Callable:
+    """captions -> {"context": (B, L, D), "pooled": (B, P)}; differentiable through CLIP LoRA hooks."""
+
+    def encode(captions):
+        conds, pooled = [], []
+        for caption in captions:
+            cond, pool = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
+            conds.append(cond)
+            pooled.append(pool if pool is not None else torch.zeros(1, 1))
+        from ..lora_core.train.dataset import stack_conds
+
+        return stack_conds([{"context": c, "pooled": p} for c, p in zip(conds, pooled, strict=True)])
+
+    return encode
+
+
+def cache_directory() -> str:
+    return os.path.join(folder_paths.get_output_directory(), "lora_foundry_cache")
+
+
+def send_event(data: dict) -> None:
+    """A training progress event to the browser (nothing when no server runs, e.g. in tests)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if instance is not None:
+        instance.send_sync(TRAIN_EVENT, data)
+
+
+def base_model_version(model) -> str:
+    """kohya's ss_base_model_version for the MODEL's family."""
+    return {"SD15": "sd_v1", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SDXL": "sdxl_base_v1-0"}.get(
+        model_class_name(model), model_class_name(model).lower()
+    )
+
+
+def weights_fingerprint(obj) -> str:
+    """A stable identity of a VAE / CLIP's weights for the disk cache (same weights, same id)."""
+    import hashlib
+
+    module = getattr(obj, "first_stage_model", None) or getattr(obj, "cond_stage_model", None) or obj
+    items = list(module.state_dict().items())
+    digest = hashlib.sha1(type(module).__name__.encode())
+    for name, tensor in items[:8] + items[-8:]:
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().flatten()[:32].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def text_encoder_grad_safe(clip) -> Callable[[], None]:
+    """Lets gradients flow through ComfyUI's CLIP layers; returns the undo function.
+
+    CLIPLayer adds its residuals in place (``x += attn(norm(x))``), which overwrites the input the
+    norm saved for backward once LoRA makes x require grad; the norms get a copy instead.
+    """
+    import comfy.clip_model
+
+    handles = []
+    for module in clip.cond_stage_model.modules():
+        if isinstance(module, comfy.clip_model.CLIPLayer):
+            for norm in (module.layer_norm1, module.layer_norm2):
+                handles.append(norm.register_forward_pre_hook(lambda _m, args: (args[0].clone(), *args[1:])))
+
+    def undo() -> None:
+        for handle in handles:
+            handle.remove()
+
+    return undo
+
+
+def sampler(model, clip, vae, prompt: str, seed: int, width: int, height: int, steps: int = 12) -> Callable:
+    """sample() -> IMAGE (1, H, W, 3) of MODEL as it is now (the training LoRA hooks included), with a
+    fixed prompt, seed and size: the preview images Train LoRA saves every N steps."""
+    import comfy.sample
+
+    def sample() -> torch.Tensor:
+        # The training's random streams must not notice a sample was taken (exact resume).
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            cond, pooled = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
+            negative, neg_pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
+            latent = torch.zeros(1, 4, height // 8, width // 8)
+            noise = comfy.sample.prepare_noise(latent, seed)
+            positive = [[cond, {"pooled_output": pooled}]]
+            negative = [[negative, {"pooled_output": neg_pooled}]]
+            out = comfy.sample.sample(model, noise, steps, 7.0, "euler", "normal", positive, negative, latent,
+                                      seed=seed, disable_pbar=True)  # fmt: skip
+            return vae.decode(out).reshape(1, height, width, 3).float().cpu()
+
+    return sample
+
+
+def save_sample(image: torch.Tensor, run_name: str, step: int) -> str:
+    """Writes a training sample as output/lora_foundry/samples/<run>/step_NNNNNN.png; returns its path."""
+    import numpy as np
+    from PIL import Image
+
+    folder = os.path.join(folder_paths.get_output_directory(), "lora_foundry", "samples", run_name)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"step_{step:06d}.png")
+    pixels = (image[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    tmp = path + ".tmp"
+    Image.fromarray(pixels).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
