@@ -9,7 +9,7 @@ internals for training.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import comfy.model_management
 import folder_paths
@@ -20,32 +20,16 @@ from .comfy_bridge import clip_key_map, model_class_name, sgm_unet, unet_key_map
 TRAIN_EVENT = "lora_foundry.train"  # live training progress; the frontend listens for this name
 
 
-def _train_targets(key_map: Mapping[str, object], root, sgm_unet: bool = False) -> list:
-    """The weights of ``root`` that ``key_map`` names, as lora_core Targets under the kohya name
-    kohya's trainers write (lora_core.keymap.kohya_names)."""
-    from ..lora_core.keymap import kohya_names
-    from ..lora_core.train.network import Target
-
-    present = set(root.state_dict())  # ComfyUI's map also names weights a model may lack
-    named = {
-        n: k for n, k in key_map.items() if isinstance(k, str) and k.endswith(".weight") and k in present
-    }
-    out = []
-    for key, name in kohya_names(named, sgm_unet).items():
-        path = key[: -len(".weight")]
-        out.append(Target(name, path, root.get_submodule(path)))
-    return out
+def unet_target_source(model) -> tuple[dict, torch.nn.Module, str]:
+    """(key map, module the keys are paths in, naming style) for lora_core.train.targets: the MODEL's
+    weights a LoRA file can address, named as kohya's trainers write them (diffusers-style paths for
+    SD1.x / SD2.x, SGM paths for SDXL, sd-scripts' own paths for DiTs)."""
+    return unet_key_map(model), model.model, "kohya_sgm" if sgm_unet(model) else "kohya"
 
 
-def unet_train_targets(model) -> list:
-    """Every weight of the MODEL a LoRA file can address, as lora_core Targets (kohya names:
-    diffusers-style paths for SD1.x / SD2.x, SGM paths for SDXL, as kohya's trainers write them)."""
-    return _train_targets(unet_key_map(model), model.model, sgm_unet(model))
-
-
-def clip_train_targets(clip) -> list:
-    """The text encoder's weights as Targets: lora_te_ (one encoder) or lora_te1_/lora_te2_ (SDXL)."""
-    return _train_targets(clip_key_map(clip), clip.cond_stage_model)
+def clip_target_source(clip) -> tuple[dict, torch.nn.Module, str]:
+    """The same for the text encoder(s): lora_te_ (one encoder) or lora_te1_ / lora_te2_ (SDXL)."""
+    return clip_key_map(clip), clip.cond_stage_model, "kohya"
 
 
 def _trainable_weights(module) -> None:
@@ -74,12 +58,11 @@ def prepare_for_training(model, clip=None) -> torch.device:
     return model.load_device
 
 
-def noise_schedule(model):
-    """The MODEL's discrete noise schedule and prediction type, for lora_core.train."""
+def discrete_schedule(model) -> tuple[torch.Tensor, str]:
+    """(sigmas, prediction) of the MODEL's discrete noise schedule: ComfyUI's k-diffusion sigmas
+    and 'eps' or 'v', for lora_core.train.loss.NoiseSchedule.from_sigmas."""
     import comfy.model_base
     import comfy.model_sampling
-
-    from ..lora_core.train.loss import NoiseSchedule
 
     sampling = model.model.model_sampling
     kinds = {comfy.model_base.ModelType.EPS: "eps", comfy.model_base.ModelType.V_PREDICTION: "v"}
@@ -89,7 +72,7 @@ def noise_schedule(model):
             f"training supports discrete-schedule eps / v-prediction models (SD1.x, SD2.x, SDXL); "
             f"this model is {model_class_name(model)} with {model.model.model_type.name}"
         )
-    return NoiseSchedule.from_sigmas(sampling.sigmas.detach().cpu(), kind)
+    return sampling.sigmas.detach().cpu(), kind
 
 
 def noise_predictor(model) -> Callable:
@@ -138,18 +121,13 @@ def image_encoder(vae) -> Callable:
     return encode
 
 
-def text_encoder(clip) -> Callable:
-    """captions -> {"context": (B, L, D), "pooled": (B, P)}; differentiable through CLIP LoRA hooks."""
+def caption_encoder(clip) -> Callable:
+    """caption -> {"context": (1, L, D), "pooled": (1, P)}; differentiable through CLIP LoRA hooks.
+    lora_core.train.dataset.batch_encoder makes a batch encoder of it."""
 
-    def encode(captions):
-        conds, pooled = [], []
-        for caption in captions:
-            cond, pool = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
-            conds.append(cond)
-            pooled.append(pool if pool is not None else torch.zeros(1, 1))
-        from ..lora_core.train.dataset import stack_conds
-
-        return stack_conds([{"context": c, "pooled": p} for c, p in zip(conds, pooled, strict=True)])
+    def encode(caption: str) -> dict:
+        cond, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
+        return {"context": cond, "pooled": pooled if pooled is not None else torch.zeros(1, 1)}
 
     return encode
 

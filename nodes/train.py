@@ -11,7 +11,16 @@ import torch
 from ..lora_core.budget import TrainSettings, check_fits, train_need
 from ..lora_core.confine import resolve_folder
 from ..lora_core.savefile import safe_output_name
-from ..lora_core.train.dataset import Batches, DatasetOptions, build_dataset, scan_dataset, tag_frequency
+from ..lora_core.train.dataset import (
+    Batches,
+    DatasetOptions,
+    batch_encoder,
+    build_dataset,
+    scan_dataset,
+    tag_frequency,
+)
+from ..lora_core.train.existing import EXISTING, handle_existing
+from ..lora_core.train.loss import NoiseSchedule
 from ..lora_core.train.network import (
     TARGET_HELP,
     TARGETS,
@@ -25,7 +34,8 @@ from ..lora_core.train.optim import OPTIMIZERS, MissingPackageError
 from ..lora_core.train.plot import loss_curve
 from ..lora_core.train.run import RunInfo, RunResult, fit
 from ..lora_core.train.schedule import SCHEDULERS
-from ..lora_core.train.state import LONGEST_SUFFIX, STATE_SUFFIX, CheckpointPlan
+from ..lora_core.train.state import LONGEST_SUFFIX, CheckpointPlan
+from ..lora_core.train.targets import targets_from_key_map
 from ..lora_core.train.trainer import PRECISIONS, NonFiniteLossError, TrainConfig, Trainer
 from . import comfy_bridge as bridge
 from . import comfy_bridge_train as train_bridge
@@ -33,7 +43,6 @@ from .load_lora import apply_lora
 
 CATEGORY = "LoRA Foundry/training"
 DATASET_TYPE = "LORA_TRAINING_DATASET"
-EXISTING = ("resume", "overwrite", "error")
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, MissingPackageError, NonFiniteLossError)
 
 
@@ -82,7 +91,7 @@ class LoraTrainingDataset:
             scan = scan_dataset(_dataset_folder(folder), options)
             cache_dir = Path(train_bridge.cache_directory()) if cache == "disk" else None
             bar = bridge.progress(len(scan.entries))
-            dataset = build_dataset(scan, options, train_bridge.image_encoder(vae), train_bridge.text_encoder(clip),
+            dataset = build_dataset(scan, options, train_bridge.image_encoder(vae), batch_encoder(train_bridge.caption_encoder(clip)),
                                     cache_dir, _encoder_id(vae, clip, cache), on_item=bar)  # fmt: skip
         except USER_ERRORS as e:
             raise RuntimeError(f"[{node}] {e}") from e
@@ -200,7 +209,7 @@ class TrainLora:
                 raise ValueError(
                     "`sample_every` is set but no `vae` is connected: connect the VAE or set it to 0"
                 )
-            _handle_existing(plan, existing)
+            handle_existing(plan, existing)
             with torch.inference_mode(False), torch.enable_grad():
                 result = run_training(model, clip, dataset, cfg, net, plan, unique_id, samples)
         except USER_ERRORS as e:
@@ -220,24 +229,14 @@ class TrainLora:
         }
 
 
-def _our_files(plan: CheckpointPlan) -> list[Path]:
-    if not plan.folder.is_dir():
-        return []
-    names = (f"{plan.name}.safetensors", f"{plan.name}{STATE_SUFFIX}", f"{plan.name}{STATE_SUFFIX}.json")
-    return [p for p in plan.folder.iterdir() if p.name in names or p.name.startswith(f"{plan.name}-step")]
+def model_targets(model) -> list:
+    """Every weight of the MODEL a LoRA file can address, as lora_core Targets."""
+    return targets_from_key_map(*train_bridge.unet_target_source(model))
 
 
-def _handle_existing(plan: CheckpointPlan, existing: str) -> None:
-    files = _our_files(plan)
-    if not files or existing == "resume":
-        return
-    if existing == "error":
-        raise ValueError(
-            f"{plan.folder} already has {len(files)} files of a run named '{plan.name}': choose another "
-            "output_name, or set `existing` to 'resume' or 'overwrite'"
-        )
-    for path in files:
-        path.unlink()
+def clip_targets(clip) -> list:
+    """The text encoder's weights as lora_core Targets."""
+    return targets_from_key_map(*train_bridge.clip_target_source(clip))
 
 
 def _check_memory(model, clip, device, targets, cfg: TrainConfig, net: NetworkSettings, dataset) -> None:
@@ -269,15 +268,15 @@ def run_training(
         raise ValueError("`clip` is needed to train the text encoder (te_lr > 0) or to shuffle tags")
     device = train_bridge.prepare_for_training(model, clip if needs_clip else None)
     bridge.check_interrupted()  # loading can take minutes: a cancel meanwhile stops here
-    unet_targets = select_targets(train_bridge.unet_train_targets(model), net.targets, net.blocks,
+    unet_targets = select_targets(model_targets(model), net.targets, net.blocks,
                                   bridge.unet_block_counts(model))  # fmt: skip
-    te_targets = select_targets(train_bridge.clip_train_targets(clip), net.targets) if train_te else []
+    te_targets = select_targets(clip_targets(clip), net.targets) if train_te else []
     _check_memory(model, clip if needs_clip else None, device, unet_targets + te_targets, cfg, net, dataset)
     unet = LoraNetwork(unet_targets, net.rank, net.alpha, net.dora, cfg.seed).to(device)
     te = LoraNetwork(te_targets, net.rank, net.alpha, net.dora, cfg.seed + 1).to(device) if train_te else None
     data = Batches(dataset, cfg.batch_size, train_bridge.latent_transform(model))
-    encode = train_bridge.text_encoder(clip) if needs_clip else None
-    trainer = Trainer(cfg, data, train_bridge.noise_predictor(model), train_bridge.noise_schedule(model), unet, te, encode,
+    encode = batch_encoder(train_bridge.caption_encoder(clip)) if needs_clip else None
+    trainer = Trainer(cfg, data, train_bridge.noise_predictor(model), NoiseSchedule.from_sigmas(*train_bridge.discrete_schedule(model)), unet, te, encode,
                       device, check=bridge.check_interrupted)  # fmt: skip
     run = RunInfo(
         base_model=bridge.model_class_name(model),

@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,8 @@ from ..block_weights import SD_COUNTS, BlockCounts, block_of, check_block_index,
 # Module paths (ComfyUI / LDM spelling for the UNet, transformers spelling for CLIP) per preset.
 _ATTN = r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$|\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$"
 _FF = r"\.ff\.net\.(0\.proj|2)$|\.mlp\.(fc1|fc2)$"
-TARGETS = ("attention", "attention_ff", "all_linear", "all_linear_conv")
+TargetPreset = Literal["attention", "attention_ff", "all_linear", "all_linear_conv"]
+TARGETS: tuple[str, ...] = get_args(TargetPreset)
 TARGET_HELP = {
     "attention": "to_q, to_k, to_v, to_out of self- and cross-attention (CLIP: q/k/v/out_proj)",
     "attention_ff": "attention plus the feed-forward layers (CLIP: mlp.fc1/fc2)",

@@ -12,18 +12,19 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .loss import LOSSES, NoiseSchedule, min_snr_weights, per_sample_loss, sample_noise
+from .loss import LOSSES, LossName, NoiseSchedule, min_snr_weights, per_sample_loss, sample_noise
 from .network import LoraNetwork
-from .optim import OPTIMIZERS, all_params, make_optimizer, state_from_tensors, state_to_tensors
-from .schedule import SCHEDULERS, Schedule, warmup_from
+from .optim import OPTIMIZERS, OptimizerName, all_params, make_optimizer, state_from_tensors, state_to_tensors
+from .schedule import SCHEDULERS, Schedule, SchedulerName, warmup_from
 from .state import DamagedStateError
 
+Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 Predict = Callable[[Tensor, Tensor, Mapping[str, Tensor]], Tensor]
@@ -59,18 +60,18 @@ class TrainConfig:
     lr: float = 1e-4
     te_lr: float = 0.0  # 0: text encoder not trained
     loraplus_ratio: float = 1.0
-    optimizer: str = "AdamW"
+    optimizer: OptimizerName = "AdamW"
     weight_decay: float = 0.01
-    scheduler: str = "constant"
+    scheduler: SchedulerName = "constant"
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     cycles: int = 1
     power: float = 1.0
     min_snr_gamma: float = 0.0
     noise_offset: float = 0.0
-    loss: str = "MSE"
+    loss: LossName = "MSE"
     huber_delta: float = 0.1
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     max_grad_norm: float = 1.0
     seed: int = 0
 

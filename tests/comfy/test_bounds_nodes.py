@@ -23,6 +23,7 @@ from lora_foundry.nodes import merge as merge_nodes
 from lora_foundry.nodes.load_lora import LoadLora
 from lora_foundry.nodes.merge import MergeLoras, ResizeLora
 from lora_foundry.nodes.stack import ApplyLoraStack, LoraStack
+from lora_foundry.nodes.train import model_targets
 
 LORA = "bounds_a.safetensors"
 
@@ -170,7 +171,7 @@ def bridge_loras():
 def test_lora_estimate_counts_what_the_network_allocates(sd15):
     from lora_foundry.lora_core.train.network import LoraNetwork, select_targets
 
-    targets = select_targets(train_bridge.unet_train_targets(sd15.model), "all_linear_conv", "in4-8, mid")
+    targets = select_targets(model_targets(sd15.model), "all_linear_conv", "in4-8, mid")
     net = LoraNetwork(targets, rank=6, alpha=6, dora=True)
     counted = sum(p.numel() for p in net.parameters())
     shapes = [tuple(t.module.weight.shape) for t in targets]

@@ -19,7 +19,7 @@ from train_run import DATASET_ARGS, make_dataset, train
 
 from lora_foundry.nodes import comfy_bridge as bridge
 from lora_foundry.nodes import comfy_bridge_train as train_bridge
-from lora_foundry.nodes.train import LoraTrainingDataset, TrainLora
+from lora_foundry.nodes.train import LoraTrainingDataset, TrainLora, model_targets
 
 
 @pytest.fixture(autouse=True)
@@ -112,7 +112,7 @@ def test_output_model_predicts_what_training_saw(sd15, dataset_dir):
 
     sd = safetensors.torch.load_file(str(bridge.lora_path(lora_name)))
     assert any(k.endswith(".dora_scale") for k in sd)
-    targets = select_targets(train_bridge.unet_train_targets(sd15.model), "all_linear_conv")
+    targets = select_targets(model_targets(sd15.model), "all_linear_conv")
     net = LoraNetwork(targets, rank=4, alpha=2.0, dora=True)
     with torch.no_grad():
         for name, b in net.branches.items():
