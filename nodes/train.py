@@ -20,6 +20,7 @@ from ..lora_core.train.dataset import (
     tag_frequency,
 )
 from ..lora_core.train.existing import EXISTING, handle_existing
+from ..lora_core.train.hooks import clone_inputs
 from ..lora_core.train.loss import NoiseSchedule
 from ..lora_core.train.network import (
     TARGET_HELP,
@@ -239,6 +240,18 @@ def clip_targets(clip) -> list:
     return targets_from_key_map(*train_bridge.clip_target_source(clip))
 
 
+def block_hooks(model, checkpointing: bool) -> list:
+    """The hooks a run puts on the MODEL's blocks (the modules ComfyUI calls one by one): copies of
+    the inputs DiT blocks overwrite in place, a differentiable RoPE, gradient checkpointing, the
+    cancel check before each block. Returns their undo functions."""
+    blocks = train_bridge.checkpoint_blocks(model)
+    undo = [clone_inputs(train_bridge.inplace_residual_modules(model)), train_bridge.differentiable_rope()]
+    if checkpointing:
+        undo.append(checkpoint_forward(blocks))
+    undo.append(check_before_forward(blocks, bridge.check_interrupted))
+    return undo
+
+
 def _check_memory(model, clip, device, targets, cfg: TrainConfig, net: NetworkSettings, dataset) -> None:
     """Refuses settings whose LoRA, optimizer state and activations clearly cannot fit the device."""
     settings = TrainSettings(net.rank, net.dora, cfg.optimizer, cfg.batch_size, dataset.options.resolution,
@@ -301,11 +314,7 @@ def run_training(
         if sample is not None and report.step % samples.every == 0:
             train_bridge.save_sample(sample(), plan.name, report.step)
 
-    undo = [checkpoint_forward(train_bridge.checkpoint_blocks(model))] if net.gradient_checkpointing else []
-    # ComfyUI's UNet runs each block's layers itself (forward_timestep_embed), never the block's
-    # own forward: the cancel check goes on the layers, which are called through their hooks.
-    layers = [layer for block in train_bridge.checkpoint_blocks(model) for layer in block]
-    undo.append(check_before_forward(layers, bridge.check_interrupted))
+    undo = block_hooks(model, net.gradient_checkpointing)
     if train_te:
         undo.append(train_bridge.text_encoder_grad_safe(clip))
     networks = [n for n in (unet, te) if n is not None]
