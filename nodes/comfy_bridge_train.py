@@ -75,6 +75,84 @@ def discrete_schedule(model) -> tuple[torch.Tensor, str]:
     return sampling.sigmas.detach().cpu(), kind
 
 
+LATENT_KINDS = {1: "audio (1-D latents)", 3: "video (5-D latents)"}
+
+
+def model_objective_kind(model) -> str:
+    """'discrete' (SD1.x / SD2.x / SDXL: eps or v on a DDPM schedule) or 'flow' (ComfyUI's CONST
+    sampling: Flux, SD3, Lumina2 / Z-Image, Qwen-Image, Chroma ...); a clear error naming the
+    family for anything the training cannot take yet."""
+    import comfy.model_sampling
+
+    name = model_class_name(model)
+    dims = getattr(model.model.latent_format, "latent_dimensions", 2)
+    if dims != 2:
+        raise ValueError(
+            f"{name} is a model for {LATENT_KINDS.get(dims, f'{dims}-D latents')}: Train LoRA trains image "
+            "models (SD1.x, SD2.x, SDXL, Flux, SD3, Z-Image, Qwen-Image, Chroma) for now"
+        )
+    sampling = model.model.model_sampling
+    if isinstance(sampling, comfy.model_sampling.CONST):
+        return "flow"
+    if isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
+        return "discrete"
+    raise ValueError(
+        f"{name} uses {type(sampling).__name__} sampling, which Train LoRA cannot train yet: it trains "
+        "discrete eps / v-prediction models and flow-matching models"
+    )
+
+
+def patch_size(model) -> int:
+    """Latent pixels per token side of a DiT (Flux, SD3: 2); 1 for UNets."""
+    return int(getattr(model.model.diffusion_model, "patch_size", 1) or 1)
+
+
+def sigma_of_t(model) -> Callable:
+    """t in (0, 1) -> sigma by the MODEL's own flow sampling (its shift included): ComfyUI's
+    model_sampling.sigma of the timestep for sigma t, as its schedulers space them."""
+    sampling = model.model.model_sampling
+
+    def sigma(t: torch.Tensor) -> torch.Tensor:
+        return sampling.sigma(sampling.timestep(t)).float()
+
+    return sigma
+
+
+def flow_predictor(model, guidance: float = 1.0) -> Callable:
+    """predict(x_t, sigmas, cond) -> the DiT's raw output (the flow velocity eps - x0), for
+    lora_core.train.
+
+    The conditioning is built by the model's own ``extra_conds`` (as ComfyUI's samplers build it:
+    Flux guidance, pooled vectors as ``y``), and the call mirrors BaseModel._apply_model without
+    its last step (calculate_denoised), so what is trained is what ComfyUI samples from.
+    """
+    base = model.model
+    dtype = base.manual_cast_dtype or base.get_dtype()
+    device = model.load_device
+
+    def predict(x, sigma, cond):
+        x = x.to(device)
+        kwargs = {"cross_attn": cond["context"].to(device), "device": device, "noise": x,
+                  "guidance": guidance, "width": x.shape[-1] * 8, "height": x.shape[-2] * 8}  # fmt: skip
+        if "pooled" in cond:
+            kwargs["pooled_output"] = cond["pooled"].to(device)
+        conds = {k: c.process_cond(batch_size=x.shape[0], device=device, area=None).cond
+                 for k, c in base.extra_conds(**kwargs).items()}  # fmt: skip
+        context = conds.pop("c_crossattn")
+        concat = conds.pop("c_concat", None)
+        sigma = sigma.to(device).float()
+        xc = base.model_sampling.calculate_input(sigma, x)
+        if concat is not None:
+            xc = torch.cat([xc, concat.to(xc)], dim=1)
+        extra = {k: v.to(device, dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+                 for k, v in conds.items()}  # fmt: skip
+        t = base.model_sampling.timestep(sigma).float()
+        return base.diffusion_model(xc.to(dtype), t, context=context.to(device, dtype), control=None,
+                                    transformer_options={}, **extra)  # fmt: skip
+
+    return predict
+
+
 def noise_predictor(model) -> Callable:
     """predict(x_t, timesteps, cond) -> the UNet's raw output (eps or v), for lora_core.train.
 
@@ -225,11 +303,14 @@ def send_event(data: dict) -> None:
         instance.send_sync(TRAIN_EVENT, data)
 
 
+# kohya's ss_base_model_version per ComfyUI class; others: the class name in lower case.
+BASE_VERSIONS = {"SD15": "sd_v1", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SDXL": "sdxl_base_v1-0",
+                 "Flux": "flux1", "FluxSchnell": "flux1", "SD3": "sd3"}  # fmt: skip
+
+
 def base_model_version(model) -> str:
     """kohya's ss_base_model_version for the MODEL's family."""
-    return {"SD15": "sd_v1", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SDXL": "sdxl_base_v1-0"}.get(
-        model_class_name(model), model_class_name(model).lower()
-    )
+    return BASE_VERSIONS.get(model_class_name(model), model_class_name(model).lower())
 
 
 def weights_fingerprint(obj) -> str:

@@ -20,6 +20,7 @@ from ..lora_core.train.dataset import (
     tag_frequency,
 )
 from ..lora_core.train.existing import EXISTING, handle_existing
+from ..lora_core.train.flow import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, FlowObjective
 from ..lora_core.train.hooks import clone_inputs
 from ..lora_core.train.loss import NoiseSchedule
 from ..lora_core.train.network import (
@@ -153,7 +154,7 @@ class TrainLora:
         targets = "; ".join(f"{k}: {v}" for k, v in TARGET_HELP.items())
         return {
             "required": {
-                "model": _tip(("MODEL",), "The base model to train on (SD1.x, SD2.x or SDXL)."),
+                "model": _tip(("MODEL",), "The base model to train on: SD1.x, SD2.x, SDXL, or a flow-matching DiT (Flux, SD3, ...)."),
                 "clip": _tip(("CLIP",), "Its text encoder: trained when te_lr > 0, and used when tags are shuffled."),
                 "dataset": _tip((DATASET_TYPE,), "From LoRA Training Dataset."),
                 "output_name": _tip(("STRING", {"default": "my_lora"}), "Saved as models/loras/<name>/<name>.safetensors, with <name>-stepNNNNNN checkpoints."),
@@ -191,6 +192,12 @@ class TrainLora:
                 "sample_every": _tip(("INT", {"default": 0, "min": 0, "max": 1000000}), "Save a sample image every N steps (0: off) to output/lora_foundry/samples/<name>/, with the prompt and seed below; needs vae."),
                 "sample_prompt": _tip(("STRING", {"default": ""}), "Prompt of the sample images (put the trigger word in it)."),
                 "sample_seed": _tip(("INT", {"default": 0, "min": 0, "max": 2**31 - 1}), "Seed of the sample images: the same for every sample, so they show what training changed."),
+                "timestep_sampling": _tip((list(TIMESTEP_SAMPLINGS),), "Flow-matching models (Flux, SD3 ...): how noise levels are drawn. model: the model's own shift; uniform; logit_normal (mean/std below); shift (fixed shift below); flux_shift (Flux's resolution-dependent shift). SD1.x/SDXL ignore it."),
+                "logit_mean": _tip(("FLOAT", {"default": 0.0, "min": -5.0, "max": 5.0, "step": 0.05}), "Mean of logit_normal sampling (0: centred)."),
+                "logit_std": _tip(("FLOAT", {"default": 1.0, "min": 0.05, "max": 5.0, "step": 0.05}), "Spread of logit_normal sampling."),
+                "shift": _tip(("FLOAT", {"default": 3.0, "min": 0.05, "max": 100.0, "step": 0.05}), "Fixed shift for timestep_sampling 'shift' (SD3 uses 3): higher trains noisier steps."),
+                "loss_weighting": _tip((list(LOSS_WEIGHTINGS),), "Flow-matching loss weighting per noise level: none, sigma_sqrt or cosmap."),
+                "guidance": _tip(("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1}), "Guidance value fed to guidance-distilled models (Flux dev) while training; 1.0 is what trainers use."),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }  # fmt: skip
@@ -202,7 +209,8 @@ class TrainLora:
         try:
             cfg = TrainConfig(**train, cycles=cycles, power=power)
             name = safe_output_name(output_name, LONGEST_SUFFIX)[: -len(".safetensors")]
-            parse_blocks(blocks, bridge.unet_block_counts(model))  # before anything is loaded
+            train_bridge.model_objective_kind(model)  # a family it cannot train: said before anything loads
+            parse_blocks(blocks, bridge.unet_block_counts(model))
             plan = CheckpointPlan(Path(bridge.loras_dir()) / name, name, save_every, keep_last, save_dtype)
             net = NetworkSettings(rank, alpha, targets, blocks, dora, gradient_checkpointing)
             samples = SampleSettings(sample_every, sample_prompt, sample_seed, vae)
@@ -238,6 +246,22 @@ def model_targets(model) -> list:
 def clip_targets(clip) -> list:
     """The text encoder's weights as lora_core Targets."""
     return targets_from_key_map(*train_bridge.clip_target_source(clip))
+
+
+def objective_for(model, cfg: TrainConfig) -> tuple:
+    """(predictor, objective) for the MODEL: flow matching driven by its own sampling for CONST
+    (flow) models, its discrete DDPM schedule (eps / v, min-SNR) for SD1.x / SD2.x / SDXL."""
+    if train_bridge.model_objective_kind(model) == "discrete":
+        schedule = NoiseSchedule.from_sigmas(*train_bridge.discrete_schedule(model))
+        return train_bridge.noise_predictor(model), schedule
+    if cfg.min_snr_gamma > 0:
+        raise ValueError(
+            "`min_snr_gamma` applies to eps / v-prediction models; this is a flow-matching model: set it to 0 "
+            "and use `loss_weighting` instead"
+        )
+    objective = FlowObjective(train_bridge.sigma_of_t(model), cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std,
+                              cfg.shift, cfg.loss_weighting, train_bridge.patch_size(model) ** 2)  # fmt: skip
+    return train_bridge.flow_predictor(model, cfg.guidance), objective
 
 
 def block_hooks(model, checkpointing: bool) -> list:
@@ -289,7 +313,8 @@ def run_training(
     te = LoraNetwork(te_targets, net.rank, net.alpha, net.dora, cfg.seed + 1).to(device) if train_te else None
     data = Batches(dataset, cfg.batch_size, train_bridge.latent_transform(model))
     encode = batch_encoder(train_bridge.caption_encoder(clip)) if needs_clip else None
-    trainer = Trainer(cfg, data, train_bridge.noise_predictor(model), NoiseSchedule.from_sigmas(*train_bridge.discrete_schedule(model)), unet, te, encode,
+    predict, objective = objective_for(model, cfg)
+    trainer = Trainer(cfg, data, predict, objective, unet, te, encode,
                       device, check=bridge.check_interrupted)  # fmt: skip
     run = RunInfo(
         base_model=bridge.model_class_name(model),
