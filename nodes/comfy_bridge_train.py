@@ -208,6 +208,18 @@ def checkpoint_blocks(model) -> list:
     return found
 
 
+def dit_block_lists(model) -> dict[str, int]:
+    """{block-list attribute: length} of a DiT (Flux: double_blocks 19, single_blocks 38); empty for UNets."""
+    net = model.model.diffusion_model
+    if hasattr(net, "input_blocks"):
+        return {}
+    return {
+        n: len(getattr(net, n))
+        for n in DIT_BLOCK_LISTS
+        if isinstance(getattr(net, n, None), torch.nn.ModuleList)
+    }
+
+
 def inplace_residual_modules(model) -> list:
     """Modules whose saved inputs a DiT's blocks overwrite in place once gradients flow: the norms
     inside each transformer block (``x += f(norm(x))``: the norm keeps x for backward). None for

@@ -19,6 +19,7 @@ from ..lora_core.train.dataset import (
     scan_dataset,
     tag_frequency,
 )
+from ..lora_core.train.dit_blocks import group_counts, in_blocks, parse_dit_blocks
 from ..lora_core.train.existing import EXISTING, handle_existing
 from ..lora_core.train.flow import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, FlowObjective
 from ..lora_core.train.hooks import clone_inputs
@@ -165,7 +166,7 @@ class TrainLora:
                 "rank": _tip(("INT", {"default": 16, "min": 1, "max": 1024}), "LoRA rank (dim): 4-8 simple, 16-32 styles, 64-128 detailed subjects."),
                 "alpha": _tip(("FLOAT", {"default": 16.0, "min": 0.01, "max": 1024.0, "step": 0.01}), "Network alpha: the LoRA is scaled by alpha / rank (alpha = rank: scale 1)."),
                 "targets": _tip((list(TARGETS),), f"Layers to adapt. {targets}."),
-                "blocks": _tip(("STRING", {"default": ""}), "Optional UNet blocks to train, e.g. 'in4-8, mid, out0-5'; empty: all."),
+                "blocks": _tip(("STRING", {"default": ""}), "Optional blocks to train in the model's own numbering: UNets 'in4-8, mid, out0-5'; Flux 'double0-18, single0-37'; SD3 'joint0-23'; Z-Image 'layer0-29'; Qwen-Image 'block0-59'. Empty: all."),
                 "lr": _tip(("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 10.0, "step": 1e-6}), "UNet learning rate (Prodigy: use 1.0)."),
                 "te_lr": _tip(("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 1e-6}), "Text-encoder learning rate; 0 keeps the text encoder frozen (and its embeddings cached)."),
                 "optimizer": _tip((list(OPTIMIZERS),), "AdamW8bit needs bitsandbytes, Prodigy needs prodigyopt installed."),
@@ -210,7 +211,7 @@ class TrainLora:
             cfg = TrainConfig(**train, cycles=cycles, power=power)
             name = safe_output_name(output_name, LONGEST_SUFFIX)[: -len(".safetensors")]
             train_bridge.model_objective_kind(model)  # a family it cannot train: said before anything loads
-            parse_blocks(blocks, bridge.unet_block_counts(model))
+            check_blocks(model, blocks)  # a wrong block spec is said before anything loads
             plan = CheckpointPlan(Path(bridge.loras_dir()) / name, name, save_every, keep_last, save_dtype)
             net = NetworkSettings(rank, alpha, targets, blocks, dora, gradient_checkpointing)
             samples = SampleSettings(sample_every, sample_prompt, sample_seed, vae)
@@ -246,6 +247,23 @@ def model_targets(model) -> list:
 def clip_targets(clip) -> list:
     """The text encoder's weights as lora_core Targets."""
     return targets_from_key_map(*train_bridge.clip_target_source(clip))
+
+
+def check_blocks(model, spec: str) -> set | None:
+    """The blocks ``spec`` names in the MODEL's own numbering, checked against its real blocks:
+    in/mid/out for UNets ('in4-8, mid'), the DiT's block lists ('double0-18, single0-37' for Flux)."""
+    counts = bridge.unet_block_counts(model)
+    if counts is not None:
+        return parse_blocks(spec, counts)
+    return parse_dit_blocks(spec, group_counts(train_bridge.dit_block_lists(model)))
+
+
+def train_targets(model, preset: str, spec: str) -> list:
+    """The MODEL's targets of a preset inside the blocks ``spec`` names."""
+    counts = bridge.unet_block_counts(model)
+    if counts is not None:
+        return select_targets(model_targets(model), preset, spec, counts)
+    return in_blocks(select_targets(model_targets(model), preset), check_blocks(model, spec))
 
 
 def objective_for(model, cfg: TrainConfig) -> tuple:
@@ -305,8 +323,7 @@ def run_training(
         raise ValueError("`clip` is needed to train the text encoder (te_lr > 0) or to shuffle tags")
     device = train_bridge.prepare_for_training(model, clip if needs_clip else None)
     bridge.check_interrupted()  # loading can take minutes: a cancel meanwhile stops here
-    unet_targets = select_targets(model_targets(model), net.targets, net.blocks,
-                                  bridge.unet_block_counts(model))  # fmt: skip
+    unet_targets = train_targets(model, net.targets, net.blocks)
     te_targets = select_targets(clip_targets(clip), net.targets) if train_te else []
     _check_memory(model, clip if needs_clip else None, device, unet_targets + te_targets, cfg, net, dataset)
     unet = LoraNetwork(unet_targets, net.rank, net.alpha, net.dora, cfg.seed).to(device)
