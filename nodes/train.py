@@ -212,6 +212,7 @@ class TrainLora:
             name = safe_output_name(output_name, LONGEST_SUFFIX)[: -len(".safetensors")]
             train_bridge.model_objective_kind(model)  # a family it cannot train: said before anything loads
             check_blocks(model, blocks)  # a wrong block spec is said before anything loads
+            check_resolution(dataset, model)
             plan = CheckpointPlan(Path(bridge.loras_dir()) / name, name, save_every, keep_last, save_dtype)
             net = NetworkSettings(rank, alpha, targets, blocks, dora, gradient_checkpointing)
             samples = SampleSettings(sample_every, sample_prompt, sample_seed, vae)
@@ -247,6 +248,20 @@ def model_targets(model) -> list:
 def clip_targets(clip) -> list:
     """The text encoder's weights as lora_core Targets."""
     return targets_from_key_map(*train_bridge.clip_target_source(clip))
+
+
+def check_resolution(dataset, model) -> None:
+    """Every bucket must split into the DiT's patches (latent 8x smaller, p x p latent pixels per
+    token); the error names the nearest size that does."""
+    step = 8 * train_bridge.patch_size(model)
+    for size in sorted({s.bucket for s in dataset.samples}):
+        if any(side % step for side in size):
+            nearest = tuple(max(step, int(side / step + 0.5) * step) for side in size)  # halves round up
+            raise ValueError(
+                f"the dataset has images at {size[0]}x{size[1]}, which this model cannot take (sides must be "
+                f"multiples of {step}); the nearest valid size is {nearest[0]}x{nearest[1]}: set the dataset's "
+                f"resolution so buckets fit, e.g. {round(dataset.options.resolution / step) * step}"
+            )
 
 
 def check_blocks(model, spec: str) -> set | None:

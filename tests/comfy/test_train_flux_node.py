@@ -98,3 +98,33 @@ def test_flux_blocks_in_its_own_numbering(flux, loras_dir):
         train_flux(flux, output_name="flux_blocks_bad", blocks="double2")
     with pytest.raises(RuntimeError, match=r"`blocks` entry 'in4' is not a block of this model"):
         train_flux(flux, output_name="flux_blocks_bad", blocks="in4")
+
+
+def test_resolution_the_patches_cannot_take_names_the_nearest(flux):
+    ds = flux_dataset(1)
+    ds.samples[0] = Sample(torch.zeros(16, 5, 5), None, (40, 40), ds.samples[0].caption, 1)
+    with (
+        pytest.raises(
+            RuntimeError, match=r"\[Train LoRA\] .*40x40.*multiples of 16.*nearest valid size is 48x48"
+        ),
+        torch.inference_mode(),
+    ):
+        TrainLora().execute(flux, None, ds, **{**TRAIN_ARGS, "output_name": "odd_size"}, unique_id="3")
+
+
+@pytest.mark.timeout(600)
+def test_fp8_stored_flux_base_trains_with_fp32_lora_weights(loras_dir):
+    """weight_dtype fp8_e4m3fn: the base stays fp8 (computed in float32 on the CPU), the LoRA learns
+    in float32 and the saved file loads in core's loader with zero unmatched keys."""
+    import model_factory
+
+    fp8 = model_factory.flux_model(seed=0, dtype=torch.float8_e4m3fn)
+    qkv = fp8.model.diffusion_model.double_blocks[0].img_attn.qkv.weight
+    assert qkv.dtype == torch.float8_e4m3fn
+    out = train_flux(fp8, output_name="flux_fp8", steps=2, lr=1e-2, save_dtype="fp32")
+    assert fp8.model.diffusion_model.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
+    sd = safetensors.torch.load_file(str(loras_dir / out["result"][2]))
+    assert all(v.dtype == torch.float32 for v in sd.values())
+    assert any(v.abs().max() > 0 for k, v in sd.items() if "lora_up" in k)
+    loaded = comfy.lora.load_lora(sd, comfy.lora.model_lora_keys_unet(fp8.model, {}))
+    assert len(loaded) == len({k.split(".")[0] for k in sd})
