@@ -216,6 +216,11 @@ class TrainLora:
             plan = CheckpointPlan(Path(bridge.loras_dir()) / name, name, save_every, keep_last, save_dtype)
             net = NetworkSettings(rank, alpha, targets, blocks, dora, gradient_checkpointing)
             samples = SampleSettings(sample_every, sample_prompt, sample_seed, vae)
+            if samples.every and train_bridge.model_objective_kind(model) == "flow":
+                raise ValueError(
+                    "sample images during training are not available for flow-matching models yet: set "
+                    "`sample_every` to 0 and sample with the MODEL output after the run"
+                )
             if samples.every and vae is None:
                 raise ValueError(
                     "`sample_every` is set but no `vae` is connected: connect the VAE or set it to 0"
