@@ -100,11 +100,11 @@ def worker_ours(args, base: Path) -> dict:
     package = types.ModuleType("lora_foundry")
     package.__path__ = [str(REPO)]
     sys.modules["lora_foundry"] = package
-    from lora_foundry.nodes import comfy_bridge as bridge
+    from lora_foundry.nodes import comfy_bridge_train as train_bridge
     from lora_foundry.nodes import train as pack
 
     times: list[float] = []
-    bridge.send_event = lambda data: times.append(time.perf_counter())
+    train_bridge.send_event = lambda data: times.append(time.perf_counter())
     with _inference():
         dataset, _ = pack.LoraTrainingDataset().execute(
             str(base / "input" / "images"),

@@ -11,7 +11,19 @@ import torch
 from ..lora_core.budget import TrainSettings, check_fits, train_need
 from ..lora_core.files.confine import resolve_folder
 from ..lora_core.files.savefile import safe_output_name
-from ..lora_core.train.dataset import Batches, DatasetOptions, build_dataset, scan_dataset, tag_frequency
+from ..lora_core.train.dataset import (
+    Batches,
+    DatasetOptions,
+    batch_encoder,
+    build_dataset,
+    scan_dataset,
+    tag_frequency,
+)
+from ..lora_core.train.dit_blocks import group_counts, in_blocks, parse_dit_blocks
+from ..lora_core.train.existing import EXISTING, handle_existing
+from ..lora_core.train.flow import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, FlowObjective
+from ..lora_core.train.hooks import clone_inputs
+from ..lora_core.train.loss import NoiseSchedule
 from ..lora_core.train.network import (
     TARGET_HELP,
     TARGETS,
@@ -25,14 +37,15 @@ from ..lora_core.train.optim import OPTIMIZERS, MissingPackageError
 from ..lora_core.train.plot import loss_curve
 from ..lora_core.train.run import RunInfo, RunResult, fit
 from ..lora_core.train.schedule import SCHEDULERS
-from ..lora_core.train.state import LONGEST_SUFFIX, STATE_SUFFIX, CheckpointPlan
+from ..lora_core.train.state import LONGEST_SUFFIX, CheckpointPlan
+from ..lora_core.train.targets import targets_from_key_map
 from ..lora_core.train.trainer import PRECISIONS, NonFiniteLossError, TrainConfig, Trainer
 from . import comfy_bridge as bridge
+from . import comfy_bridge_train as train_bridge
 from .load_lora import apply_lora
 
 CATEGORY = "LoRA Foundry/training"
 DATASET_TYPE = "LORA_TRAINING_DATASET"
-EXISTING = ("resume", "overwrite", "error")
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, MissingPackageError, NonFiniteLossError)
 
 
@@ -79,9 +92,9 @@ class LoraTrainingDataset:
             options = DatasetOptions(resolution, buckets, crop, flip, trigger_word, shuffle_tags, keep_tags,
                                      caption_dropout, repeats)  # fmt: skip
             scan = scan_dataset(_dataset_folder(folder), options)
-            cache_dir = Path(bridge.cache_directory()) if cache == "disk" else None
+            cache_dir = Path(train_bridge.cache_directory()) if cache == "disk" else None
             bar = bridge.progress(len(scan.entries))
-            dataset = build_dataset(scan, options, bridge.image_encoder(vae), bridge.text_encoder(clip),
+            dataset = build_dataset(scan, options, train_bridge.image_encoder(vae), batch_encoder(train_bridge.caption_encoder(clip)),
                                     cache_dir, _encoder_id(vae, clip, cache), on_item=bar)  # fmt: skip
         except USER_ERRORS as e:
             raise RuntimeError(f"[{node}] {e}") from e
@@ -89,7 +102,11 @@ class LoraTrainingDataset:
 
 
 def _encoder_id(vae, clip, cache: str) -> str:
-    return f"{bridge.weights_fingerprint(vae)}:{bridge.weights_fingerprint(clip)}" if cache == "disk" else ""
+    return (
+        f"{train_bridge.weights_fingerprint(vae)}:{train_bridge.weights_fingerprint(clip)}"
+        if cache == "disk"
+        else ""
+    )
 
 
 def _dataset_folder(folder: str) -> Path:
@@ -138,7 +155,7 @@ class TrainLora:
         targets = "; ".join(f"{k}: {v}" for k, v in TARGET_HELP.items())
         return {
             "required": {
-                "model": _tip(("MODEL",), "The base model to train on (SD1.x, SD2.x or SDXL)."),
+                "model": _tip(("MODEL",), "The base model to train on: SD1.x, SD2.x, SDXL, or a flow-matching DiT (Flux, SD3, ...)."),
                 "clip": _tip(("CLIP",), "Its text encoder: trained when te_lr > 0, and used when tags are shuffled."),
                 "dataset": _tip((DATASET_TYPE,), "From LoRA Training Dataset."),
                 "output_name": _tip(("STRING", {"default": "my_lora"}), "Saved as models/loras/<name>/<name>.safetensors, with <name>-stepNNNNNN checkpoints."),
@@ -149,7 +166,7 @@ class TrainLora:
                 "rank": _tip(("INT", {"default": 16, "min": 1, "max": 1024}), "LoRA rank (dim): 4-8 simple, 16-32 styles, 64-128 detailed subjects."),
                 "alpha": _tip(("FLOAT", {"default": 16.0, "min": 0.01, "max": 1024.0, "step": 0.01}), "Network alpha: the LoRA is scaled by alpha / rank (alpha = rank: scale 1)."),
                 "targets": _tip((list(TARGETS),), f"Layers to adapt. {targets}."),
-                "blocks": _tip(("STRING", {"default": ""}), "Optional UNet blocks to train, e.g. 'in4-8, mid, out0-5'; empty: all."),
+                "blocks": _tip(("STRING", {"default": ""}), "Optional blocks to train in the model's own numbering: UNets 'in4-8, mid, out0-5'; Flux 'double0-18, single0-37'; SD3 'joint0-23'; Z-Image 'layer0-29'; Qwen-Image 'block0-59'. Empty: all."),
                 "lr": _tip(("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 10.0, "step": 1e-6}), "UNet learning rate (Prodigy: use 1.0)."),
                 "te_lr": _tip(("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 1e-6}), "Text-encoder learning rate; 0 keeps the text encoder frozen (and its embeddings cached)."),
                 "optimizer": _tip((list(OPTIMIZERS),), "AdamW8bit needs bitsandbytes, Prodigy needs prodigyopt installed."),
@@ -176,6 +193,12 @@ class TrainLora:
                 "sample_every": _tip(("INT", {"default": 0, "min": 0, "max": 1000000}), "Save a sample image every N steps (0: off) to output/lora_foundry/samples/<name>/, with the prompt and seed below; needs vae."),
                 "sample_prompt": _tip(("STRING", {"default": ""}), "Prompt of the sample images (put the trigger word in it)."),
                 "sample_seed": _tip(("INT", {"default": 0, "min": 0, "max": 2**31 - 1}), "Seed of the sample images: the same for every sample, so they show what training changed."),
+                "timestep_sampling": _tip((list(TIMESTEP_SAMPLINGS),), "Flow-matching models (Flux, SD3 ...): how noise levels are drawn. model: the model's own shift; uniform; logit_normal (mean/std below); shift (fixed shift below); flux_shift (Flux's resolution-dependent shift). SD1.x/SDXL ignore it."),
+                "logit_mean": _tip(("FLOAT", {"default": 0.0, "min": -5.0, "max": 5.0, "step": 0.05}), "Mean of logit_normal sampling (0: centred)."),
+                "logit_std": _tip(("FLOAT", {"default": 1.0, "min": 0.05, "max": 5.0, "step": 0.05}), "Spread of logit_normal sampling."),
+                "shift": _tip(("FLOAT", {"default": 3.0, "min": 0.05, "max": 100.0, "step": 0.05}), "Fixed shift for timestep_sampling 'shift' (SD3 uses 3): higher trains noisier steps."),
+                "loss_weighting": _tip((list(LOSS_WEIGHTINGS),), "Flow-matching loss weighting per noise level: none, sigma_sqrt or cosmap."),
+                "guidance": _tip(("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1}), "Guidance value fed to guidance-distilled models (Flux dev) while training; 1.0 is what trainers use."),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }  # fmt: skip
@@ -187,15 +210,22 @@ class TrainLora:
         try:
             cfg = TrainConfig(**train, cycles=cycles, power=power)
             name = safe_output_name(output_name, LONGEST_SUFFIX)[: -len(".safetensors")]
-            parse_blocks(blocks, bridge.unet_block_counts(model))  # before anything is loaded
+            train_bridge.model_objective_kind(model)  # a family it cannot train: said before anything loads
+            check_blocks(model, blocks)  # a wrong block spec is said before anything loads
+            check_resolution(dataset, model)
             plan = CheckpointPlan(Path(bridge.loras_dir()) / name, name, save_every, keep_last, save_dtype)
             net = NetworkSettings(rank, alpha, targets, blocks, dora, gradient_checkpointing)
             samples = SampleSettings(sample_every, sample_prompt, sample_seed, vae)
+            if samples.every and train_bridge.model_objective_kind(model) == "flow":
+                raise ValueError(
+                    "sample images during training are not available for flow-matching models yet: set "
+                    "`sample_every` to 0 and sample with the MODEL output after the run"
+                )
             if samples.every and vae is None:
                 raise ValueError(
                     "`sample_every` is set but no `vae` is connected: connect the VAE or set it to 0"
                 )
-            _handle_existing(plan, existing)
+            handle_existing(plan, existing)
             with torch.inference_mode(False), torch.enable_grad():
                 result = run_training(model, clip, dataset, cfg, net, plan, unique_id, samples)
         except USER_ERRORS as e:
@@ -215,24 +245,73 @@ class TrainLora:
         }
 
 
-def _our_files(plan: CheckpointPlan) -> list[Path]:
-    if not plan.folder.is_dir():
-        return []
-    names = (f"{plan.name}.safetensors", f"{plan.name}{STATE_SUFFIX}", f"{plan.name}{STATE_SUFFIX}.json")
-    return [p for p in plan.folder.iterdir() if p.name in names or p.name.startswith(f"{plan.name}-step")]
+def model_targets(model) -> list:
+    """Every weight of the MODEL a LoRA file can address, as lora_core Targets."""
+    return targets_from_key_map(*train_bridge.unet_target_source(model))
 
 
-def _handle_existing(plan: CheckpointPlan, existing: str) -> None:
-    files = _our_files(plan)
-    if not files or existing == "resume":
-        return
-    if existing == "error":
+def clip_targets(clip) -> list:
+    """The text encoder's weights as lora_core Targets."""
+    return targets_from_key_map(*train_bridge.clip_target_source(clip))
+
+
+def check_resolution(dataset, model) -> None:
+    """Every bucket must split into the DiT's patches (latent 8x smaller, p x p latent pixels per
+    token); the error names the nearest size that does."""
+    step = 8 * train_bridge.patch_size(model)
+    for size in sorted({s.bucket for s in dataset.samples}):
+        if any(side % step for side in size):
+            nearest = tuple(max(step, int(side / step + 0.5) * step) for side in size)  # halves round up
+            raise ValueError(
+                f"the dataset has images at {size[0]}x{size[1]}, which this model cannot take (sides must be "
+                f"multiples of {step}); the nearest valid size is {nearest[0]}x{nearest[1]}: set the dataset's "
+                f"resolution so buckets fit, e.g. {round(dataset.options.resolution / step) * step}"
+            )
+
+
+def check_blocks(model, spec: str) -> set | None:
+    """The blocks ``spec`` names in the MODEL's own numbering, checked against its real blocks:
+    in/mid/out for UNets ('in4-8, mid'), the DiT's block lists ('double0-18, single0-37' for Flux)."""
+    counts = bridge.unet_block_counts(model)
+    if counts is not None:
+        return parse_blocks(spec, counts)
+    return parse_dit_blocks(spec, group_counts(train_bridge.dit_block_lists(model)))
+
+
+def train_targets(model, preset: str, spec: str) -> list:
+    """The MODEL's targets of a preset inside the blocks ``spec`` names."""
+    counts = bridge.unet_block_counts(model)
+    if counts is not None:
+        return select_targets(model_targets(model), preset, spec, counts)
+    return in_blocks(select_targets(model_targets(model), preset), check_blocks(model, spec))
+
+
+def objective_for(model, cfg: TrainConfig) -> tuple:
+    """(predictor, objective) for the MODEL: flow matching driven by its own sampling for CONST
+    (flow) models, its discrete DDPM schedule (eps / v, min-SNR) for SD1.x / SD2.x / SDXL."""
+    if train_bridge.model_objective_kind(model) == "discrete":
+        schedule = NoiseSchedule.from_sigmas(*train_bridge.discrete_schedule(model))
+        return train_bridge.noise_predictor(model), schedule
+    if cfg.min_snr_gamma > 0:
         raise ValueError(
-            f"{plan.folder} already has {len(files)} files of a run named '{plan.name}': choose another "
-            "output_name, or set `existing` to 'resume' or 'overwrite'"
+            "`min_snr_gamma` applies to eps / v-prediction models; this is a flow-matching model: set it to 0 "
+            "and use `loss_weighting` instead"
         )
-    for path in files:
-        path.unlink()
+    objective = FlowObjective(train_bridge.sigma_of_t(model), cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std,
+                              cfg.shift, cfg.loss_weighting, train_bridge.patch_size(model) ** 2)  # fmt: skip
+    return train_bridge.flow_predictor(model, cfg.guidance), objective
+
+
+def block_hooks(model, checkpointing: bool) -> list:
+    """The hooks a run puts on the MODEL's blocks (the modules ComfyUI calls one by one): copies of
+    the inputs DiT blocks overwrite in place, a differentiable RoPE, gradient checkpointing, the
+    cancel check before each block. Returns their undo functions."""
+    blocks = train_bridge.checkpoint_blocks(model)
+    undo = [clone_inputs(train_bridge.inplace_residual_modules(model)), train_bridge.differentiable_rope()]
+    if checkpointing:
+        undo.append(checkpoint_forward(blocks))
+    undo.append(check_before_forward(blocks, bridge.check_interrupted))
+    return undo
 
 
 def _check_memory(model, clip, device, targets, cfg: TrainConfig, net: NetworkSettings, dataset) -> None:
@@ -262,21 +341,23 @@ def run_training(
     needs_clip = train_te or dataset.options.captions_vary
     if needs_clip and clip is None:
         raise ValueError("`clip` is needed to train the text encoder (te_lr > 0) or to shuffle tags")
-    device = bridge.prepare_for_training(model, clip if needs_clip else None)
+    device = train_bridge.prepare_for_training(model, clip if needs_clip else None)
     bridge.check_interrupted()  # loading can take minutes: a cancel meanwhile stops here
-    unet_targets = select_targets(bridge.unet_train_targets(model), net.targets, net.blocks,
-                                  bridge.unet_block_counts(model))  # fmt: skip
-    te_targets = select_targets(bridge.clip_train_targets(clip), net.targets) if train_te else []
+    unet_targets = train_targets(model, net.targets, net.blocks)
+    te_targets = select_targets(clip_targets(clip), net.targets) if train_te else []
     _check_memory(model, clip if needs_clip else None, device, unet_targets + te_targets, cfg, net, dataset)
     unet = LoraNetwork(unet_targets, net.rank, net.alpha, net.dora, cfg.seed).to(device)
     te = LoraNetwork(te_targets, net.rank, net.alpha, net.dora, cfg.seed + 1).to(device) if train_te else None
-    data = Batches(dataset, cfg.batch_size, bridge.latent_transform(model))
-    encode = bridge.text_encoder(clip) if needs_clip else None
-    trainer = Trainer(cfg, data, bridge.noise_predictor(model), bridge.noise_schedule(model), unet, te, encode,
+    data = Batches(dataset, cfg.batch_size, train_bridge.latent_transform(model))
+    encode = batch_encoder(train_bridge.caption_encoder(clip)) if needs_clip else None
+    predict, objective = objective_for(model, cfg)
+    trainer = Trainer(cfg, data, predict, objective, unet, te, encode,
                       device, check=bridge.check_interrupted)  # fmt: skip
+    family = train_bridge.training_metadata(model)
     run = RunInfo(
         base_model=bridge.model_class_name(model),
-        base_model_version=bridge.base_model_version(model),
+        base_model_version=family["ss_base_model_version"],
+        modelspec_architecture=family.get("modelspec.architecture"),
         resolution=dataset.options.resolution,
         num_images=dataset.num_images,
         dataset_dirs=dataset.dataset_dirs(),
@@ -288,22 +369,18 @@ def run_training(
     sample = None
     if samples.every:
         size = dataset.options.resolution
-        sample = bridge.sampler(model, clip, samples.vae, samples.prompt, samples.seed, size, size)
+        sample = train_bridge.sampler(model, clip, samples.vae, samples.prompt, samples.seed, size, size)
 
     def on_step(report) -> None:
-        bridge.send_event({"node": unique_id, "step": report.step, "total": report.total,
+        train_bridge.send_event({"node": unique_id, "step": report.step, "total": report.total,
                            "loss": report.loss, "lr": report.lr, "eta_s": report.eta_s})  # fmt: skip
         bar(report.step)
         if sample is not None and report.step % samples.every == 0:
-            bridge.save_sample(sample(), plan.name, report.step)
+            train_bridge.save_sample(sample(), plan.name, report.step)
 
-    undo = [checkpoint_forward(bridge.checkpoint_blocks(model))] if net.gradient_checkpointing else []
-    # ComfyUI's UNet runs each block's layers itself (forward_timestep_embed), never the block's
-    # own forward: the cancel check goes on the layers, which are called through their hooks.
-    layers = [layer for block in bridge.checkpoint_blocks(model) for layer in block]
-    undo.append(check_before_forward(layers, bridge.check_interrupted))
+    undo = block_hooks(model, net.gradient_checkpointing)
     if train_te:
-        undo.append(bridge.text_encoder_grad_safe(clip))
+        undo.append(train_bridge.text_encoder_grad_safe(clip))
     networks = [n for n in (unet, te) if n is not None]
     for n in networks:
         n.attach()

@@ -325,6 +325,15 @@ def stack_conds(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return out
 
 
+def batch_encoder(encode_one: Callable[[str], dict[str, Tensor]]) -> Callable[[list[str]], dict[str, Tensor]]:
+    """captions -> stacked conds, from a one-caption encoder (the text encoder the bridge hands over)."""
+
+    def encode(captions: list[str]) -> dict[str, Tensor]:
+        return stack_conds([encode_one(c) for c in captions])
+
+    return encode
+
+
 class Batches:
     """The TrainingData the trainer reads: epochs of same-bucket batches, flips, crops, captions."""
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PREDICTIONS = ("eps", "v")
-LOSSES = ("MSE", "Huber")
+Prediction = Literal["eps", "v"]
+PREDICTIONS: tuple[str, ...] = get_args(Prediction)
+LossName = Literal["MSE", "Huber"]
+LOSSES: tuple[str, ...] = get_args(LossName)
 
 
 @dataclass(frozen=True, eq=False)

@@ -13,9 +13,11 @@ import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ..apply.block_weights import SD_COUNTS, BlockCounts, block_of, check_block_index, check_spec_length
@@ -23,10 +25,23 @@ from ..apply.block_weights import SD_COUNTS, BlockCounts, block_of, check_block_
 # Module paths (ComfyUI / LDM spelling for the UNet, transformers spelling for CLIP) per preset.
 _ATTN = r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$|\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$"
 _FF = r"\.ff\.net\.(0\.proj|2)$|\.mlp\.(fc1|fc2)$"
-TARGETS = ("attention", "attention_ff", "all_linear", "all_linear_conv")
+# DiT blocks in ComfyUI's spelling: Flux / Chroma (img_attn / txt_attn qkv and proj; a single
+# block's linear1 / linear2 fuse attention with the MLP, and count as attention, as sd-scripts and
+# ai-toolkit train them), SD3 (attn.qkv / proj), Qwen-Image (attn.to_q ... to_add_out),
+# Lumina2 / Z-Image (attention.qkv / out), Wan (self_attn / cross_attn q, k, v, o).
+_DIT_ATTN = (
+    r"_attn\.(qkv|proj)$|\.attn\.(qkv|proj|to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$"
+    r"|single_blocks\.\d+\.(linear1|linear2)$|\.attention\.(qkv|out)$|\.(self_attn|cross_attn)\.(q|k|v|o)$"
+)
+_DIT_FF = r"_mlp\.(0|2)$|_mlp\.net\.(0\.proj|2)$|\.feed_forward\.(w1|w2|w3)$|\.ffn\.(0|2)$"
+_ATTN = f"{_ATTN}|{_DIT_ATTN}"
+_FF = f"{_FF}|{_DIT_FF}"
+TargetPreset = Literal["attention", "attention_ff", "all_linear", "all_linear_conv"]
+TARGETS: tuple[str, ...] = get_args(TargetPreset)
 TARGET_HELP = {
-    "attention": "to_q, to_k, to_v, to_out of self- and cross-attention (CLIP: q/k/v/out_proj)",
-    "attention_ff": "attention plus the feed-forward layers (CLIP: mlp.fc1/fc2)",
+    "attention": "to_q, to_k, to_v, to_out of self- and cross-attention (CLIP: q/k/v/out_proj; DiTs: their "
+    "attention projections, Flux single blocks' linear1/linear2)",
+    "attention_ff": "attention plus the feed-forward layers (CLIP: mlp.fc1/fc2; DiTs: their MLPs)",
     "all_linear": "every Linear layer and 1x1 convolution",
     "all_linear_conv": "every Linear layer and every convolution (LoCon)",
 }
@@ -257,6 +272,15 @@ def check_before_forward(modules: Iterable[nn.Module], check: Callable[[], None]
     return undo
 
 
+def _on_copies(function: Callable, *args, **kwargs):
+    # A block that adds residuals in place (ComfyUI's DiTs: x += ...) would overwrite the input the
+    # checkpoint keeps to recompute it from: the block runs on copies, made anew at each recompute.
+    def copy(v):
+        return v.clone() if isinstance(v, Tensor) and v.is_floating_point() else v
+
+    return function(*(copy(a) for a in args), **{k: copy(v) for k, v in kwargs.items()})
+
+
 def checkpoint_forward(modules: Iterable[nn.Module]) -> Callable[[], None]:
     """Gradient checkpointing on each module (recomputed in backward); returns the undo function."""
     patched = []
@@ -266,7 +290,9 @@ def checkpoint_forward(modules: Iterable[nn.Module]) -> Callable[[], None]:
         def forward(*args, _original=original, **kwargs):
             if not torch.is_grad_enabled():
                 return _original(*args, **kwargs)
-            return torch.utils.checkpoint.checkpoint(_original, *args, use_reentrant=False, **kwargs)
+            return torch.utils.checkpoint.checkpoint(
+                _on_copies, _original, *args, use_reentrant=False, **kwargs
+            )
 
         module.forward = forward
         patched.append(module)

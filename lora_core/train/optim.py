@@ -5,11 +5,13 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Callable, Iterable
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-OPTIMIZERS = ("AdamW", "Adam", "Lion", "SGD", "AdamW8bit", "Prodigy")
+OptimizerName = Literal["AdamW", "Adam", "Lion", "SGD", "AdamW8bit", "Prodigy"]
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 # name -> (package to import, pip name)
 _OPTIONAL = {"AdamW8bit": ("bitsandbytes", "bitsandbytes"), "Prodigy": ("prodigyopt", "prodigyopt")}
 

@@ -7,12 +7,12 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..files.savefile import kohya_metadata
 from .state import CheckpointPlan, DamagedStateError, list_states, read_state, save_checkpoint
-from .trainer import NonFiniteLossError, StepReport, Trainer
+from .trainer import NonFiniteLossError, StepReport, TrainConfig, Trainer
 
 log = logging.getLogger("lora_foundry")
 
@@ -93,7 +93,11 @@ def training_metadata(trainer: Trainer, run: RunInfo, name: str, started: float)
 
 
 def _check_resumable(saved: Mapping, current: Mapping, where: Path) -> None:
-    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    # A setting added after the state was saved counts at its default (the value that run used).
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    changed = sorted(
+        k for k in current if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != current[k]
+    )
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed[:4])
         raise ValueError(

@@ -12,18 +12,21 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .loss import LOSSES, NoiseSchedule, min_snr_weights, per_sample_loss, sample_noise
+from .flow import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, LossWeighting, TimestepSampling
+from .loss import LOSSES, LossName, NoiseSchedule, per_sample_loss, sample_noise
 from .network import LoraNetwork
-from .optim import OPTIMIZERS, all_params, make_optimizer, state_from_tensors, state_to_tensors
-from .schedule import SCHEDULERS, Schedule, warmup_from
+from .objective import DiscreteObjective, Objective
+from .optim import OPTIMIZERS, OptimizerName, all_params, make_optimizer, state_from_tensors, state_to_tensors
+from .schedule import SCHEDULERS, Schedule, SchedulerName, warmup_from
 from .state import DamagedStateError
 
+Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 Predict = Callable[[Tensor, Tensor, Mapping[str, Tensor]], Tensor]
@@ -59,20 +62,27 @@ class TrainConfig:
     lr: float = 1e-4
     te_lr: float = 0.0  # 0: text encoder not trained
     loraplus_ratio: float = 1.0
-    optimizer: str = "AdamW"
+    optimizer: OptimizerName = "AdamW"
     weight_decay: float = 0.01
-    scheduler: str = "constant"
+    scheduler: SchedulerName = "constant"
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     cycles: int = 1
     power: float = 1.0
     min_snr_gamma: float = 0.0
     noise_offset: float = 0.0
-    loss: str = "MSE"
+    loss: LossName = "MSE"
     huber_delta: float = 0.1
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     max_grad_norm: float = 1.0
     seed: int = 0
+    # flow-matching models only (Flux, SD3, ...; lora_core.train.flow); SD1.x / SDXL ignore them
+    timestep_sampling: TimestepSampling = "model"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 3.0
+    loss_weighting: LossWeighting = "none"
+    guidance: float = 1.0  # guidance-distilled models (Flux dev): the value trained at
 
     def __post_init__(self) -> None:
         checks = [
@@ -95,6 +105,8 @@ class TrainConfig:
             ("scheduler", self.scheduler, SCHEDULERS),
             ("loss", self.loss, LOSSES),
             ("precision", self.precision, tuple(PRECISIONS)),
+            ("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS),
+            ("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS),
         ):
             if value not in allowed:
                 raise ValueError(f"`{name}` should be one of {', '.join(allowed)}, got {value!r}")
@@ -125,7 +137,7 @@ class Trainer:
         config: TrainConfig,
         data: TrainingData,
         predict: Predict,
-        schedule: NoiseSchedule,
+        schedule: NoiseSchedule | Objective,
         unet: LoraNetwork,
         te: LoraNetwork | None = None,
         encode: Encode | None = None,
@@ -133,6 +145,12 @@ class Trainer:
         check: Check | None = None,
     ):
         self.cfg, self.data, self.predict, self.schedule = config, data, predict, schedule
+        # A discrete schedule (SD1.x / SDXL) or any Objective (flow matching for DiTs).
+        self.objective = (
+            DiscreteObjective(schedule, config.min_snr_gamma)
+            if isinstance(schedule, NoiseSchedule)
+            else schedule
+        )
         self._check = check
         self.networks = {"unet": unet} if te is None else {"unet": unet, "te": te}
         if te is not None and (config.te_lr <= 0 or encode is None):
@@ -201,17 +219,14 @@ class Trainer:
         batch = self.data.batch(self._next_indices(), self.generator, self.rng)
         latents = batch.latents.float()
         noise = sample_noise(latents, self.generator, self.cfg.noise_offset)
-        timesteps = torch.randint(0, self.schedule.steps, (latents.shape[0],), generator=self.generator)
-        weights = min_snr_weights(self.schedule, timesteps, self.cfg.min_snr_gamma)
-        noisy = self.schedule.add_noise(latents, noise, timesteps)
-        target = self.schedule.target(latents, noise, timesteps)
+        drawn = self.objective.draw(latents, noise, self.generator)
         dev = self.device
         enabled = self.cfg.precision != "fp32"
         with torch.autocast(dev.type, dtype=self.autocast_dtype, enabled=enabled):
             conds = self._conds(batch)
-            pred = self.predict(noisy.to(dev), timesteps.to(dev), conds)
-        losses = per_sample_loss(pred, target.to(dev), self.cfg.loss, self.cfg.huber_delta)
-        loss = (losses * weights.to(dev)).mean()
+            pred = self.predict(drawn.noisy.to(dev), drawn.model_time.to(dev), conds)
+        losses = per_sample_loss(pred, drawn.target.to(dev), self.cfg.loss, self.cfg.huber_delta)
+        loss = (losses * drawn.weights.to(dev)).mean()
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"the loss became {loss.item()} at step {self.step + 1}: training stopped. Lower the learning "

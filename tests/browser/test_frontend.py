@@ -13,7 +13,7 @@ from comfy_server import PACK_LINK_NAME, REPO
 pytestmark = pytest.mark.server
 
 WORKFLOWS = sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
-TRAIN_EVENT = "lora_foundry.train"  # nodes/comfy_bridge.py TRAIN_EVENT
+TRAIN_EVENT = "lora_foundry.train"  # nodes/comfy_bridge_train.py TRAIN_EVENT
 ROWS = "rows_json"  # lora_core/apply/stack.py ROWS
 EXTENSIONS = ("LoraFoundry.Report", "LoraFoundry.StackRows", "LoraFoundry.LossChart")
 

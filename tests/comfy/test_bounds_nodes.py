@@ -19,10 +19,12 @@ from train_run import make_dataset, train
 from lora_foundry.lora_core import budget
 from lora_foundry.lora_core.merge import bake
 from lora_foundry.nodes import comfy_bridge as bridge
+from lora_foundry.nodes import comfy_bridge_train as train_bridge
 from lora_foundry.nodes import merge as merge_nodes
 from lora_foundry.nodes.load_lora import LoadLora
 from lora_foundry.nodes.merge import MergeLoras, ResizeLora
 from lora_foundry.nodes.stack import ApplyLoraStack, LoraStack
+from lora_foundry.nodes.train import model_targets
 
 LORA = "bounds_a.safetensors"
 
@@ -67,7 +69,7 @@ def test_train_blocks_out_of_range_fails_before_the_model_loads(sd15, dataset_di
     def no_load(*_args, **_kw):
         raise AssertionError("the model was loaded before the blocks were checked")
 
-    monkeypatch.setattr(bridge, "prepare_for_training", no_load)
+    monkeypatch.setattr(train_bridge, "prepare_for_training", no_load)
     with pytest.raises(
         RuntimeError, match=r"\[Train LoRA\] `blocks` entry 'IN0-99999999999': .*input blocks are IN00-IN11"
     ):
@@ -170,7 +172,7 @@ def bridge_loras():
 def test_lora_estimate_counts_what_the_network_allocates(sd15):
     from lora_foundry.lora_core.train.network import LoraNetwork, select_targets
 
-    targets = select_targets(bridge.unet_train_targets(sd15.model), "all_linear_conv", "in4-8, mid")
+    targets = select_targets(model_targets(sd15.model), "all_linear_conv", "in4-8, mid")
     net = LoraNetwork(targets, rank=6, alpha=6, dora=True)
     counted = sum(p.numel() for p in net.parameters())
     shapes = [tuple(t.module.weight.shape) for t in targets]
@@ -285,7 +287,7 @@ def test_cancel_inside_gradient_accumulation_stops_within_the_micro_step(
 ):
     dataset, _ = make_dataset(sd15)
     calls = {"n": 0}
-    real = bridge.noise_predictor
+    real = train_bridge.noise_predictor
 
     def predictor(model):
         inner = real(model)
@@ -298,7 +300,7 @@ def test_cancel_inside_gradient_accumulation_stops_within_the_micro_step(
 
         return predict
 
-    monkeypatch.setattr(bridge, "noise_predictor", predictor)
+    monkeypatch.setattr(train_bridge, "noise_predictor", predictor)
     try:
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             train(sd15, dataset, output_name="cancel_accum", steps=3, grad_accum=4)

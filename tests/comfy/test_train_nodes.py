@@ -18,7 +18,8 @@ from PIL import Image
 from train_run import DATASET_ARGS, make_dataset, train
 
 from lora_foundry.nodes import comfy_bridge as bridge
-from lora_foundry.nodes.train import LoraTrainingDataset, TrainLora
+from lora_foundry.nodes import comfy_bridge_train as train_bridge
+from lora_foundry.nodes.train import LoraTrainingDataset, TrainLora, model_targets
 
 
 @pytest.fixture(autouse=True)
@@ -111,7 +112,7 @@ def test_output_model_predicts_what_training_saw(sd15, dataset_dir):
 
     sd = safetensors.torch.load_file(str(bridge.lora_path(lora_name)))
     assert any(k.endswith(".dora_scale") for k in sd)
-    targets = select_targets(bridge.unet_train_targets(sd15.model), "all_linear_conv")
+    targets = select_targets(model_targets(sd15.model), "all_linear_conv")
     net = LoraNetwork(targets, rank=4, alpha=2.0, dora=True)
     with torch.no_grad():
         for name, b in net.branches.items():
@@ -122,13 +123,13 @@ def test_output_model_predicts_what_training_saw(sd15, dataset_dir):
     x = torch.randn(1, 4, 8, 8, generator=g)
     t = torch.tensor([500])
     cond = {"context": torch.randn(1, 77, 64, generator=g)}
-    predict = bridge.noise_predictor(sd15.model)
+    predict = train_bridge.noise_predictor(sd15.model)
     with torch.no_grad():
         net.attach()
         hooked = predict(x, t, cond)
         net.detach()
         comfy.model_management.load_models_gpu([model], force_full_load=True)
-        loaded = bridge.noise_predictor(model)(x, t, cond)
+        loaded = train_bridge.noise_predictor(model)(x, t, cond)
         comfy.model_management.unload_all_models()
     torch.testing.assert_close(loaded, hooked, atol=1e-4, rtol=1e-4)
 
@@ -146,7 +147,7 @@ def test_base_model_untouched_and_step_zero_identity(sd15, dataset_dir):
 
 def test_events_progress_and_interrupt_saves_checkpoint(sd15, dataset_dir, loras_dir, monkeypatch):
     events = []
-    monkeypatch.setattr(bridge, "send_event", events.append)
+    monkeypatch.setattr(train_bridge, "send_event", events.append)
     dataset, _ = make_dataset(sd15)
     real = bridge.progress
 
