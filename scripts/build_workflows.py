@@ -99,7 +99,7 @@ def _sampling_tail(model: tuple[int, int], clip: tuple[int, int], vae: tuple[int
           {"model": (*model, "MODEL"), "positive": (p, 0, "CONDITIONING"), "negative": (neg, 0, "CONDITIONING"),
            "latent_image": (lat, 0, "LATENT")}, [("LATENT", "LATENT")], size=(315, 262)),
         N(dec, "VAEDecode", (x + 700, 0), [], {"samples": (ks, 0, "LATENT"), "vae": (*vae, "VAE")}, [("IMAGE", "IMAGE")]),
-        N(save, "SaveImage", (x + 950, 0), [prefix], {"images": (dec, 0, "IMAGE")}, []),
+        N(save, "SaveImage", (x + 1000, 0), [prefix], {"images": (dec, 0, "IMAGE")}, []),
     ]  # fmt: skip
 
 
@@ -189,7 +189,7 @@ def stack_merge_workflow() -> dict:
         N(5, "LoraFoundry_MergeLoras", (720, 400), ["svd", 12, 0, 0.5, 0, "fixed", "fp16", "lora_foundry_demo_merged", True],
           {"model": (2, 0, "MODEL"), "lora_stack": (3, 0, "LORA_STACK"), "clip": (2, 1, "CLIP")},
           [("lora_name", "STRING"), ("report", "STRING")], size=(340, 330)),
-        N(6, "PreviewAny", (1100, 400), [], {"source": (5, 1, "STRING")}, [], size=(400, 200)),
+        N(6, "PreviewAny", (1100, 560), [], {"source": (5, 1, "STRING")}, [], size=(400, 200)),
         *_sampling_tail((4, 0), (4, 1), (2, 2), 10, 1100, "foundrystyle, foundryglow, a harbour", "lora_foundry/stack"),
     ]  # fmt: skip
     return expand(nodes)

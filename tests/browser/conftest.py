@@ -2,10 +2,13 @@
 the real-server fixtures. One browser and one page per session; each test starts from an empty
 graph, fails on console errors from this pack's extension, and leaves a screenshot in
 test-artifacts/comfyui-<version>/browser/ (browser-frontend-<version>/ for another frontend build).
+With LORA_FOUNDRY_DOCS_IMAGES=1 (`make docs-images`), the tests also write the pictures of the
+README and docs into docs/images/, cropped to the nodes that matter.
 Set-up: scripts/setup_browser.sh."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from dataclasses import dataclass, field
@@ -29,6 +32,10 @@ CHROMIUM_FLAGS = [
     "--disable-component-update", "--disable-sync", "--no-first-run",
 ]  # fmt: skip
 ARTIFACTS = LEG_ARTIFACTS / f"browser{PASS_SUFFIX}"
+DOCS_IMAGES = Path(__file__).resolve().parents[2] / "docs" / "images"
+# Made on the classic canvas only: one look for the docs, whatever passes run.
+WRITE_DOCS_IMAGES = os.environ.get("LORA_FOUNDRY_DOCS_IMAGES") == "1" and not VUE_NODES
+DOCS_IMAGE_LIMIT = 300 * 1024  # bytes: a README picture should not make the page slow to open
 # Console text, failed URLs and stack frames that come from this pack's extension.
 OURS = re.compile(
     rf"/extensions/{re.escape(PACK_LINK_NAME)}/|/extensions/scripts/|LoraFoundry|lora_foundry", re.I
@@ -160,6 +167,18 @@ class ComfyPage:
         self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
         self.js("() => app.canvas.deselectAll()")
 
+    def doc_shot(self, name: str, node_ids: list[int], pad: int = 24) -> Path | None:
+        """docs/images/<name>.png: the nodes `node_ids` (and what their widgets show), zoomed to fill the
+        view and cropped to them, as a palette PNG under DOCS_IMAGE_LIMIT. Only with
+        LORA_FOUNDRY_DOCS_IMAGES=1; returns the path written, else None."""
+        if not WRITE_DOCS_IMAGES:
+            return None
+        self.js(FIT_NODES, node_ids)
+        self.page.wait_for_timeout(600)  # DOM widgets follow the canvas a frame or two later
+        box = self.js(NODES_BOX, [node_ids, pad])
+        png = self.page.screenshot(clip=box)
+        return save_doc_image(png, DOCS_IMAGES / f"{name}.png")
+
     def click_when_still(self, selector: str) -> None:
         """Clicks an element of a node once the canvas has stopped moving it. After a view change,
         frontend 1.37 moves DOM widgets for a while on a busy machine; Playwright then scrolls the
@@ -169,3 +188,53 @@ class ComfyPage:
 
     def nodes_of(self, node_type: str) -> list[int]:
         return self.js("(t) => app.graph.nodes.filter((n) => n.type === t).map((n) => n.id)", node_type)
+
+
+# Zooms the canvas so the given nodes fill most of the view (at most 1.5x), with nothing selected.
+FIT_NODES = """(ids) => {
+  const nodes = ids.map((id) => app.graph.getNodeById(id));
+  const title = LiteGraph.NODE_TITLE_HEIGHT;
+  const x0 = Math.min(...nodes.map((n) => n.pos[0])), y0 = Math.min(...nodes.map((n) => n.pos[1] - title));
+  const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
+  const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
+  const el = app.canvas.canvas, ds = app.canvas.ds;
+  const scale = Math.min(1.5, (0.9 * el.clientWidth) / (x1 - x0), (0.85 * el.clientHeight) / (y1 - y0));
+  ds.scale = scale;
+  ds.offset = [(el.clientWidth / scale - (x1 - x0)) / 2 - x0, (el.clientHeight / scale - (y1 - y0)) / 2 - y0];
+  app.canvas.deselectAll();
+  app.graph.setDirtyCanvas(true, true);
+}"""
+
+# The page rectangle of the given nodes (title bar included), padded, inside the canvas element.
+NODES_BOX = """([ids, pad]) => {
+  const nodes = ids.map((id) => app.graph.getNodeById(id));
+  const title = LiteGraph.NODE_TITLE_HEIGHT, ds = app.canvas.ds;
+  const rect = app.canvas.canvas.getBoundingClientRect();
+  const x0 = Math.min(...nodes.map((n) => n.pos[0])), y0 = Math.min(...nodes.map((n) => n.pos[1] - title));
+  const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
+  const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
+  const left = Math.max(rect.left, rect.left + (x0 + ds.offset[0]) * ds.scale - pad);
+  const top = Math.max(rect.top, rect.top + (y0 + ds.offset[1]) * ds.scale - pad);
+  const right = Math.min(rect.right, rect.left + (x1 + ds.offset[0]) * ds.scale + pad);
+  const bottom = Math.min(rect.bottom, rect.top + (y1 + ds.offset[1]) * ds.scale + pad);
+  return { x: left, y: top, width: right - left, height: bottom - top };
+}"""
+
+
+def save_doc_image(png: bytes, path: Path, limit: int = DOCS_IMAGE_LIMIT) -> Path:
+    """Writes a screenshot as an optimized 256-colour PNG (ComfyUI's flat UI loses nothing visible),
+    shrunk by a quarter at a time until it is under `limit` bytes; a temp file is renamed over `path`."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    while True:
+        buffer = io.BytesIO()
+        image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(buffer, "PNG", optimize=True)
+        if buffer.tell() <= limit or min(image.size) < 200:
+            break
+        image = image.resize((image.width * 3 // 4, image.height * 3 // 4), Image.Resampling.LANCZOS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buffer.getvalue())
+    tmp.replace(path)
+    return path

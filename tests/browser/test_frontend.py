@@ -141,6 +141,33 @@ def test_shipped_workflow_opens_from_templates_and_runs(comfy, server, demo_mode
         points = comfy.js("(id) => app.graph.getNodeById(id).__lfLoss.points.length", node_id)
         assert points > 0, f"the loss chart of Train LoRA node {node_id} drew no points"
         comfy.shot(f"{name}_train_node_{node_id}", node_id)
+    write_doc_images(comfy, name)
+
+
+# Pictures for the README and docs (LORA_FOUNDRY_DOCS_IMAGES=1): per workflow, the picture's name and
+# the node types it shows; every workflow also gets workflow_<name>.png of its whole graph.
+DOC_NODES = {
+    "load_lora": {"load_lora_report": ["LoraFoundry_LoadLora"]},
+    "stack_merge": {"merge_report": ["LoraFoundry_MergeLoras", "PreviewAny"]},
+    "resize_lora": {"resize_report": ["LoraFoundry_ResizeLora", "PreviewAny"]},
+    "caption_dataset": {"caption_previews": ["LoraFoundry_CaptionDataset"]},
+    "train_lora": {"train_lora_node": ["LoraFoundry_TrainLora"]},
+}
+# The nodes that take Train LoRA's loss_curve output (a SaveImage in the shipped workflow).
+CURVE_VIEWERS = """() => app.graph.nodes.filter((n) => n.inputs?.some((i) => {
+  const link = i.link != null && app.graph.links[i.link];
+  const origin = link && app.graph.getNodeById(link.origin_id);
+  return origin?.type === "LoraFoundry_TrainLora" && origin.outputs[link.origin_slot].name === "loss_curve";
+})).map((n) => n.id)"""
+
+
+def write_doc_images(comfy, name: str) -> None:
+    shown = comfy.js("() => app.graph.nodes.filter((n) => n.type !== 'Note').map((n) => n.id)")
+    comfy.doc_shot(f"workflow_{name}", shown)
+    for picture, node_types in DOC_NODES.get(name, {}).items():
+        comfy.doc_shot(picture, [i for t in node_types for i in comfy.nodes_of(t)])
+    if name == "train_lora" and (viewers := comfy.js(CURVE_VIEWERS)):
+        comfy.doc_shot("loss_curve", viewers)
 
 
 # --- LoRA Stack rows -------------------------------------------------------------------------
@@ -216,6 +243,7 @@ def test_stack_rows_reach_python(comfy, server, row_loras):
     )
     page.wait_for_function(panel, timeout=30_000)
     comfy.shot("stack_rows_after_run")
+    comfy.doc_shot("stack_rows", [ids["stack"], ids["apply"]])
 
     # A saved workflow keeps the rows: reload it and the widget shows the same two rows.
     comfy.js(
@@ -317,6 +345,7 @@ def test_loss_chart_draws_training_events(comfy, object_info):
     assert "step 30/40" in chart[1] and "1m 05s left" in chart[1], chart[1]
     assert comfy.js(ORANGE_PIXELS, node) > 50, "the smoothed loss line was not drawn"
     comfy.page.wait_for_timeout(200)  # the screenshot at teardown shows the chart mid-run
+    comfy.doc_shot("loss_chart_live", [node])
     comfy.js(SEND_EVENTS, [TRAIN_EVENT, node, 1, 1])  # a new run starts a new curve
     assert comfy.js("(id) => app.graph.getNodeById(id).__lfLoss.points.length", node) == 1
     comfy.js(SEND_EVENTS, [TRAIN_EVENT, node, 2, 30])
