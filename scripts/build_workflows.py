@@ -98,7 +98,8 @@ def _sampling_tail(model: tuple[int, int], clip: tuple[int, int], vae: tuple[int
         N(ks, "KSampler", (x + 350, 0), [42, "fixed", 2, 7.0, "euler", "normal", 1.0],
           {"model": (*model, "MODEL"), "positive": (p, 0, "CONDITIONING"), "negative": (neg, 0, "CONDITIONING"),
            "latent_image": (lat, 0, "LATENT")}, [("LATENT", "LATENT")], size=(315, 262)),
-        N(dec, "VAEDecode", (x + 700, 0), [], {"samples": (ks, 0, "LATENT"), "vae": (*vae, "VAE")}, [("IMAGE", "IMAGE")]),
+        N(dec, "VAEDecode", (x + 700, 0), [], {"samples": (ks, 0, "LATENT"), "vae": (*vae, "VAE")}, [("IMAGE", "IMAGE")],
+          size=(260, 80)),
         N(save, "SaveImage", (x + 1000, 0), [prefix], {"images": (dec, 0, "IMAGE")}, []),
     ]  # fmt: skip
 
@@ -112,7 +113,7 @@ def load_lora_workflow() -> dict:
              "trained with. Raise the KSampler steps and the latent size for real images."),
         N(2, "CheckpointLoaderSimple", (0, 0), [DEMO_CHECKPOINT], {},
           [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
-        N(3, "LoraFoundry_LoadLora", (350, 0), [DEMO_LORA, 1.0, 1.0, ""],
+        N(3, "LoraFoundry_LoadLora", (350, 0), [DEMO_LORA, 1.0, 1.0, "", "patch weights"],
           {"model": (2, 0, "MODEL"), "clip": (2, 1, "CLIP")},
           [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("trigger_words", "STRING"), ("report", "STRING")], size=(340, 180)),
         *_sampling_tail((3, 0), (3, 1), (2, 2), 10, 750, "foundrystyle, a lighthouse at dusk", "lora_foundry/load_lora"),
@@ -140,7 +141,7 @@ def train_lora_workflow() -> dict:
     train_widgets = [
         "lora_foundry_demo_trained", 6, 0, 1, 1, 4, 4.0, "attention", "", 1e-3, 0.0, "AdamW", "constant_with_warmup",
         1, 0.0, 5.0, 0.0, "MSE", "fp32", True, 0, "fixed", 1.0, False, 3, 2, "fp16", "overwrite", 3, 1.0,
-        3, "foundrystyle, a red circle", 0,
+        3, "foundrystyle, a red circle", 0, "model", 0.0, 1.0, 3.0, "none", 1.0,
     ]  # fmt: skip
     nodes = [
         note(1, (0, -300), "Caption a folder, build a training data set, train a LoRA, and sample with it.\n\n"
@@ -183,7 +184,7 @@ def stack_merge_workflow() -> dict:
              "8 + 4) is exact; lower ranks report their error. Use LoRAs made for your checkpoint's base model."),
         N(2, "CheckpointLoaderSimple", (0, 0), [DEMO_CHECKPOINT], {}, [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
         N(3, "LoraFoundry_LoraStack", (350, 0), stack_widgets, {}, [("lora_stack", "LORA_STACK")], size=(340, 520)),
-        N(4, "LoraFoundry_ApplyLoraStack", (720, 0), [],
+        N(4, "LoraFoundry_ApplyLoraStack", (720, 0), ["patch weights"],
           {"model": (2, 0, "MODEL"), "lora_stack": (3, 0, "LORA_STACK"), "clip": (2, 1, "CLIP")},
           [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("trigger_words", "STRING"), ("report", "STRING")], size=(320, 160)),
         N(5, "LoraFoundry_MergeLoras", (720, 400), ["svd", 12, 0, 0.5, 0, "fixed", "fp16", "lora_foundry_demo_merged", True],

@@ -173,10 +173,20 @@ class ComfyPage:
         LORA_FOUNDRY_DOCS_IMAGES=1; returns the path written, else None."""
         if not WRITE_DOCS_IMAGES:
             return None
-        self.js(FIT_NODES, node_ids)
-        self.page.wait_for_timeout(600)  # DOM widgets follow the canvas a frame or two later
-        box = self.js(NODES_BOX, [node_ids, pad])
-        png = self.page.screenshot(clip=box)
+        # A large window keeps a whole workflow at a zoom where the canvas still draws text (below
+        # about 0.6 it draws widgets as empty bars); the minimap would cover a corner of the graph.
+        size = self.page.viewport_size
+        self.page.set_viewport_size(DOCS_VIEWPORT)
+        self.js(HIDE_MINIMAP)
+        try:
+            self.page.wait_for_timeout(400)
+            self.js(FIT_NODES, node_ids)
+            self.page.wait_for_timeout(600)  # DOM widgets follow the canvas a frame or two later
+            box = self.js(NODES_BOX, [node_ids, pad])
+            png = self.page.screenshot(clip=box)
+        finally:
+            self.page.set_viewport_size(size)
+            self.page.wait_for_timeout(400)
         return save_doc_image(png, DOCS_IMAGES / f"{name}.png")
 
     def click_when_still(self, selector: str) -> None:
@@ -189,6 +199,12 @@ class ComfyPage:
     def nodes_of(self, node_type: str) -> list[int]:
         return self.js("(t) => app.graph.nodes.filter((n) => n.type === t).map((n) => n.id)", node_type)
 
+
+DOCS_VIEWPORT = {"width": 2800, "height": 1700}
+HIDE_MINIMAP = """() => {
+  const setting = app.extensionManager?.setting;
+  if (setting?.get('Comfy.Minimap.Visible')) setting.set('Comfy.Minimap.Visible', false);
+}"""
 
 # Zooms the canvas so the given nodes fill most of the view (at most 1.5x), with nothing selected.
 FIT_NODES = """(ids) => {
