@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..lora_core.budget import check_fits, image_need
 from ..lora_core.caption import PrepareOptions, prepare_images
 from . import comfy_bridge as bridge
 from .dataset_inputs import CATEGORY, FOLDER_TIP, WRITE_TIP, confined_folder
@@ -55,6 +56,11 @@ class PrepareImages:
             options = PrepareOptions(target=target, resolution=resolution, width=width, height=height, fit=fit,
                                      allow_upscale=allow_upscale, output_format=output_format,
                                      recursive=include_subfolders, copy_captions=copy_captions)  # fmt: skip
+            # Buckets have an area of at most resolution x resolution; a fixed target is width x height.
+            size = (width, height) if target == "fixed" else (resolution, resolution)
+            check_fits(
+                image_need(*size), bridge.available_memory("cpu"), "the CPU (images are prepared in RAM)"
+            )
             source = confined_folder(source_folder, "source_folder")
             out = confined_folder(output_folder, "output_folder", write=True, must_exist=False)
             on_progress, should_stop = bridge.progress_callbacks()

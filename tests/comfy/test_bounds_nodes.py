@@ -310,3 +310,30 @@ def test_cancel_inside_gradient_accumulation_stops_within_the_micro_step(
     folder = loras_dir / "cancel_accum"
     assert json.loads((folder / "cancel_accum-step000001.trainstate.json").read_text())["step"] == 1
     assert not (folder / "cancel_accum.safetensors").exists()
+
+
+def test_prepare_images_refuses_a_size_that_cannot_fit_in_ram(comfy_base, monkeypatch):
+    """Prepare Images checks its target size against free RAM before reading any image: refused below
+    the estimate (naming width and height), run at exactly the estimate."""
+    from PIL import Image
+
+    from lora_foundry.nodes.prepare import PrepareImages
+
+    source = comfy_base / "input" / "bounds_prepare_src"
+    source.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (80, 64), (200, 30, 30)).save(source / "a.png")
+    need = budget.image_need(2048, 1024).total
+
+    def run(output: str):
+        return PrepareImages().execute(str(source), output, "fixed", 1024, 2048, 1024, "crop")
+
+    monkeypatch.setattr(bridge, "available_memory", lambda *_a, **_k: need - 1)
+    with pytest.raises(
+        RuntimeError, match=r"\[Prepare Images\] `width` x `height` 2048 x 1024 need at least .*lower"
+    ):
+        run("bounds_prepare_refused")
+    assert not (comfy_base / "input" / "bounds_prepare_refused").exists()
+    monkeypatch.setattr(bridge, "available_memory", lambda *_a, **_k: need)
+    run("bounds_prepare_fits")
+    with Image.open(comfy_base / "input" / "bounds_prepare_fits" / "a.png") as done:
+        assert done.size == (2048, 1024)
