@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Built, Keys, Kind, Shape, f32, reshape_to
+from .base import Built, Bypass, Extreme, Keys, Kind, Shape, f32, reshape_to
+from .bounds import product_bound
 from .dora import summed
 
 _PARTS = ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")
@@ -62,6 +63,13 @@ def delta(a: LohaAdapter, shape: Shape, device: torch.device) -> Tensor:
     return reshape_to(m1 * m2, shape, type(a).__name__) * scale(a)
 
 
+def change_bound(a: LohaAdapter) -> float | None:
+    """The Hadamard product's entries are bounded by the product of both pairs' bounds (not Tucker)."""
+    if a.t1 is not None:
+        return None
+    return abs(scale(a)) * product_bound(a.w1_a, a.w1_b) * product_bound(a.w2_a, a.w2_b)
+
+
 apply, fit_error = summed(delta)
 
 KIND = Kind(
@@ -73,6 +81,8 @@ KIND = Kind(
     apply=apply,
     fit_error=fit_error,
     precedence=3,
+    bypass=Bypass("LoHa"),
+    extreme=Extreme(change_bound),
     delta=delta,
     rank=rank,
     scale=scale,

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Built, Keys, Kind, Shape, f32, reshape_to
+from .base import Built, Bypass, Extreme, Keys, Kind, Shape, f32, reshape_to
+from .bounds import largest, product_bound
 from .dora import summed
 
 _PARTS = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")
@@ -83,6 +84,15 @@ def delta(a: LokrAdapter, shape: Shape, device: torch.device) -> Tensor:
     return reshape_to(raw, shape, type(a).__name__) * scale(a)
 
 
+def change_bound(a: LokrAdapter) -> float | None:
+    """The largest entry of kron(w1, w2) is the product of theirs (not Tucker)."""
+    if a.t2 is not None:
+        return None
+    w1 = largest(a.w1) if a.w1 is not None else product_bound(a.w1_a, a.w1_b)
+    w2 = largest(a.w2) if a.w2 is not None else product_bound(a.w2_a, a.w2_b)
+    return abs(scale(a)) * w1 * w2
+
+
 apply, fit_error = summed(delta)
 
 KIND = Kind(
@@ -94,6 +104,8 @@ KIND = Kind(
     apply=apply,
     fit_error=fit_error,
     precedence=4,
+    bypass=Bypass("LoKr"),
+    extreme=Extreme(change_bound),
     delta=delta,
     rank=rank,
     scale=scale,
