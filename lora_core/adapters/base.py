@@ -96,6 +96,11 @@ class Kind:
     flag_roles: frozenset[str] = field(default_factory=frozenset)  # numbers or flags, not factors
 
 
+def alpha_over_rank(alpha: float | None, rank: int | None) -> float:
+    """ComfyUI's alpha / rank factor: 1.0 where the file has no alpha or no rank applies."""
+    return 1.0 if alpha is None or rank is None else alpha / rank
+
+
 def f32(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device=device, dtype=torch.float32)
 
