@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from ..lora_core.apply.block_weights import parse_block_weights
 from ..lora_core.apply.stack import StackEntry
 from . import comfy_bridge as bridge
-from .lora_apply import MODE_TIP, MODES, PATCH, LastPatched, apply_entries
+from .lora_apply import APPLIED_NAMES, APPLIED_TYPES, MODE_TIP, MODES, PATCH, LastPatched, apply_entries
 
 CATEGORY = "LoRA Foundry"
 STRENGTH = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
@@ -74,8 +74,8 @@ class LoadLora:
     )
     CATEGORY = CATEGORY
     FUNCTION = "execute"
-    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "STRING")
-    RETURN_NAMES = ("MODEL", "CLIP", "trigger_words", "report")
+    RETURN_TYPES = APPLIED_TYPES
+    RETURN_NAMES = APPLIED_NAMES
     OUTPUT_TOOLTIPS = (
         "The model with the LoRA applied.",
         "The text encoder with the LoRA applied (None when no CLIP was connected).",

@@ -29,6 +29,9 @@ PATCH = "patch weights"
 BYPASS = "bypass"
 BYPASS_OR_PATCH = "bypass (patch what cannot)"
 MODES = (PATCH, BYPASS, BYPASS_OR_PATCH)
+# The outputs of every node that ends in apply_entries: (model, clip, trigger words, report).
+APPLIED_TYPES = ("MODEL", "CLIP", "STRING", "STRING")
+APPLIED_NAMES = ("MODEL", "CLIP", "trigger_words", "report")
 MODE_TIP = (
     "patch weights: the LoRA is added into a copy of each weight it changes (ComfyUI's usual way). "
     "bypass: the weights stay as they are and the LoRA runs on each layer's activations "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..lora_core.apply.stack import MAX_ROWS, ROWS, StackEntry, read_rows, read_stack, to_stack_items
 from . import comfy_bridge as bridge
 from .load_lora import BLOCK_WEIGHTS_TIP, CATEGORY, STRENGTH, check_block_weights, mode_input
-from .lora_apply import PATCH, LastPatched, apply_entries
+from .lora_apply import APPLIED_NAMES, APPLIED_TYPES, PATCH, LastPatched, apply_entries
 
 SLOTS = 4
 NONE = "None"
@@ -72,8 +72,8 @@ class ApplyLoraStack:
     )
     CATEGORY = CATEGORY
     FUNCTION = "execute"
-    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "STRING")
-    RETURN_NAMES = ("MODEL", "CLIP", "trigger_words", "report")
+    RETURN_TYPES = APPLIED_TYPES
+    RETURN_NAMES = APPLIED_NAMES
     OUTPUT_TOOLTIPS = (
         "The model with the stack applied.",
         "The text encoder with the stack applied (None when no CLIP was connected).",

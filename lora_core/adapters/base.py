@@ -34,6 +34,41 @@ class Built:
 
 
 @dataclass(frozen=True)
+class Bypass:
+    """What bypass mode (apply/bypass.py: the change computed on a layer's activations) does with a kind.
+
+    ``label``: the kind as bypass messages name it. ``weight_dependent``: the change reads the base
+    weight itself (a rotation, a product with W, a replacement), so it never runs on activations;
+    otherwise it runs as its dense delta (LoRA runs: as their fused factors). ``changes_bias``: it
+    can patch a bias too. ``channel_factor(adapter, strength, like)``: the kind scales channels
+    instead of adding a change ((IA)3; it runs alone on a layer): the factor per channel, in
+    ``like``'s device and dtype, on the inputs when ``on_input(adapter)``, else on the outputs.
+    """
+
+    label: str
+    weight_dependent: bool = False
+    changes_bias: bool = False
+    channel_factor: Callable[[object, float, Tensor], Tensor] | None = None
+    on_input: Callable[[object], bool] = lambda adapter: False
+
+
+@dataclass(frozen=True)
+class Extreme:
+    """What the overflow check (apply/extremes.py) asks of a kind whose change it judges.
+
+    ``bound(adapter)``: an upper bound on the largest change of one entry at strength 1, from the
+    factors alone (None: no cheap one for this layout). ``peak(adapter, shape)``: the exact largest
+    change (None: taken from the kind's delta). ``shape_free(adapter)``: the peak needs no weight
+    shape. ``scaled`` False: strength does not scale the change (set_weight replaces the weight).
+    """
+
+    bound: Callable[[object], float | None]
+    peak: Callable[[object, Shape | None], float] | None = None
+    shape_free: Callable[[object], bool] = lambda adapter: False
+    scaled: bool = True
+
+
+@dataclass(frozen=True)
 class Kind:
     """One adapter kind: its record, the key suffixes it owns and what the library does with it.
 
@@ -51,12 +86,19 @@ class Kind:
     fit_error: Callable[[object, Shape], str | None]
     # ComfyUI's override order when one module has keys of several kinds: lower is tried first.
     precedence: int
+    bypass: Bypass  # how it runs on activations, or that it cannot (every kind says which)
+    extreme: Extreme | None  # how the overflow check judges it; None: its change depends on the weight
     delta: Callable[[object, Shape, torch.device], Tensor] | None = None  # None: never a plain sum
     rank: Callable[[object], int | None] = lambda adapter: None
     scale: Callable[[object], float] = lambda adapter: 1.0
     takes_extras: bool = True  # reads the module's alpha and dora_scale
     matrix_factors: bool = True  # its factors are matrices (or kernels): a 0-D / 1-D one is damage
     flag_roles: frozenset[str] = field(default_factory=frozenset)  # numbers or flags, not factors
+
+
+def alpha_over_rank(alpha: float | None, rank: int | None) -> float:
+    """ComfyUI's alpha / rank factor: 1.0 where the file has no alpha or no rank applies."""
+    return 1.0 if alpha is None or rank is None else alpha / rank
 
 
 def f32(t: Tensor, device: torch.device) -> Tensor:

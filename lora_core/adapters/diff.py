@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Built, Keys, Kind, Shape, dry_run_error, f32
+from .base import Built, Bypass, Keys, Kind, Shape, dry_run_error, f32
+from .bounds import whole_tensor
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,6 +51,8 @@ KIND = Kind(
     apply=apply,
     fit_error=fit_error,
     precedence=1,
+    bypass=Bypass("full diff", changes_bias=True),
+    extreme=whole_tensor("diff"),
     delta=delta,
     takes_extras=False,
     matrix_factors=False,

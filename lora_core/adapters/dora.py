@@ -3,10 +3,12 @@ LyCORIS ``dora_scale`` and in PEFT's (``lora_magnitude_vector``, LoRA only)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from .base import Shape, dry_run_error, f32, in_float32
+from .base import Kind, Shape, alpha_over_rank, dry_run_error, f32, in_float32, reshape_to
 
 # PEFT's DoRA magnitude, beside a LoRA's factors: one per output row of the CHANGED weight.
 MAGNITUDE_SUFFIXES = (".lora_magnitude_vector", ".lora_magnitude_vector.weight",
@@ -99,3 +101,20 @@ def summed(delta):
         return dry_run_error(delta, adapter, shape) or dora_error(adapter, shape)
 
     return apply, fit_error
+
+
+def summed_kind(
+    product: Callable[[object, torch.device], Tensor], rank: Callable[[object], int | None], **fields
+) -> Kind:
+    """The Kind of a plain-sum kind whose change is alpha / rank times ``product(adapter, device)``
+    (float32), reshaped to the weight (LoHa, LoKr): its delta, apply, fit_error, rank and scale;
+    ``fields`` give the rest."""
+
+    def scale(adapter) -> float:
+        return alpha_over_rank(adapter.alpha, rank(adapter))
+
+    def delta(adapter, shape: Shape, device: torch.device) -> Tensor:
+        return reshape_to(product(adapter, device), shape, type(adapter).__name__) * scale(adapter)
+
+    apply, fit_error = summed(delta)
+    return Kind(delta=delta, apply=apply, fit_error=fit_error, rank=rank, scale=scale, **fields)

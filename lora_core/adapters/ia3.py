@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .base import FIX, BadLayout, Built, Keys, Kind, Shape, f32, in_float32
+from .base import FIX, BadLayout, Built, Bypass, Keys, Kind, Shape, f32, in_float32
 
 # The vector itself is the module's bare ".weight", told apart by an ".on_input" beside it: parsing
 # files it under this role.
@@ -61,6 +61,12 @@ def apply(a: Ia3Adapter, weight: Tensor, strength: float) -> Tensor:
     return in_float32(weight, lambda w: _scaled(w, a, strength))
 
 
+def channel_factor(a: Ia3Adapter, strength: float, like: Tensor) -> Tensor:
+    """1 + strength * w per channel, in ``like``'s device and dtype: bypass mode scales the layer's
+    inputs (``on_input``) or its output minus bias by it, which is the scaled weight's output."""
+    return (1.0 + strength * f32(a.weight, like.device).reshape(-1)).to(like.dtype)
+
+
 KIND = Kind(
     name="(IA)3",
     record=Ia3Adapter,
@@ -70,6 +76,8 @@ KIND = Kind(
     apply=apply,
     fit_error=ia3_fit_error,
     precedence=9,
+    bypass=Bypass("(IA)3", channel_factor=channel_factor, on_input=lambda a: a.on_input),
+    extreme=None,  # the change depends on the weight
     matrix_factors=False,
     flag_roles=frozenset({"on_input"}),
 )

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Built, Keys, Kind, Shape, f32, reshape_to
-from .dora import summed
+from .base import Built, Bypass, Extreme, Keys, alpha_over_rank, f32
+from .bounds import product_bound
+from .dora import summed_kind
 
 _PARTS = ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")
 
@@ -47,11 +48,8 @@ def rank(a: LohaAdapter) -> int:
     return a.rank
 
 
-def scale(a: LohaAdapter) -> float:
-    return 1.0 if a.alpha is None else a.alpha / a.rank
-
-
-def delta(a: LohaAdapter, shape: Shape, device: torch.device) -> Tensor:
+def product(a: LohaAdapter, device: torch.device) -> Tensor:
+    """(w1_a @ w1_b) * (w2_a @ w2_b) in float32, Tucker cores folded in first; before alpha / rank."""
     if a.t1 is not None:
         rebuild = "i j k l, j r, i p -> p r k l"
         m1 = torch.einsum(rebuild, f32(a.t1, device), f32(a.w1_b, device), f32(a.w1_a, device))
@@ -59,21 +57,26 @@ def delta(a: LohaAdapter, shape: Shape, device: torch.device) -> Tensor:
     else:
         m1 = f32(a.w1_a, device) @ f32(a.w1_b, device)
         m2 = f32(a.w2_a, device) @ f32(a.w2_b, device)
-    return reshape_to(m1 * m2, shape, type(a).__name__) * scale(a)
+    return m1 * m2
 
 
-apply, fit_error = summed(delta)
+def change_bound(a: LohaAdapter) -> float | None:
+    """The Hadamard product's entries are bounded by the product of both pairs' bounds (not Tucker)."""
+    if a.t1 is not None:
+        return None
+    scale = abs(alpha_over_rank(a.alpha, a.rank))
+    return scale * product_bound(a.w1_a, a.w1_b) * product_bound(a.w2_a, a.w2_b)
 
-KIND = Kind(
+
+KIND = summed_kind(
+    product,
+    rank,
     name="LoHa",
     record=LohaAdapter,
     family="loha",
     suffixes={f".hada_{n}": f"hada_{n}" for n in _PARTS},
     build=build,
-    apply=apply,
-    fit_error=fit_error,
     precedence=3,
-    delta=delta,
-    rank=rank,
-    scale=scale,
+    bypass=Bypass("LoHa"),
+    extreme=Extreme(change_bound),
 )

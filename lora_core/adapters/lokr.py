@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Built, Keys, Kind, Shape, f32, reshape_to
-from .dora import summed
+from .base import Built, Bypass, Extreme, Keys, alpha_over_rank, f32
+from .bounds import largest, product_bound
+from .dora import summed_kind
 
 _PARTS = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")
 
@@ -62,12 +63,9 @@ def rank(a: LokrAdapter) -> int | None:
     return a.factor_rank
 
 
-def scale(a: LokrAdapter) -> float:
-    r = a.factor_rank
-    return 1.0 if a.alpha is None or r is None else a.alpha / r
-
-
-def delta(a: LokrAdapter, shape: Shape, device: torch.device) -> Tensor:
+def product(a: LokrAdapter, device: torch.device) -> Tensor:
+    """kron(w1, w2) in float32, each factor rebuilt from its pair (and w2's Tucker core) where it is
+    factorised; before alpha / rank."""
     w1 = f32(a.w1, device) if a.w1 is not None else f32(a.w1_a, device) @ f32(a.w1_b, device)
     if a.w2 is not None:
         w2 = f32(a.w2, device)
@@ -79,22 +77,27 @@ def delta(a: LokrAdapter, shape: Shape, device: torch.device) -> Tensor:
         w2 = f32(a.w2_a, device) @ f32(a.w2_b, device)
     if w2.dim() == 4 and w1.dim() == 2:
         w1 = w1[:, :, None, None]  # kron of a matrix with a conv kernel keeps the kernel size
-    raw = torch.kron(w1.contiguous(), w2.contiguous())
-    return reshape_to(raw, shape, type(a).__name__) * scale(a)
+    return torch.kron(w1.contiguous(), w2.contiguous())
 
 
-apply, fit_error = summed(delta)
+def change_bound(a: LokrAdapter) -> float | None:
+    """The largest entry of kron(w1, w2) is the product of theirs (not Tucker)."""
+    if a.t2 is not None:
+        return None
+    w1 = largest(a.w1) if a.w1 is not None else product_bound(a.w1_a, a.w1_b)
+    w2 = largest(a.w2) if a.w2 is not None else product_bound(a.w2_a, a.w2_b)
+    return abs(alpha_over_rank(a.alpha, a.factor_rank)) * w1 * w2
 
-KIND = Kind(
+
+KIND = summed_kind(
+    product,
+    rank,
     name="LoKr",
     record=LokrAdapter,
     family="lokr",
     suffixes={f".lokr_{n}": f"lokr_{n}" for n in _PARTS},
     build=build,
-    apply=apply,
-    fit_error=fit_error,
     precedence=4,
-    delta=delta,
-    rank=rank,
-    scale=scale,
+    bypass=Bypass("LoKr"),
+    extreme=Extreme(change_bound),
 )

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import FIX, BadLayout, Built, Keys, Kind, Shape, dry_run_error, f32, reshape_to
+from .base import FIX, BadLayout, Built, Bypass, Extreme, Keys, Kind, Shape, dry_run_error, f32, reshape_to
+from .bounds import ROWS_PER_CHUNK, product_bound
 from .dora import dora_error, peft_dora_fit_error, with_dora
 
 # Flux control LoRAs widen img_in 2x (Canny, Depth); an inpainting one would 6x. A file asking for
@@ -165,6 +166,19 @@ def fit_error(a: LoraAdapter, shape: Shape) -> str | None:
     return dry_run_error(delta, a, shape) or dora_error(a, shape)
 
 
+def change_bound(a: LoraAdapter) -> float | None:
+    """alpha/rank times the bound on up @ down; none cheap with a Tucker mid."""
+    return None if a.mid is not None else abs(scale(a)) * product_bound(a.up, a.down)
+
+
+def peak_change(a: LoraAdapter, shape: Shape | None) -> float:
+    """The largest entry of the change at strength 1, a slice of up's rows at a time."""
+    if a.mid is not None:
+        return float(delta(a, tuple(shape), torch.device("cpu")).abs().max())
+    up, down = a.up.flatten(1).float(), a.down.flatten(1).float()
+    return max(float((rows @ down).abs().max()) * abs(scale(a)) for rows in up.split(ROWS_PER_CHUNK))
+
+
 KIND = Kind(
     name="LoRA/LoCon",
     record=LoraAdapter,
@@ -174,6 +188,8 @@ KIND = Kind(
     apply=apply,
     fit_error=fit_error,
     precedence=2,
+    bypass=Bypass("LoRA"),
+    extreme=Extreme(change_bound, peak_change, shape_free=lambda a: a.mid is None),
     delta=delta,
     rank=rank,
     scale=scale,

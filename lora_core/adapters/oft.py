@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Built, Keys, Kind, Shape, f32, in_float32
+from .base import Built, Bypass, Keys, Kind, Shape, f32, in_float32
 from .dora import dora_error, weight_decompose
 from .rotation import bounded, cayley, skew
 
@@ -76,4 +76,6 @@ KIND = Kind(
     apply=apply,
     fit_error=fit_error,
     precedence=6,
+    bypass=Bypass("OFT", weight_dependent=True),
+    extreme=None,  # the change depends on the weight
 )

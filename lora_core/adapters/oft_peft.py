@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Built, Keys, Kind, Shape, f32, in_float32
+from .base import Built, Bypass, Keys, Kind, Shape, f32, in_float32
 from .rotation import cayley_neumann, skew
 
 
@@ -94,5 +94,7 @@ KIND = Kind(
     apply=apply,
     fit_error=oftv2_fit_error,
     precedence=8,
+    bypass=Bypass("OFT (PEFT)", weight_dependent=True),
+    extreme=None,  # the change depends on the weight
     flag_roles=frozenset({"scaled_oft"}),
 )

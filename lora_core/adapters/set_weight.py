@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .base import Built, Keys, Kind, Shape
+from .base import Built, Bypass, Keys, Kind, Shape
+from .bounds import whole_tensor
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,6 +41,8 @@ KIND = Kind(
     apply=apply,
     fit_error=fit_error,
     precedence=0,
+    bypass=Bypass("set_weight", weight_dependent=True),
+    extreme=whole_tensor("weight", scaled=False),  # ComfyUI ignores strength for it
     takes_extras=False,
     matrix_factors=False,
 )

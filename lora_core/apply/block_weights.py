@@ -23,6 +23,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from ..files import families
+
 _SD = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID") + tuple(
     f"OUT{i:02d}" for i in range(3, 12)
 )
@@ -45,7 +47,6 @@ LAYOUTS = {
     27: ("SD1.x LyCORIS", _SD_LYC),
     21: ("SDXL LyCORIS", _SDXL_LYC),
 }
-_FAMILY_LENGTHS = {"SD1.x": (17, 27), "SD2.x": (17, 27), "SDXL": (12, 21)}
 
 # Inspire-pack preset vectors (resources/lbw-preset.txt), as data.
 PRESETS = {
@@ -107,7 +108,34 @@ class BlockCounts:
 _GROUP_WORDS = {"IN": "input", "MID": "middle", "OUT": "output"}
 SD_COUNTS = BlockCounts(input=12, middle=3, output=12)  # SD1.x and SD2.x UNets
 SDXL_COUNTS = BlockCounts(input=9, middle=3, output=9)
-FAMILY_COUNTS = {"SD1.x": SD_COUNTS, "SD2.x": SD_COUNTS, "SDXL": SDXL_COUNTS}
+
+
+@dataclass(frozen=True)
+class UNetLayout:
+    """A UNet block layout (the family table's ``block_layout``): its vector lengths (Inspire's and
+    LyCORIS's), its block counts and the prefix of its presets."""
+
+    vector_lengths: tuple[int, ...]
+    counts: BlockCounts
+    preset_prefix: str
+
+
+UNET_LAYOUTS = {
+    "SD": UNetLayout((17, 27), SD_COUNTS, "SD-"),
+    "SDXL": UNetLayout((12, 21), SDXL_COUNTS, "SDXL-"),
+}
+
+
+def layout_of(family: str | None) -> UNetLayout | None:
+    """The block layout of a family label, as the family table gives it; None: no UNet block weights."""
+    row = families.by_label(family) if family else None
+    return UNET_LAYOUTS.get(row.block_layout) if row is not None and row.block_layout else None
+
+
+def _with_block_weights() -> str:
+    """'SD1.x, SD2.x and SDXL': the families whose rows name a UNet block layout."""
+    labels = sorted(f.label for f in families.FAMILIES if f.block_layout in UNET_LAYOUTS)
+    return f"{', '.join(labels[:-1])} and {labels[-1]}"
 
 
 def check_spec_length(spec: str, field_name: str) -> None:
@@ -192,7 +220,8 @@ def _parse_vector(text: str, family: str | None) -> BlockWeights:
             f"block weight vector: {_short(bad)} is not a number; use numbers only (Inspire's A/B/R/U letters "
             f"are not supported), a preset name, or the form 'in=0.5, mid=1, out=0.8'. Got: {_clip(text)}"
         ) from None
-    lengths = _FAMILY_LENGTHS.get(family or "", tuple(LAYOUTS))
+    layout = layout_of(family)
+    lengths = layout.vector_lengths if layout else tuple(LAYOUTS)
     if len(values) not in lengths:
         want = " or ".join(str(n) for n in lengths)
         raise ValueError(
@@ -251,9 +280,8 @@ def _finite(value: float, item: str) -> float:
 
 def _preset(name: str, family: str | None) -> str | None:
     key = name.strip().upper()
-    prefixes = (
-        ("SDXL-",) if family == "SDXL" else ("SD-",) if family in ("SD1.x", "SD2.x") else ("SD-", "SDXL-")
-    )
+    layout = layout_of(family)
+    prefixes = (layout.preset_prefix,) if layout else tuple(u.preset_prefix for u in UNET_LAYOUTS.values())
     for candidate in (key, *(p + key for p in prefixes)):
         if candidate in PRESETS:
             return PRESETS[candidate]
@@ -266,11 +294,12 @@ def parse_block_weights(
     """Parse a vector, preset or readable spec; ``family`` ("SD1.x", "SDXL"...) checks the vector length,
     ``counts`` (the model's, else the family's, else SD's) the blocks a readable spec names."""
     check_spec_length(spec, "block_weights")
-    counts = counts or FAMILY_COUNTS.get(family or "", SD_COUNTS)
+    layout = layout_of(family)
+    counts = counts or (layout.counts if layout else SD_COUNTS)
     text = spec.strip()
-    if family not in (None, "unknown", *_FAMILY_LENGTHS):
+    if family not in (None, families.UNKNOWN) and layout is None:
         raise ValueError(
-            f"block weights work on SD1.x, SD2.x and SDXL UNets; this model is {family}: clear the block weights"
+            f"block weights work on {_with_block_weights()} UNets; this model is {family}: clear the block weights"
         )
     if not text:
         raise ValueError(
@@ -283,7 +312,8 @@ def parse_block_weights(
     if ":" in text:  # an Inspire preset line "NAME:1,0,..."
         return _parse_vector(text.partition(":")[2], family)
     if "," not in text and not _is_float(text):
-        names = sorted(n for n in PRESETS if family is None or n.startswith("SDXL-") == (family == "SDXL"))
+        prefix = (layout or UNET_LAYOUTS["SD"]).preset_prefix  # an unknown model: SD's presets
+        names = sorted(n for n in PRESETS if family is None or n.startswith(prefix))
         raise ValueError(f"`block_weights`: unknown preset {_short(text)}; known presets: {', '.join(names)}")
     return _parse_vector(text, family)
 

@@ -29,20 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..adapters import (
-    BoftAdapter,
-    DiffAdapter,
-    GloraAdapter,
-    Ia3Adapter,
-    LohaAdapter,
-    LokrAdapter,
-    LoraAdapter,
-    OftAdapter,
-    OftV2Adapter,
-    SetAdapter,
-    delta,
-    ia3_fit_error,
-)
+from ..adapters import delta, kind_of
 from .patching import FusedLora, Step, Term, prepare
 
 _CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -77,37 +64,45 @@ class Target:
 
 
 def kind_name(adapter) -> str:
-    """The adapter kind as users know it, for messages."""
+    """The adapter kind as users know it, for messages: DoRA and reshape_weight (variants of several
+    kinds) first, then the kind's own ``bypass.label``."""
     if getattr(adapter, "dora_scale", None) is not None:
         return "DoRA"
-    names = {SetAdapter: "set_weight", OftAdapter: "OFT", BoftAdapter: "BOFT", GloraAdapter: "GLoRA",
-             OftV2Adapter: "OFT (PEFT)", Ia3Adapter: "(IA)3", LohaAdapter: "LoHa", LokrAdapter: "LoKr",
-             DiffAdapter: "full diff", LoraAdapter: "LoRA"}  # fmt: skip
     if getattr(adapter, "reshape", None) is not None:
         return "reshape_weight"
-    return names.get(type(adapter), type(adapter).__name__)
+    return kind_of(adapter).bypass.label
 
 
-# Kinds whose change depends on the base weight itself: never on activations.
-WEIGHT_DEPENDENT = ("DoRA", "OFT", "OFT (PEFT)", "BOFT", "GLoRA", "set_weight", "reshape_weight")
+def _weight_dependent(adapter) -> bool:
+    """Whether the change reads the base weight itself: never on activations."""
+    variant = (
+        getattr(adapter, "dora_scale", None) is not None or getattr(adapter, "reshape", None) is not None
+    )
+    return variant or kind_of(adapter).bypass.weight_dependent
+
+
+def _scales_channels(adapter) -> bool:
+    return kind_of(adapter).bypass.channel_factor is not None
 
 
 def refusal(terms: Sequence[Term], layer: Layer | None, target: Target) -> str | None:
     """Why these terms cannot run on the layer's activations (a short reason naming the kind), or None."""
-    kinds = [kind_name(t.adapter) for t in terms]
-    weight_dependent = sorted({k for k in kinds if k in WEIGHT_DEPENDENT})
+    weight_dependent = sorted({kind_name(t.adapter) for t in terms if _weight_dependent(t.adapter)})
     if weight_dependent:
         return f"{', '.join(weight_dependent)} depends on the base weight"
     if layer is None:
         return "the parameter is not a Linear or convolution weight"
     if target.param == "bias":
-        return None if all(k == "full diff" for k in kinds) else "only a full diff can change a bias"
-    if "(IA)3" in kinds:
+        biases = all(kind_of(t.adapter).bypass.changes_bias for t in terms)
+        return None if biases else "only a full diff can change a bias"
+    scaling = [t.adapter for t in terms if _scales_channels(t.adapter)]
+    if scaling:
+        name = kind_name(scaling[0])
         if len(terms) > 1:
-            return "(IA)3 together with other adapters on one layer"
+            return f"{name} together with other adapters on one layer"
         if target.rows is not None or target.function is not None:
-            return "(IA)3 on a slice of a fused weight"
-        return ia3_fit_error(terms[0].adapter, layer.weight_shape)
+            return f"{name} on a slice of a fused weight"
+        return kind_of(scaling[0]).fit_error(scaling[0], tuple(layer.weight_shape))
     return None
 
 
@@ -133,7 +128,8 @@ class BypassPatch:
             raise ValueError(problem)
         self.layer, self.target = layer, target
         self.steps: tuple[Step, ...] = prepare(terms)
-        self._ia3 = terms[0] if terms and isinstance(terms[0].adapter, Ia3Adapter) else None
+        # a kind that scales channels ((IA)3) runs alone on its layer (``refusal``)
+        self._scaling = terms[0] if terms and _scales_channels(terms[0].adapter) else None
         self._cast: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     @property
@@ -143,12 +139,13 @@ class BypassPatch:
     @property
     def scales_input(self) -> bool:
         """True for (IA)3 on inputs: the layer's input is scaled before it runs (``scale_input``)."""
-        return self._ia3 is not None and self._ia3.adapter.on_input
+        return self._scaling is not None and kind_of(self._scaling.adapter).bypass.on_input(
+            self._scaling.adapter
+        )
 
-    def _ia3_factor(self, like: Tensor) -> Tensor:
-        term = self._ia3
-        w = term.adapter.weight.to(device=like.device, dtype=torch.float32).reshape(-1)
-        return (1.0 + term.strength * w).to(like.dtype)
+    def _channel_factor(self, like: Tensor) -> Tensor:
+        term = self._scaling
+        return kind_of(term.adapter).bypass.channel_factor(term.adapter, term.strength, like)
 
     def _channels(self, v: Tensor, ndim: int) -> Tensor:
         """A per-channel vector shaped to broadcast along the output's channel axis."""
@@ -157,14 +154,14 @@ class BypassPatch:
         return v.reshape(-1, *([1] * (ndim - 2)))
 
     def scale_input(self, x: Tensor) -> Tensor:
-        return x * self._channels(self._ia3_factor(x), x.dim())
+        return x * self._channels(self._channel_factor(x), x.dim())
 
     def output(self, x: Tensor, y: Tensor, bias: Tensor | None) -> Tensor:
         """The layer's output ``y`` (for input ``x``) with this parameter's change added."""
-        if self._ia3 is not None:
+        if self._scaling is not None:
             if self.scales_input:
                 return y
-            scale = self._channels(self._ia3_factor(y), y.dim())
+            scale = self._channels(self._channel_factor(y), y.dim())
             if bias is None:
                 return y * scale
             b = self._channels(bias.to(device=y.device, dtype=y.dtype), y.dim())
@@ -202,7 +199,8 @@ class BypassPatch:
 
     def _step_change(self, step: Step, x: Tensor) -> Tensor:
         if self.target.param == "bias":
-            diff = step.adapter.diff.to(device=x.device, dtype=x.dtype) * step.strength
+            # a bias change (full diffs only, see ``refusal``): its delta, shaped like the bias rows
+            diff = delta(step.adapter, self._rows_shape(), x.device).to(x.dtype) * step.strength
             return self._channels(diff.reshape(-1), x.dim() if self.layer.conv_dims else 1)
         if isinstance(step, FusedLora) and (not self.layer.conv_dims or self.layer.groups == 1):
             return self._lora(step, x)

@@ -3,7 +3,8 @@
 A file can hold finite factors whose product is not (fp16 factors of 60000 give changes of
 billions): the patched weight overflows and images come out black, with no error anywhere. The
 largest change of each module is bounded first from its factors' norms (cheap); only a module
-whose bound is over the limit has its change computed, to name it with the real figure.
+whose bound is over the limit has its change computed, to name it with the real figure. Each
+kind states its bound and peak in its own module (``KIND.extreme``); this module only loops and caches.
 """
 
 from __future__ import annotations
@@ -14,22 +15,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
-from ..adapters import (
-    Adapter,
-    DiffAdapter,
-    LohaAdapter,
-    LokrAdapter,
-    LoraAdapter,
-    SetAdapter,
-    delta,
-    is_linear,
-    scale_of,
-)
+from ..adapters import Adapter, delta, kind_of
 
 HALF_MAX = float(torch.finfo(torch.float16).max)  # 65504: trained LoRAs change weights by ~1 at most
-_ROWS_PER_CHUNK = 4096  # the exact change of a large LoRA is taken in slices of rows, not all at once
 
 _BOUNDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # adapter -> bound at strength 1
 _PEAKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # adapter -> {shape: largest change}
@@ -55,23 +44,6 @@ def limit_for(dtype: torch.dtype | None) -> Limit:
     return Limit(HALF_MAX, f"{HALF_MAX:g}, the largest float16 value")
 
 
-def _max_row_norm(t: Tensor) -> float:
-    return float(t.double().flatten(1).norm(dim=1).max()) if t.numel() else 0.0
-
-
-def _max_col_norm(t: Tensor) -> float:
-    return float(t.double().flatten(1).norm(dim=0).max()) if t.numel() else 0.0
-
-
-def _product_bound(a: Tensor, b: Tensor) -> float:
-    """Every entry of a @ b is at most (largest row norm of a) x (largest column norm of b)."""
-    return _max_row_norm(a) * _max_col_norm(b)
-
-
-def _largest(t: Tensor) -> float:
-    return float(t.double().abs().max()) if t.numel() else 0.0
-
-
 def change_bound(adapter: Adapter) -> float | None:
     """An upper bound on the largest change of one weight entry at strength 1, or None when the
     change depends on the weight itself (OFT, GLoRA, (IA)3, DoRA...) or the layout has no cheap one."""
@@ -82,30 +54,15 @@ def change_bound(adapter: Adapter) -> float | None:
     return bound
 
 
-def _bound(a: Adapter) -> float | None:
-    if isinstance(a, SetAdapter):
-        return _largest(a.weight)
-    if isinstance(a, DiffAdapter):
-        return _largest(a.diff)
-    scale = abs(scale_of(a))
-    if isinstance(a, LoraAdapter):
-        if a.mid is not None:
-            return None
-        return scale * _product_bound(a.up, a.down)
-    if isinstance(a, LohaAdapter) and a.t1 is None:
-        return scale * _product_bound(a.w1_a, a.w1_b) * _product_bound(a.w2_a, a.w2_b)
-    if isinstance(a, LokrAdapter) and a.t2 is None:
-        w1 = _largest(a.w1) if a.w1 is not None else _product_bound(a.w1_a, a.w1_b)
-        w2 = _largest(a.w2) if a.w2 is not None else _product_bound(a.w2_a, a.w2_b)
-        return scale * w1 * w2  # the largest entry of kron(w1, w2) is the product of theirs
-    return None
+def _bound(adapter: Adapter) -> float | None:
+    extreme = kind_of(adapter).extreme
+    return None if extreme is None else extreme.bound(adapter)
 
 
 def _shape_free(adapter: Adapter) -> bool:
     """Whether the change can be computed without the weight's shape."""
-    if isinstance(adapter, LoraAdapter):
-        return adapter.mid is None
-    return isinstance(adapter, (SetAdapter, DiffAdapter))
+    extreme = kind_of(adapter).extreme
+    return extreme is not None and extreme.shape_free(adapter)
 
 
 def peak_change(adapter: Adapter, shape: tuple[int, ...] | None) -> float:
@@ -118,15 +75,15 @@ def peak_change(adapter: Adapter, shape: tuple[int, ...] | None) -> float:
 
 
 def _peak(adapter: Adapter, shape: tuple[int, ...] | None) -> float:
-    if isinstance(adapter, SetAdapter):
-        return _largest(adapter.weight)
-    if isinstance(adapter, DiffAdapter):
-        return _largest(adapter.diff)
-    if isinstance(adapter, LoraAdapter) and adapter.mid is None:
-        up, down = adapter.up.flatten(1).float(), adapter.down.flatten(1).float()
-        scale = abs(scale_of(adapter))
-        return max(float((rows @ down).abs().max()) * scale for rows in up.split(_ROWS_PER_CHUNK))
+    extreme = kind_of(adapter).extreme
+    if extreme is not None and extreme.peak is not None:
+        return extreme.peak(adapter, shape)
     return float(delta(adapter, shape).abs().max())
+
+
+def _variant(adapter: Adapter) -> bool:
+    """DoRA or a reshape: the change is no longer the kind's plain one, so it is not judged."""
+    return getattr(adapter, "dora_scale", None) is not None or getattr(adapter, "reshape", None) is not None
 
 
 def extreme_changes(
@@ -137,15 +94,15 @@ def extreme_changes(
     weight itself (DoRA, OFT, GLoRA, (IA)3) are not judged."""
     out: list[tuple[str, float]] = []
     for name, adapter, strength, shape in modules:
-        if strength == 0.0 or not (is_linear(adapter) or isinstance(adapter, SetAdapter)):
+        extreme = kind_of(adapter).extreme
+        if strength == 0.0 or extreme is None or _variant(adapter):
             continue
-        if getattr(adapter, "reshape", None) is not None or (shape is None and not _shape_free(adapter)):
+        if shape is None and not _shape_free(adapter):
             continue
         bound = change_bound(adapter)
         if bound is not None and bound * abs(strength) <= limit.value:
             continue
-        # SetAdapter replaces the weight: its strength does not scale it (as in ComfyUI)
-        peak = peak_change(adapter, shape) * (1.0 if isinstance(adapter, SetAdapter) else abs(strength))
+        peak = peak_change(adapter, shape) * (abs(strength) if extreme.scaled else 1.0)
         if not peak <= limit.value:  # NaN and Inf included
             out.append((name, peak))
     return out

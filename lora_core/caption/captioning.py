@@ -14,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files.confine import CAPTION_LIMIT, leaves, make_folder_within
+from ..files.confine import leaves
 from .captions import (
     CaptionOptions,
     build_caption,
     caption_text,
+    caption_to_extend,
     merge_caption,
-    read_caption,
-    write_text_atomic,
+    write_caption,
 )
 from .image_files import DEFAULT_MAX_PIXELS, ImageLoadError, Problem, load_image, scan_folder
 from .preprocess import tagger_input, thumbnail
@@ -244,18 +244,9 @@ def _prefetch(
 def _write_one(target: Path, new_tags: list[str], options: CaptionOptions, mode: str, root: str) -> list[str]:
     """Writes one caption inside `root` (the user chose overwrite / append for existing ones)."""
     tags = new_tags
-    if mode == "append":
-        existing = read_caption(target, root)
-        if existing.truncated:
-            raise ValueError(
-                f"existing caption {target.name} is longer than {CAPTION_LIMIT // 1024} KB; left as it is"
-            )
-        if existing.note:
-            raise ValueError(existing.note)
-        if existing.text is not None:
-            tags = merge_caption(existing.text, new_tags, options.trigger_word)
-    make_folder_within(target.parent, root)
-    write_text_atomic(target, caption_text(tags))
+    if mode == "append" and (existing := caption_to_extend(target, root)) is not None:
+        tags = merge_caption(existing, new_tags, options.trigger_word)
+    write_caption(target, caption_text(tags), root)
     return tags
 
 

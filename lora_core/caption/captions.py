@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files.atomic import write_bytes
-from ..files.confine import CAPTION_LIMIT, NotRegularFileError, leaves, read_text_capped
+from ..files.confine import CAPTION_LIMIT, NotRegularFileError, leaves, make_folder_within, read_text_capped
 from .tagger import CHARACTER, GENERAL, TagList
 
 # Tags whose underscores are the face itself; the reference taggers leave them alone.
@@ -194,6 +194,25 @@ def read_caption(path: Path, folder: Path | None = None, limit: int = CAPTION_LI
         note = f"caption {path.name} is longer than {limit // 1024} KB; only its first {limit // 1024} KB are used"
         return CaptionRead(read.text, note, truncated=True)
     return CaptionRead(read.text)
+
+
+def caption_to_extend(target: Path, root: str) -> str | None:
+    """The existing caption that append mode adds to (None: there is none). One longer than the
+    limit, or one that could not be read, is refused, so it is left as it is."""
+    existing = read_caption(target, root)
+    if existing.truncated:
+        raise ValueError(
+            f"existing caption {target.name} is longer than {CAPTION_LIMIT // 1024} KB; left as it is"
+        )
+    if existing.note:
+        raise ValueError(existing.note)
+    return existing.text
+
+
+def write_caption(target: Path, text: str, root: str) -> None:
+    """Writes one caption file inside `root` (its folder made there, never outside), atomically."""
+    make_folder_within(target.parent, root)
+    write_text_atomic(target, text)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

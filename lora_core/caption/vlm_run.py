@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files.confine import CAPTION_LIMIT, make_folder_within
 from .captioning import CaptionReport, RunOptions, Tagged, plan_captions
-from .captions import CaptionOptions, read_caption, select_tags, write_text_atomic
+from .captions import CaptionOptions, caption_to_extend, select_tags, write_caption
 from .image_files import ImageLoadError, Problem, load_image
 from .preprocess import tagger_input, thumbnail
 from .tagger import Tagger
@@ -71,18 +70,9 @@ def prompts_for(captioner: VlmCaptioner, options: SentenceOptions, tags: list[li
 def write_sentence(target: Path, caption: str, mode: str, root: str) -> str:
     """Writes one caption inside `root`; append mode adds it after the existing text, once."""
     text = caption
-    if mode == "append":
-        existing = read_caption(target, root)
-        if existing.truncated:
-            raise ValueError(
-                f"existing caption {target.name} is longer than {CAPTION_LIMIT // 1024} KB; left as it is"
-            )
-        if existing.note:
-            raise ValueError(existing.note)
-        if existing.text is not None:
-            text = merge_sentences(existing.text, caption)
-    make_folder_within(target.parent, root)
-    write_text_atomic(target, text + "\n")
+    if mode == "append" and (existing := caption_to_extend(target, root)) is not None:
+        text = merge_sentences(existing, caption)
+    write_caption(target, text + "\n", root)
     return text
 
 

@@ -12,7 +12,8 @@ import torch
 
 from ..adapters import Adapter, LoraAdapter, delta, is_linear, scaled_factors
 from ..adapters.registry import either, not_a_plain_sum
-from ..apply.loader import LoadedLora, LoraPlan
+from ..apply.loader import LoraPlan
+from ..apply.opening import LoadedLora
 from ..budget import MemoryNeed, check_fits, factors_need
 from ..files.families import by_label
 from ..files.metadata import tag_frequency

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 
 from ..adapters import LoraAdapter
-from ..apply.loader import LoadedLora, load_lora
+from ..apply.opening import LoadedLora, load_lora
 from ..apply.te_names import kohya_te4_name
 from ..budget import check_fits, factors_need
 from ..files.savefile import resolve_dtype, safe_output_name, save_lora

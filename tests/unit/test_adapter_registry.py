@@ -10,9 +10,13 @@ import torch
 
 from lora_foundry.lora_core import adapters
 from lora_foundry.lora_core.adapters import registry, rotation
+from lora_foundry.lora_core.adapters.base import Bypass, Extreme
+from lora_foundry.lora_core.apply.bypass import BypassPatch, Layer, Target, refusal
+from lora_foundry.lora_core.apply.extremes import Limit, extreme_changes
+from lora_foundry.lora_core.apply.patching import Term
 from lora_foundry.lora_core.files.formats import parse_lora
 
-HELPERS = {"__init__", "base", "dora", "registry", "rotation"}  # modules that are not a kind
+HELPERS = {"__init__", "base", "bounds", "dora", "registry", "rotation"}  # modules that are not a kind
 
 
 def kind_modules():
@@ -124,3 +128,50 @@ def test_a_lora_up_that_is_no_matrix_of_its_rank_does_not_fit():
     assert (
         registry.shape_error(adapters.LoraAdapter(up=g(4, 2, 1, 1), down=g(2, 3, 3, 3)), (4, 3, 3, 3)) is None
     )
+
+
+def test_every_kind_says_how_bypass_and_the_overflow_check_treat_it():
+    """What apply/bypass.py and apply/extremes.py read from each kind, stated by every kind."""
+    labels = [kind.bypass.label for kind in registry.KINDS]
+    assert all(labels) and len(set(labels)) == len(labels)
+    for kind in registry.KINDS:
+        assert isinstance(kind.bypass, Bypass), kind.name
+        on_activations = not kind.bypass.weight_dependent and kind.bypass.channel_factor is None
+        # bypass builds a summing kind's change from its delta, and the overflow check judges it
+        assert not on_activations or kind.delta is not None, kind.name
+        assert kind.delta is None or isinstance(kind.extreme, Extreme), kind.name
+        assert kind.extreme is None or callable(kind.extreme.bound), kind.name
+
+
+@pytest.mark.parametrize("record", sorted(ONE_MODULE))
+def test_each_kind_runs_in_bypass_mode_or_is_refused_by_its_label(record):
+    adapter = parse_lora(ONE_MODULE[record]).modules["m"]
+    kind = registry.kind_of(adapter)
+    weight, x = g(8, 6, seed=3), g(5, 6, seed=4)
+    terms, layer = [Term(adapter, 0.7)], Layer((8, 6))
+    if kind.bypass.weight_dependent:
+        assert kind.bypass.label in refusal(terms, layer, Target("weight"))
+        return
+    assert refusal(terms, layer, Target("weight")) is None
+    patch = BypassPatch(terms, layer, Target("weight"))
+    x_in = patch.scale_input(x) if patch.scales_input else x
+    out = patch.output(x, torch.nn.functional.linear(x_in, weight), None)
+    expected = torch.nn.functional.linear(x, registry.apply(adapter, weight, 0.7))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("record", sorted(ONE_MODULE))
+def test_the_overflow_check_names_each_judged_kind_with_its_largest_change(record):
+    adapter = parse_lora(ONE_MODULE[record]).modules["m"]
+    kind = registry.kind_of(adapter)
+    found = extreme_changes([("m", adapter, 2.0, (8, 6))], Limit(1e-6, "tiny"))
+    if kind.extreme is None:  # its change depends on the weight: not judged
+        assert found == []
+        return
+    # the change at strength 1, from apply on a zero weight: max |apply(0) - 0|
+    largest = float(registry.apply(adapter, torch.zeros(8, 6), 1.0).abs().max())
+    scaled = largest * (2.0 if kind.extreme.scaled else 1.0)
+    assert found == [("m", pytest.approx(scaled, rel=1e-5))]
+    bound = kind.extreme.bound(adapter)
+    assert bound is None or bound >= largest * (1 - 1e-6)
+    assert extreme_changes([("m", adapter, 2.0, (8, 6))], Limit(scaled * 1.01, "roomy")) == []

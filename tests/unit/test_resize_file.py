@@ -5,7 +5,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from lora_foundry.lora_core.apply import loader
+from lora_foundry.lora_core.apply import loader, opening
 from lora_foundry.lora_core.merge.resize_file import resize_file
 
 
@@ -43,8 +43,8 @@ def test_the_source_is_read_once(tmp_path, monkeypatch):
     src = tmp_path / "fun.safetensors"
     wan_fun_file(src)
     reads = []
-    real = loader.read_lora_file
-    monkeypatch.setattr(loader, "read_lora_file", lambda path: reads.append(path) or real(path))
+    real = opening.read_lora_file  # the one place a LoRA file is read for loading
+    monkeypatch.setattr(opening, "read_lora_file", lambda path: reads.append(path) or real(path))
     result = resize_file(str(src), str(tmp_path), "small", "fixed", 2, dtype="fp32")
     assert reads == [str(src)]
     assert safetensors.safe_open(result.path, "pt").metadata()["ss_network_dim"] == "2"
