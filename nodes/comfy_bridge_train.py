@@ -136,8 +136,9 @@ def flow_predictor(model, guidance: float = 1.0) -> Callable:
         x = x.to(device)
         kwargs = {"cross_attn": cond["context"].to(device), "device": device, "noise": x,
                   "guidance": guidance, "width": x.shape[-1] * 8, "height": x.shape[-2] * 8}  # fmt: skip
-        if "pooled" in cond:
-            kwargs["pooled_output"] = cond["pooled"].to(device)
+        # As a sampler's conds: the key is always there, None for encoders without a pooled vector
+        # (Chroma, Flux.2, Z-Image), whose extra_conds then add no ``y``.
+        kwargs["pooled_output"] = cond["pooled"].to(device) if "pooled" in cond else None
         conds = {k: c.process_cond(batch_size=x.shape[0], device=device, area=None).cond
                  for k, c in base.extra_conds(**kwargs).items()}  # fmt: skip
         context = conds.pop("c_crossattn")
