@@ -249,19 +249,19 @@ def differentiable_rope() -> Callable[[], None]:
     whose rope is already plain torch.
     """
     import importlib
+    import sys
 
+    importlib.import_module("comfy.ldm.flux.math")
+    # Every model module that imported the op by name (Flux's math, Wan, Lumina2 / Z-Image ...).
+    modules = [m for n, m in list(sys.modules.items()) if n.startswith("comfy.ldm.") and m is not None]
     patched = []
-    for module_name in ("comfy.ldm.flux.math", "comfy.ldm.wan.model"):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
+    for module in modules:
         for name, fn in (
             ("apply_rope1", _rope1),
             ("apply_rope", lambda q, k, f: (_rope1(q, f), _rope1(k, f))),
         ):
             original = getattr(module, name, None)
-            if original is None or getattr(original, "__module__", "") == module_name:
+            if not callable(original) or getattr(original, "__module__", "").startswith("comfy.ldm."):
                 continue  # absent, or ComfyUI's own plain-torch fallback
 
             def either(*args, _own=fn, _original=original):
