@@ -5,6 +5,8 @@ guidance and latent channels, Lumina2's text token count from extra_conds), a sh
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import comfy.supported_models as sm
 import dit_factory
 import model_factory
@@ -16,7 +18,7 @@ from lora_foundry.lora_core.train.network import LoraNetwork, select_targets
 from lora_foundry.lora_core.train.objective import Draw
 from lora_foundry.lora_core.train.trainer import Batch, TrainConfig, Trainer
 from lora_foundry.nodes import comfy_bridge_train as train_bridge
-from lora_foundry.nodes.train import block_hooks, check_blocks, model_targets, train_targets
+from lora_foundry.nodes.train import block_hooks, check_blocks, check_resolution, model_targets, train_targets
 
 # ComfyUI's Z-Image modulation reads a 256-wide timestep embedding, so its width must be >= 256;
 # Lumina2 (the same network without that modulation) builds at the factory's width.
@@ -136,3 +138,31 @@ def test_short_run_halves_the_loss_on_fixed_triples(family):
     finally:
         net.detach()
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("family", "name"), [("ltxv", "LTXV"), ("hunyuan_video15", "HunyuanVideo15")])
+def test_video_family_is_named_in_the_error(family, name):
+    with pytest.raises(
+        ValueError, match=rf"^{name} is a model for video \(5-D latents\): Train LoRA trains image"
+    ):
+        train_bridge.model_objective_kind(dit_factory.dit_model(family))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("family", "size", "step"), [("flux2", (44, 36), 8), ("zimage", (40, 72), 16)])
+def test_resolution_the_family_cannot_take_names_the_nearest(family, size, step):
+    """Flux.2 packs 1x1 latent pixels per token (sides: multiples of 8), Z-Image 2x2 (16)."""
+    model = family_model(family)
+    assert 8 * train_bridge.patch_size(model) == step
+    nearest = tuple(step * max(1, int(side / step + 0.5)) for side in size)  # halves round up
+    assert all(n % step == 0 and abs(n - s) <= step / 2 for n, s in zip(nearest, size, strict=True))
+    dataset = SimpleNamespace(
+        samples=[SimpleNamespace(bucket=size)], options=SimpleNamespace(resolution=size[0])
+    )
+    with pytest.raises(
+        ValueError, match=rf"multiples of {step}\); the nearest valid size is {nearest[0]}x{nearest[1]}"
+    ):
+        check_resolution(dataset, model)
+    fine = SimpleNamespace(samples=[SimpleNamespace(bucket=nearest)], options=dataset.options)
+    check_resolution(fine, model)  # the size it names is accepted
