@@ -136,8 +136,9 @@ def flow_predictor(model, guidance: float = 1.0) -> Callable:
         x = x.to(device)
         kwargs = {"cross_attn": cond["context"].to(device), "device": device, "noise": x,
                   "guidance": guidance, "width": x.shape[-1] * 8, "height": x.shape[-2] * 8}  # fmt: skip
-        if "pooled" in cond:
-            kwargs["pooled_output"] = cond["pooled"].to(device)
+        # As a sampler's conds: the key is always there, None for encoders without a pooled vector
+        # (Chroma, Flux.2, Z-Image), whose extra_conds then add no ``y``.
+        kwargs["pooled_output"] = cond["pooled"].to(device) if "pooled" in cond else None
         conds = {k: c.process_cond(batch_size=x.shape[0], device=device, area=None).cond
                  for k, c in base.extra_conds(**kwargs).items()}  # fmt: skip
         context = conds.pop("c_crossattn")
@@ -248,19 +249,19 @@ def differentiable_rope() -> Callable[[], None]:
     whose rope is already plain torch.
     """
     import importlib
+    import sys
 
+    importlib.import_module("comfy.ldm.flux.math")
+    # Every model module that imported the op by name (Flux's math, Wan, Lumina2 / Z-Image ...).
+    modules = [m for n, m in list(sys.modules.items()) if n.startswith("comfy.ldm.") and m is not None]
     patched = []
-    for module_name in ("comfy.ldm.flux.math", "comfy.ldm.wan.model"):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
+    for module in modules:
         for name, fn in (
             ("apply_rope1", _rope1),
             ("apply_rope", lambda q, k, f: (_rope1(q, f), _rope1(k, f))),
         ):
             original = getattr(module, name, None)
-            if original is None or getattr(original, "__module__", "") == module_name:
+            if not callable(original) or getattr(original, "__module__", "").startswith("comfy.ldm."):
                 continue  # absent, or ComfyUI's own plain-torch fallback
 
             def either(*args, _own=fn, _original=original):

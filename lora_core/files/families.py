@@ -34,7 +34,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("SD2.x", ("SD20", "SD21UnclipL", "SD21UnclipH"), "sd_v2", "sd_v2",
            "stable-diffusion-v2/lora", "stable-diffusion-v2", "SD"),
     Family("SD3", ("SD3",), "sd3", "sd3", None, "stable-diffusion-3"),
-    Family("Flux", ("Flux", "FluxInpaint", "FluxSchnell"), "flux", "flux", None, "flux"),
+    Family("Flux", ("Flux", "FluxInpaint", "FluxSchnell"), "flux1", "flux", None, "flux"),
 )  # fmt: skip
 _BY_LABEL = {f.label: f for f in FAMILIES}
 _BY_CLASS = {name: f for f in FAMILIES for name in f.comfy_classes}
