@@ -69,6 +69,9 @@ class ExportTrainJob:
         return float("nan")  # the file is written on every run, even with unchanged settings
 
     def execute(self, checkpoint, **inputs):
+        # Optional inputs left unset take Train LoRA's own defaults, which can differ from TrainConfig's.
+        optional = self.INPUT_TYPES()["optional"]
+        inputs = {**{k: spec[1]["default"] for k, spec in optional.items() if "default" in spec[1]}, **inputs}
         try:
             job = job_from_dict(job_document(checkpoint, inputs))
             name = safe_output_name(job.output.name)[: -len(".safetensors")]
