@@ -6,35 +6,21 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import safetensors
 import torch
+from job_run import COMFY_DIR, DEMO, SETTINGS, run_headless
 from train_run import DATASET_ARGS, TRAIN_ARGS, make_dataset, train
 
 from lora_foundry.nodes import comfy_bridge_job as job_bridge
 from lora_foundry.nodes.train_job import ExportTrainJob
 
-REPO = Path(__file__).resolve().parents[2]
-COMFY_DIR = Path(os.environ.get("COMFYUI_PATH") or REPO / ".comfyui").resolve()
-DEMO = "lora_foundry_demo_sd15.safetensors"
-SETTINGS = dict(steps=2, lr=1e-4)  # few steps at 64x64; Train LoRA's default learning rate
 # values that name the run or its time, not what was trained
 RUN_IDENTITY = {"ss_output_name", "ss_training_started_at", "ss_training_finished_at", "modelspec.title",
                 "modelspec.date", "ss_session_id", "sshs_model_hash", "sshs_legacy_hash"}  # fmt: skip
-
-
-def run_headless(job: Path, base: Path, timeout: float = 900) -> subprocess.CompletedProcess:
-    """scripts/train_job.py on ``job`` with ComfyUI's folders under ``base``, one thread."""
-    cmd = [sys.executable, str(REPO / "scripts" / "train_job.py"), str(job), "--comfyui", str(COMFY_DIR),
-           "--base-directory", str(base), "--cpu"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
