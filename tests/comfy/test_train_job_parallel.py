@@ -36,7 +36,13 @@ def test_two_gloo_ranks_equal_one_rank_with_double_batch(dataset_dir, comfy_base
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            *script_args(export("two_ranks", 1), comfy_base)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env)
+    cache = comfy_base / "output" / "lora_foundry_cache"
+    before = set(cache.glob("*")) if cache.exists() else set()
+    try:
+        two = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env)
+    finally:  # the shared session folder is left as found (other tests count the cache's files)
+        for path in set(cache.glob("*")) - before if cache.exists() else ():
+            path.unlink()
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 rank(s)" in two.stdout and two.stdout.count("step 2/2 loss") == 1  # rank 0 alone reports
     a = weights(loras_dir / "one_rank" / "one_rank.safetensors")
