@@ -6,6 +6,7 @@ from .merge import MergeLoras, ResizeLora
 from .prepare import PrepareImages
 from .stack import ApplyLoraStack, LoraStack
 from .train import LoraTrainingDataset, TrainLora
+from .train_job import ExportTrainJob
 from .wan_pair import WanLoraPair
 
 NODES = [
@@ -19,6 +20,7 @@ NODES = [
     ("LoraFoundry_CaptionDataset", CaptionDataset, "Caption Dataset (Foundry)"),
     ("LoraFoundry_TrainingDataset", LoraTrainingDataset, "LoRA Training Dataset (Foundry)"),
     ("LoraFoundry_TrainLora", TrainLora, "Train LoRA (Foundry)"),
+    ("LoraFoundry_ExportTrainJob", ExportTrainJob, "Export Train Job (Foundry)"),
     ("LoraFoundry_WanLoraPair", WanLoraPair, "Wan 2.2 LoRA Pair (Foundry)"),
 ]
 

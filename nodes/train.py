@@ -3,6 +3,7 @@ and Train LoRA (the run, its checkpoints, live loss, and the result applied to M
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +35,13 @@ from ..lora_core.train.network import (
     select_targets,
 )
 from ..lora_core.train.optim import OPTIMIZERS, MissingPackageError
+from ..lora_core.train.parallel import DataParallelTrainer, World
 from ..lora_core.train.plot import loss_curve
 from ..lora_core.train.run import RunInfo, RunResult, fit
 from ..lora_core.train.schedule import SCHEDULERS
 from ..lora_core.train.state import LONGEST_SUFFIX, CheckpointPlan
 from ..lora_core.train.targets import targets_from_key_map
-from ..lora_core.train.trainer import PRECISIONS, NonFiniteLossError, TrainConfig, Trainer
+from ..lora_core.train.trainer import PRECISIONS, NonFiniteLossError, StepReport, TrainConfig, Trainer
 from . import comfy_bridge as bridge
 from . import comfy_bridge_train as train_bridge
 from .load_lora import apply_lora
@@ -209,22 +211,9 @@ class TrainLora:
         node = "Train LoRA"
         try:
             cfg = TrainConfig(**train, cycles=cycles, power=power)
-            name = safe_output_name(output_name, LONGEST_SUFFIX)[: -len(".safetensors")]
-            train_bridge.model_objective_kind(model)  # a family it cannot train: said before anything loads
-            check_blocks(model, blocks)  # a wrong block spec is said before anything loads
-            check_resolution(dataset, model)
-            plan = CheckpointPlan(Path(bridge.loras_dir()) / name, name, save_every, keep_last, save_dtype)
             net = NetworkSettings(rank, alpha, targets, blocks, dora, gradient_checkpointing)
             samples = SampleSettings(sample_every, sample_prompt, sample_seed, vae)
-            if samples.every and train_bridge.model_objective_kind(model) == "flow":
-                raise ValueError(
-                    "sample images during training are not available for flow-matching models yet: set "
-                    "`sample_every` to 0 and sample with the MODEL output after the run"
-                )
-            if samples.every and vae is None:
-                raise ValueError(
-                    "`sample_every` is set but no `vae` is connected: connect the VAE or set it to 0"
-                )
+            plan = plan_run(model, dataset, net, output_name, save_every, keep_last, save_dtype, samples)
             handle_existing(plan, existing)
             with torch.inference_mode(False), torch.enable_grad():
                 result = run_training(model, clip, dataset, cfg, net, plan, unique_id, samples)
@@ -243,6 +232,24 @@ class TrainLora:
             "ui": {"text": [text], bridge.LORA_WRITTEN: [lora_name]},
             "result": (new_model, new_clip, lora_name, curve),
         }
+
+
+def plan_run(model, dataset, net: NetworkSettings, output_name: str, save_every: int, keep_last: int,
+             save_dtype: str, samples: SampleSettings) -> CheckpointPlan:  # fmt: skip
+    """Checks a run's settings against the MODEL and data set before anything loads (Train LoRA and
+    headless jobs alike); returns where its files go."""
+    name = safe_output_name(output_name, LONGEST_SUFFIX)[: -len(".safetensors")]
+    train_bridge.model_objective_kind(model)  # a family it cannot train: said before anything loads
+    check_blocks(model, net.blocks)  # a wrong block spec is said before anything loads
+    check_resolution(dataset, model)
+    if samples.every and train_bridge.model_objective_kind(model) == "flow":
+        raise ValueError(
+            "sample images during training are not available for flow-matching models yet: set "
+            "`sample_every` to 0 and sample with the MODEL output after the run"
+        )
+    if samples.every and samples.vae is None:
+        raise ValueError("`sample_every` is set but no `vae` is connected: connect the VAE or set it to 0")
+    return CheckpointPlan(Path(bridge.loras_dir()) / name, name, save_every, keep_last, save_dtype)
 
 
 def model_targets(model) -> list:
@@ -334,9 +341,13 @@ def run_training(
     plan: CheckpointPlan,
     unique_id,
     samples: SampleSettings | None = None,
+    world: World | None = None,
+    on_report: Callable[[StepReport], None] | None = None,
 ) -> RunResult:
-    """Builds the networks and the trainer from ComfyUI's objects and runs it with checkpoints."""
+    """Builds the networks and the trainer from ComfyUI's objects and runs it with checkpoints.
+    ``world``: a data-parallel rank (headless jobs under torchrun); ``on_report``: each step's report."""
     samples = samples or SampleSettings()
+    world = world or World()
     train_te = cfg.te_lr > 0
     needs_clip = train_te or dataset.options.captions_vary
     if needs_clip and clip is None:
@@ -348,11 +359,12 @@ def run_training(
     _check_memory(model, clip if needs_clip else None, device, unet_targets + te_targets, cfg, net, dataset)
     unet = LoraNetwork(unet_targets, net.rank, net.alpha, net.dora, cfg.seed).to(device)
     te = LoraNetwork(te_targets, net.rank, net.alpha, net.dora, cfg.seed + 1).to(device) if train_te else None
-    data = Batches(dataset, cfg.batch_size, train_bridge.latent_transform(model))
+    data = Batches(dataset, cfg.batch_size * world.size, train_bridge.latent_transform(model))
     encode = batch_encoder(train_bridge.caption_encoder(clip)) if needs_clip else None
     predict, objective = objective_for(model, cfg)
-    trainer = Trainer(cfg, data, predict, objective, unet, te, encode,
-                      device, check=bridge.check_interrupted)  # fmt: skip
+    parallel = {"world": world} if world.size > 1 else {}
+    trainer = (DataParallelTrainer if parallel else Trainer)(cfg, data, predict, objective, unet, te, encode,
+                                                             device, check=bridge.check_interrupted, **parallel)  # fmt: skip
     family = train_bridge.training_metadata(model)
     run = RunInfo(
         base_model=bridge.model_class_name(model),
@@ -375,6 +387,8 @@ def run_training(
         train_bridge.send_event({"node": unique_id, "step": report.step, "total": report.total,
                            "loss": report.loss, "lr": report.lr, "eta_s": report.eta_s})  # fmt: skip
         bar(report.step)
+        if on_report is not None:
+            on_report(report)
         if sample is not None and report.step % samples.every == 0:
             train_bridge.save_sample(sample(), plan.name, report.step)
 
@@ -385,7 +399,7 @@ def run_training(
     for n in networks:
         n.attach()
     try:
-        return fit(trainer, plan, run, on_step, resume_existing=True)
+        return fit(trainer, plan, run, on_step, resume_existing=True, writes=world.writes)
     finally:
         for n in networks:
             n.detach()

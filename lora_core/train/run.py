@@ -145,11 +145,13 @@ def fit(
     on_step: Callable[[StepReport], None] | None = None,
     resume_existing: bool = True,
     stop_after: int | None = None,
+    writes: bool = True,
 ) -> RunResult:
     """Trains to the end (or to stop_after steps, for tests and previews) with checkpoints.
 
     Any error during a step (ComfyUI's cancel included) saves a checkpoint of the last completed
     step and is re-raised; a NaN/Inf loss saves nothing, so the last good checkpoint stays.
+    ``writes`` False (data-parallel ranks but the first): the same run, but no file is written.
     """
     plan.folder.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -158,6 +160,8 @@ def fit(
     last_saved: Path | None = None
 
     def save(final: bool) -> Path:
+        if not writes:
+            return plan.lora_path(None if final else trainer.step)
         meta = training_metadata(trainer, run, plan.name, started)
         return save_checkpoint(plan, trainer.networks, trainer.state(), meta, final)
 
