@@ -12,11 +12,11 @@ import dit_factory
 import model_factory
 import pytest
 import torch
+from flow_data import Data, FixedTriples
 
 from lora_foundry.lora_core.train.dit_blocks import block_of
 from lora_foundry.lora_core.train.network import LoraNetwork, select_targets
-from lora_foundry.lora_core.train.objective import Draw
-from lora_foundry.lora_core.train.trainer import Batch, TrainConfig, Trainer
+from lora_foundry.lora_core.train.trainer import TrainConfig, Trainer
 from lora_foundry.nodes import comfy_bridge_train as train_bridge
 from lora_foundry.nodes.train import block_hooks, check_blocks, check_resolution, model_targets, train_targets
 
@@ -42,31 +42,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class FixedTriples:
-    """An Objective returning the same (noisy, target, sigma) every step (memorisation)."""
-
-    def __init__(self, noisy, target, sigma):
-        self.fixed = Draw(noisy, target, sigma, torch.ones(len(sigma)))
-
-    def draw(self, latents, noise, generator):
-        return self.fixed
-
-
-class Data:
-    """TrainingData of fixed latents and conds, every step a batch of all of them."""
-
-    def __init__(self, latents, cond):
-        self.latents, self.cond = latents, cond
-
-    def epoch_order(self, epoch, seed):
-        return [list(range(len(self.latents)))]
-
-    def batch(self, indices, generator, rng):
-        return Batch(
-            self.latents[indices], tuple("" for _ in indices), {k: v[indices] for k, v in self.cond.items()}
-        )
 
 
 def run_hooks(patcher, fn):

@@ -5,18 +5,17 @@ stopped and resumed equals the straight run (fp32, 1e-6)."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 import torch
+from flow_data import Data, FixedTriples
 
 from lora_foundry.lora_core.train.flow import FlowObjective
 from lora_foundry.lora_core.train.network import LoraNetwork, select_targets
-from lora_foundry.lora_core.train.objective import Draw
 from lora_foundry.lora_core.train.run import RunInfo, fit
 from lora_foundry.lora_core.train.state import CheckpointPlan
-from lora_foundry.lora_core.train.trainer import Batch, TrainConfig, Trainer
+from lora_foundry.lora_core.train.trainer import TrainConfig, Trainer
 from lora_foundry.nodes import comfy_bridge_train as train_bridge
 from lora_foundry.nodes.train import block_hooks, model_targets
 
@@ -37,35 +36,6 @@ def conds(family: str, n: int, seed: int = 0) -> dict:
         "context": torch.randn(n, 4, CTX, generator=g),
         "pooled": torch.randn(n, POOLED[family], generator=g),
     }
-
-
-class FixedTriples:
-    """An Objective returning the same (noisy, target, sigma) every step (memorisation)."""
-
-    def __init__(self, noisy, target, sigma):
-        self.fixed = Draw(noisy, target, sigma, torch.ones(len(sigma)))
-
-    def draw(self, latents, noise, generator):
-        return self.fixed
-
-
-class Data:
-    """TrainingData of fixed latents and conds, batch = all of them, or seeded pairs."""
-
-    def __init__(self, latents, cond, pairs=False):
-        self.latents, self.cond, self.pairs = latents, cond, pairs
-
-    def epoch_order(self, epoch, seed):
-        n = len(self.latents)
-        if not self.pairs:
-            return [list(range(n))]
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 31 + epoch)).tolist()
-        return [perm[i : i + 2] for i in range(0, n, 2)]
-
-    def batch(self, indices, generator, rng: random.Random):
-        return Batch(
-            self.latents[indices], tuple("" for _ in indices), {k: v[indices] for k, v in self.cond.items()}
-        )
 
 
 def patcher_of(request, family):
