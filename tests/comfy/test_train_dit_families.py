@@ -12,13 +12,11 @@ import dit_factory
 import model_factory
 import pytest
 import torch
-from flow_data import Data, FixedTriples
+from flow_data import fixed_triple_losses
 
 from lora_foundry.lora_core.train.dit_blocks import block_of
-from lora_foundry.lora_core.train.network import LoraNetwork, select_targets
-from lora_foundry.lora_core.train.trainer import TrainConfig, Trainer
 from lora_foundry.nodes import comfy_bridge_train as train_bridge
-from lora_foundry.nodes.train import block_hooks, check_blocks, check_resolution, model_targets, train_targets
+from lora_foundry.nodes.train import check_blocks, check_resolution, train_targets
 
 # ComfyUI's Z-Image modulation reads a 256-wide timestep embedding, so its width must be >= 256;
 # Lumina2 (the same network without that modulation) builds at the factory's width.
@@ -42,16 +40,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def run_hooks(patcher, fn):
-    undo = block_hooks(patcher, checkpointing=True)
-    try:
-        with torch.enable_grad():
-            return fn()
-    finally:
-        for u in undo:
-            u()
 
 
 _MODELS: dict = {}
@@ -101,17 +89,7 @@ def test_short_run_halves_the_loss_on_fixed_triples(family):
     g = torch.Generator().manual_seed(2)
     x0 = latents(model, 2, g)
     eps = torch.randn(x0.shape, generator=g)
-    s = torch.tensor([0.25, 0.7])
-    b = s[:, None, None, None]
-    objective = FixedTriples((1 - b) * x0 + b * eps, eps - x0, s)
-    net = LoraNetwork(select_targets(model_targets(model), "attention_ff"), rank=4, alpha=4.0, seed=0)
-    cfg = TrainConfig(steps=40, batch_size=2, lr=1e-2, seed=0)
-    trainer = Trainer(cfg, Data(x0, conds(2, 1)), train_bridge.flow_predictor(model), objective, net)
-    net.attach()
-    try:
-        losses = run_hooks(model, lambda: [trainer.train_step().loss for _ in range(40)])
-    finally:
-        net.detach()
+    losses = fixed_triple_losses(model, x0, eps, conds(2, 1))
     assert losses[-1] < 0.5 * losses[0], losses
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flow_data import Data, FixedTriples
+from flow_data import Data, FixedTriples, fixed_triple_losses, run_hooks
 
 from lora_foundry.lora_core.train.flow import FlowObjective
 from lora_foundry.lora_core.train.network import LoraNetwork, select_targets
@@ -17,7 +17,7 @@ from lora_foundry.lora_core.train.run import RunInfo, fit
 from lora_foundry.lora_core.train.state import CheckpointPlan
 from lora_foundry.lora_core.train.trainer import TrainConfig, Trainer
 from lora_foundry.nodes import comfy_bridge_train as train_bridge
-from lora_foundry.nodes.train import block_hooks, model_targets
+from lora_foundry.nodes.train import model_targets
 
 CTX, POOLED = 32, {"flux": 32, "sd3": 64}
 
@@ -40,16 +40,6 @@ def conds(family: str, n: int, seed: int = 0) -> dict:
 
 def patcher_of(request, family):
     return request.getfixturevalue(family)
-
-
-def run_hooks(patcher, fn):
-    undo = block_hooks(patcher, checkpointing=True)
-    try:
-        with torch.enable_grad():
-            return fn()
-    finally:
-        for u in undo:
-            u()
 
 
 @pytest.mark.timeout(120)
@@ -77,18 +67,7 @@ def test_short_run_halves_the_loss_on_fixed_triples(request, family):
     patcher = patcher_of(request, family)
     g = torch.Generator().manual_seed(2)
     x0, eps = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
-    s = torch.tensor([0.25, 0.7])
-    b = s[:, None, None, None]
-    objective = FixedTriples((1 - b) * x0 + b * eps, eps - x0, s)
-    targets = select_targets(model_targets(patcher), "attention_ff")
-    net = LoraNetwork(targets, rank=4, alpha=4.0, seed=0)
-    cfg = TrainConfig(steps=40, batch_size=2, lr=1e-2, seed=0)
-    trainer = Trainer(cfg, Data(x0, conds(family, 2)), train_bridge.flow_predictor(patcher), objective, net)
-    net.attach()
-    try:
-        losses = run_hooks(patcher, lambda: [trainer.train_step().loss for _ in range(40)])
-    finally:
-        net.detach()
+    losses = fixed_triple_losses(patcher, x0, eps, conds(family, 2))
     assert losses[-1] < 0.5 * losses[0], losses
 
 
