@@ -14,6 +14,18 @@ Linear and convolution (all_linear_conv), the layers core trains (core also trai
     .venv/bin/python bench/bench_train.py                    # 64x64, fp32
     .venv/bin/python bench/bench_train.py --full             # also 256x256
     .venv/bin/python bench/bench_train.py --precision bf16
+
+Flux mode (--model flux): a Flux.1-dev-shaped diffusion model at the real width (hidden 3072, 24
+heads, MLP ratio 4, 16 latent channels, patch 2, guidance embedding) with --double / --single
+blocks and random weights, written once as a bf16 safetensors file and loaded by each side the way
+ComfyUI's loaders do (comfy.sd.load_diffusion_model with dtype bfloat16; UNETLoader with
+weight_dtype fp8_e4m3fn for the fp8 row). Its text input is 768 wide (txt_in / vector_in read 768,
+as CLIP-L gives; not T5's 4096) to keep it small. Both sides get the same random latents
+(16 x res/8 x res/8) and the same random conditioning (--tokens x 768 context, 768 pooled).
+Rows: core TrainLoraNode (bf16 base), ours (bf16 base), ours (fp8_e4m3fn base).
+
+    .venv/bin/python bench/bench_train.py --model flux --res 256 --rank 16 --precision bf16
+    .venv/bin/python bench/bench_train.py --model flux --single 1 --res 64 --tokens 16 --steps 1 --rounds 1
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 COMFY = Path(os.environ.get("COMFYUI_PATH") or REPO / ".comfyui").resolve()
 CHECKPOINT = "lora_foundry_demo_sd15.safetensors"
+FLUX_FILE = "bench_flux.safetensors"
 
 
 def make_images(folder: Path, count: int, size: int) -> None:
@@ -92,6 +105,169 @@ def _status_gb(field: str) -> float:
     return float("nan")
 
 
+def flux_config(args) -> dict:
+    """Flux.1-dev's layout at the real width (ComfyUI's Flux detection assumes hidden 3072 and 24
+    heads of 128), text 768 wide."""
+    config = {
+        "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
+        "context_in_dim": 768, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24,
+        "depth": args.double, "depth_single_blocks": args.single, "axes_dim": [16, 56, 56], "theta": 10000,
+        "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+    }  # fmt: skip
+    return config
+
+
+def write_flux(args, path: Path) -> int:
+    """Writes the random Flux-shaped diffusion model in bf16 (ComfyUI's own Flux class builds it);
+    returns its parameter count."""
+    sys.path.insert(0, str(COMFY))
+    sys.path.insert(0, str(REPO / "scripts"))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.supported_models as sm
+    import model_factory
+    import torch
+    from safetensors.torch import save_file
+
+    config = {**flux_config(args), **model_factory._flux_version_fields()}
+    patcher = model_factory._dit_patcher(sm.Flux, config, 0, torch.bfloat16)
+    sd = {k: v.contiguous() for k, v in patcher.model.diffusion_model.state_dict().items()}
+    count = sum(v.numel() for v in sd.values())
+    save_file(sd, str(path))
+    return count
+
+
+def flux_data(args) -> tuple[list, list]:
+    """(latents, conds): the same random tensors for both sides, one per image."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    side = args.res // 8
+    latents = [torch.randn(1, 16, side, side, generator=g) for _ in range(args.images)]
+    conds = [(torch.randn(1, args.tokens, 768, generator=g), torch.randn(1, 768, generator=g))
+             for _ in range(args.images)]  # fmt: skip
+    return latents, conds
+
+
+def _load_flux(args, base: Path):
+    """The MODEL as ComfyUI's loaders build it from the file: bf16 storage, or UNETLoader's fp8_e4m3fn."""
+    import torch
+
+    import nodes
+
+    with _inference():
+        if args.weight_dtype == "bf16":
+            import comfy.sd
+
+            model = comfy.sd.load_diffusion_model(
+                str(base / FLUX_FILE), model_options={"dtype": torch.bfloat16}
+            )
+        else:
+            model = nodes.UNETLoader().load_unet(FLUX_FILE, args.weight_dtype)[0]
+    w = model.model.diffusion_model.double_blocks[0].img_attn.qkv.weight
+    expected = torch.bfloat16 if args.weight_dtype == "bf16" else torch.float8_e4m3fn
+    if w.dtype != expected or type(model.model).__name__ != "Flux":
+        raise RuntimeError(
+            f"loaded {type(model.model).__name__} with {w.dtype} weights, expected Flux {expected}"
+        )
+    return model
+
+
+def _setup_flux(base: Path, args):
+    sys.path.insert(0, str(COMFY))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import folder_paths
+
+    folder_paths.set_output_directory(str(base / "output"))
+    folder_paths.folder_names_and_paths["loras"] = (
+        [str(base / "loras")],
+        folder_paths.supported_pt_extensions,
+    )
+    folder_paths.folder_names_and_paths["diffusion_models"] = (
+        [str(base)],
+        folder_paths.supported_pt_extensions,
+    )
+    (base / "loras").mkdir(exist_ok=True)
+    model = _load_flux(args, base)
+    _reset_peak()
+    return model
+
+
+def _pack():
+    import types
+
+    # The pack as the package lora_foundry without running its __init__ (as the tests load it).
+    package = types.ModuleType("lora_foundry")
+    package.__path__ = [str(REPO)]
+    sys.modules["lora_foundry"] = package
+
+
+def worker_ours_flux(args, base: Path) -> dict:
+    model = _setup_flux(base, args)
+    _pack()
+    from lora_foundry.lora_core.train.dataset import DatasetOptions, DatasetScan, LatentDataset, Sample
+    from lora_foundry.nodes import comfy_bridge_train as train_bridge
+    from lora_foundry.nodes import train as pack
+
+    latents, conds = flux_data(args)
+    samples, by_caption = [], {}
+    for i, (latent, (context, pooled)) in enumerate(zip(latents, conds, strict=True)):
+        caption = f"zkw, item {i}"
+        samples.append(Sample(latent[0], None, (args.res, args.res), caption, 1))
+        by_caption[caption] = {"context": context, "pooled": pooled}
+    scan = DatasetScan(folder=base, entries=(), problems=(), without_caption=0)
+    dataset = LatentDataset(samples, DatasetOptions(resolution=args.res, flip=False), scan)
+    dataset.conds = by_caption
+    times: list[float] = []
+    train_bridge.send_event = lambda data: times.append(time.perf_counter())
+    with _inference():
+        pack.TrainLora().execute(
+            model, None, dataset, output_name="bench", steps=args.steps + 1, epochs=0, batch_size=args.batch,
+            grad_accum=1, rank=args.rank, alpha=float(args.rank), targets=args.targets, blocks="", lr=1e-4,
+            te_lr=0.0, optimizer="AdamW", scheduler="constant", warmup_steps=0, warmup_ratio=0.0,
+            min_snr_gamma=0.0, noise_offset=0.0, loss="MSE", precision=args.precision,
+            gradient_checkpointing=args.checkpointing, seed=0, loraplus_ratio=1.0, dora=False, save_every=0,
+            keep_last=1, save_dtype="bf16", existing="overwrite", unique_id="1",
+        )  # fmt: skip
+    return {"s_per_step": _intervals(times), "steps_timed": len(times) - 1}
+
+
+def worker_core_flux(args, base: Path) -> dict:
+    model = _setup_flux(base, args)
+    import comfy.utils
+
+    latents, conds = flux_data(args)
+    latent_list = [{"samples": latent} for latent in latents]
+    positive = [[[context, {"pooled_output": pooled}]] for context, pooled in conds]
+    times: list[float] = []
+    comfy.utils.set_progress_bar_global_hook(lambda *a, **k: times.append(time.perf_counter()))
+    _run_core(model, latent_list, positive, args)
+    return {"s_per_step": _intervals(times), "steps_timed": len(times) - 1}
+
+
+def _run_core(model, latents, positive, args) -> None:
+    import inspect
+
+    from comfy_extras.nodes_train import TrainLoraNode
+
+    inputs = dict(
+        model=[model], latents=latents, positive=positive, batch_size=[args.batch], steps=[args.steps + 1],
+        grad_accumulation_steps=[1], learning_rate=[1e-4], rank=[args.rank], optimizer=["AdamW"],
+        loss_function=["MSE"], seed=[0], training_dtype=[args.precision], lora_dtype=["fp32"], algorithm=["LoRA"],
+        gradient_checkpointing=[args.checkpointing], existing_lora=["[None]"],
+    )  # fmt: skip
+    wanted = inspect.signature(TrainLoraNode.execute).parameters
+    if "bucket_mode" in wanted:  # 0.8+: off = core's one-resolution path, as on 0.3.x
+        inputs["bucket_mode"] = [False]
+    if "bypass_mode" in wanted:
+        inputs["bypass_mode"] = [False]
+    with _inference():
+        TrainLoraNode.execute(**inputs)
+
+
 def worker_ours(args, base: Path) -> dict:
     import types
 
@@ -137,7 +313,6 @@ def worker_core(args, base: Path) -> dict:
     import comfy.utils
     import numpy as np
     import torch
-    from comfy_extras.nodes_train import TrainLoraNode
     from PIL import Image
 
     import nodes
@@ -150,21 +325,16 @@ def worker_core(args, base: Path) -> dict:
             positive.append(nodes.CLIPTextEncode().encode(clip, png.with_suffix(".txt").read_text())[0])
     times: list[float] = []
     comfy.utils.set_progress_bar_global_hook(lambda *a, **k: times.append(time.perf_counter()))
-    dtype = {"fp32": "fp32", "bf16": "bf16"}[args.precision]
-    with _inference():
-        TrainLoraNode.execute(
-            model=[model], latents=latents, positive=positive, batch_size=[args.batch], steps=[args.steps + 1],
-            grad_accumulation_steps=[1], learning_rate=[1e-4], rank=[args.rank], optimizer=["AdamW"],
-            loss_function=["MSE"], seed=[0], training_dtype=[dtype], lora_dtype=["fp32"], algorithm=["LoRA"],
-            gradient_checkpointing=[args.checkpointing], existing_lora=["[None]"],
-        )  # fmt: skip
+    _run_core(model, latents, positive, args)
     return {"s_per_step": _intervals(times), "steps_timed": len(times) - 1}
 
 
-def run_side(side: str, args, base: Path, targets: str = "attention") -> dict:
+def run_side(side: str, args, base: Path, targets: str = "attention", weight_dtype: str = "bf16") -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--res", str(args.res), "--steps", str(args.steps),
            "--rank", str(args.rank), "--batch", str(args.batch), "--precision", args.precision,
-           "--targets", targets, "--base", str(base)]  # fmt: skip
+           "--targets", targets, "--base", str(base), "--model", args.model, "--images", str(args.images),
+           "--double", str(args.double), "--single", str(args.single), "--tokens", str(args.tokens),
+           "--weight-dtype", weight_dtype]  # fmt: skip
     if not args.checkpointing:
         cmd.append("--no-checkpointing")
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -212,6 +382,37 @@ def compare(args, res: int) -> None:
     print("incl. load: the process's ru_maxrss, which the checkpoint load dominates on both sides")
 
 
+def compare_flux(args) -> None:
+    rows = (("core TrainLoraNode, bf16 base", "core", "bf16"), ("ours, bf16 base", "ours", "bf16"),
+            ("ours, fp8_e4m3fn base", "ours", "fp8_e4m3fn"))  # fmt: skip
+    runs: dict[str, list[dict]] = {label: [] for label, _, _ in rows}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        params = write_flux(args, base / FLUX_FILE)
+        for _ in range(args.rounds):  # interleaved, so load from other processes hits every side
+            for label, side, weight_dtype in rows:
+                runs[label].append(run_side(side, args, base, "attention", weight_dtype))
+    best = {label: _best(runs[label]) for label in runs}
+    core, ours = best[rows[0][0]], best[rows[1][0]]
+    print(f"\nFlux-shaped (hidden 3072, 24 heads, {args.double} double + "
+          f"{args.single} single blocks, {params / 1e6:.0f}M parameters), {args.res}x{args.res} "
+          f"({args.res // 8}x{args.res // 8}x16 latents), {args.tokens} text tokens, compute {args.precision}, "
+          f"rank {args.rank}, batch {args.batch}, checkpointing {args.checkpointing}, {args.steps} timed steps, "
+          f"best of {args.rounds} rounds")  # fmt: skip
+    print(f"{'':32}{'s/step':>10}{'speed-up':>10}{'peak RSS GB':>13}{'vs core':>9}{'vs ours bf16':>14}")
+    for label, _, _ in rows:
+        r = best[label]
+        speed = core["s_per_step"] / r["s_per_step"]
+        print(f"{label:32}{r['s_per_step']:10.2f}{speed:9.2f}x{r['peak_rss_gb']:13.2f}"
+              f"{r['peak_rss_gb'] / core['peak_rss_gb']:9.2f}{r['peak_rss_gb'] / ours['peak_rss_gb']:14.2f}")  # fmt: skip
+    fp8 = best[rows[2][0]]
+    print(f"ratios: ours / core speed {core['s_per_step'] / ours['s_per_step']:.2f}x (goal >= 2), "
+          f"peak RSS {1 - ours['peak_rss_gb'] / core['peak_rss_gb']:.0%} lower (goal >= 25%); "
+          f"fp8 / bf16 base: peak RSS {1 - fp8['peak_rss_gb'] / ours['peak_rss_gb']:.0%} lower (goal >= 35%), "
+          f"speed {ours['s_per_step'] / fp8['s_per_step']:.2f}x (goal >= 1)")  # fmt: skip
+    print("peak RSS: highest resident set after the model was loaded (VmHWM reset), model included")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="also 256x256")
@@ -226,17 +427,27 @@ def main() -> None:
     p.add_argument("--targets", default="attention")
     p.add_argument("--res", type=int, default=64)
     p.add_argument("--base")
+    p.add_argument("--model", choices=["sd15", "flux"], default="sd15")
+    p.add_argument("--double", type=int, default=1, help="flux: double blocks")
+    p.add_argument("--single", type=int, default=2, help="flux: single blocks")
+    p.add_argument("--tokens", type=int, default=256, help="flux: text tokens per caption")
+    p.add_argument("--weight-dtype", default="bf16", choices=["bf16", "fp8_e4m3fn"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         base = Path(args.base)
-        result = (worker_ours if args.worker == "ours" else worker_core)(args, base)
+        workers = {("ours", "sd15"): worker_ours, ("core", "sd15"): worker_core,
+                   ("ours", "flux"): worker_ours_flux, ("core", "flux"): worker_core_flux}  # fmt: skip
+        result = workers[args.worker, args.model](args, base)
         result["peak_rss_gb"] = _status_gb("VmHWM")  # since the checkpoint was loaded
         result["max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
         print("RESULT " + json.dumps(result), flush=True)
         return
     started = time.time()
-    for res in (64, 256) if args.full else (64,):
-        compare(args, res)
+    if args.model == "flux":
+        compare_flux(args)
+    else:
+        for res in (64, 256) if args.full else (64,):
+            compare(args, res)
     print(f"\n(total {time.time() - started:.0f} s; command: {' '.join(sys.argv)})")
 
 
