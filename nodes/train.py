@@ -22,6 +22,7 @@ from ..lora_core.train.dataset import (
 )
 from ..lora_core.train.existing import EXISTING, handle_existing
 from ..lora_core.train.flow import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS
+from ..lora_core.train.hooks import check_trains_through
 from ..lora_core.train.network import (
     TARGET_HELP,
     TARGETS,
@@ -288,6 +289,7 @@ def run_training(
     device = train_bridge.prepare_for_training(model, clip if needs_clip else None)
     bridge.check_interrupted()  # loading can take minutes: a cancel meanwhile stops here
     unet_targets = train_targets(model, net.targets, net.blocks)
+    check_trains_through(unet_targets)
     te_targets = select_targets(clip_targets(clip), net.targets) if train_te else []
     _check_memory(model, clip if needs_clip else None, device, unet_targets + te_targets, cfg, net, dataset)
     unet = LoraNetwork(unet_targets, net.rank, net.alpha, net.dora, cfg.seed).to(device)

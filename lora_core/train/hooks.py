@@ -1,11 +1,12 @@
-"""Forward pre-hooks Train LoRA puts on a base model for a run, each returned with its undo function."""
+"""Forward pre-hooks Train LoRA puts on a base model for a run, each returned with its undo function,
+and the check that gradients pass through the base layers whatever form their weights are stored in."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 def _copy(value):
@@ -31,3 +32,61 @@ def clone_inputs(modules: Iterable[nn.Module]) -> Callable[[], None]:
             handle.remove()
 
     return undo
+
+
+def weight_form(module: nn.Module) -> str:
+    """How a layer stores its weight, in words a user can act on: a tensor subclass with its layout
+    (ComfyUI 0.12's QuantizedTensor TensorCoreFP8E4M3Layout, GGUF's GGMLTensor with its quantization
+    type), or the dtype of a plain tensor (float8_e4m3fn, int8 ...)."""
+    weight = getattr(module, "weight", None)
+    kind = type(weight).__name__
+    dtype = str(getattr(weight, "dtype", "")).replace("torch.", "")
+    if kind in ("Tensor", "Parameter"):
+        return f"{dtype} tensor"
+    layout = getattr(module, "layout_type", None) or getattr(weight, "_layout_type", None)
+    layout = layout or getattr(weight, "tensor_type", None)
+    return kind + (f" {getattr(layout, 'name', layout)}" if layout is not None else "")
+
+
+def _probe_input(module: nn.Module, weight) -> Tensor:
+    dtype = weight.dtype if weight.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+    device = weight.device
+    if isinstance(module, nn.Conv2d):
+        k = tuple(module.kernel_size)
+        return torch.zeros(1, module.in_channels, *k, dtype=dtype, device=device)
+    return torch.zeros(1, int(module.in_features), dtype=dtype, device=device)
+
+
+def check_trains_through(targets: Iterable, name_of: Callable = lambda t: t.name) -> None:
+    """Raises ValueError naming the layer and its weight form when a LoRA on a layer's output could
+    not get gradients through the layers before it: one probe per weight form (a zero input that
+    requires grad, forward and backward through the layer as the model computes it)."""
+    seen: set[tuple] = set()
+    for target in targets:
+        module = target.module
+        form = weight_form(module)
+        if (type(module), form) in seen:
+            continue
+        seen.add((type(module), form))
+        x = _probe_input(module, module.weight).requires_grad_(True)
+        problem = None
+        try:
+            with torch.enable_grad():
+                y = module(x)
+                if not (isinstance(y, Tensor) and y.requires_grad):
+                    problem = "its output carries no gradient"
+                else:
+                    (grad,) = torch.autograd.grad(y.float().sum(), x)
+                    if grad.shape != x.shape:
+                        problem = (
+                            f"the gradient has shape {tuple(grad.shape)}, not the input's {tuple(x.shape)}"
+                        )
+        except (RuntimeError, NotImplementedError, TypeError) as e:
+            problem = f"{type(e).__name__}: {str(e)[:200]}"
+        if problem is not None:
+            raise ValueError(
+                f"layer {name_of(target)} ({type(module).__name__}) keeps its weight as {form}, which "
+                "training cannot backpropagate through "
+                f"({problem}). Load the base unquantized or as fp8 (UNETLoader weight_dtype default "
+                "or fp8_e4m3fn, a bf16 / fp16 / fp8 checkpoint)"
+            )

@@ -56,9 +56,24 @@ class Target:
     module: nn.Module
 
 
-def is_adaptable(module: nn.Module) -> bool:
-    """Plain Linear, or an ungrouped zero-padded Conv2d (ComfyUI's ops subclass these)."""
+def is_linear(module: nn.Module) -> bool:
+    """A Linear: torch's (ComfyUI's ops subclass it), or a layer named Linear with a Linear's
+    geometry (ComfyUI 0.12's mixed-precision Linear, whose weight may be a QuantizedTensor, is a
+    plain Module with in_features / out_features)."""
     if isinstance(module, nn.Linear):
+        return True
+    return (
+        type(module).__name__ == "Linear"
+        and isinstance(getattr(module, "in_features", None), int)
+        and isinstance(getattr(module, "out_features", None), int)
+        and isinstance(getattr(module, "weight", None), Tensor)
+        and tuple(module.weight.shape) == (module.out_features, module.in_features)
+    )
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """A Linear (see is_linear), or an ungrouped zero-padded Conv2d (ComfyUI's ops subclass these)."""
+    if is_linear(module):
         return True
     return isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
 
@@ -71,7 +86,7 @@ def _matches_preset(target: Target, preset: str) -> bool:
         return re.search(_ATTN, target.path) is not None or re.search(_FF, target.path) is not None
     is_1x1 = isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
     if preset == "all_linear":
-        return isinstance(module, nn.Linear) or is_1x1
+        return is_linear(module) or is_1x1
     if preset == "all_linear_conv":
         return True
     raise ValueError(f"`targets` should be one of {', '.join(TARGETS)}, got {preset!r}")
