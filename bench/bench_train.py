@@ -212,6 +212,8 @@ def worker_ours_flux(args, base: Path) -> dict:
     from lora_foundry.nodes import comfy_bridge_train as train_bridge
     from lora_foundry.nodes import train as pack
 
+    if args.keep_casts:  # the ablation row: autograd keeps each cast weight until backward, as before
+        pack.recast_frozen_linears = lambda modules: lambda: None
     latents, conds = flux_data(args)
     samples, by_caption = [], {}
     for i, (latent, (context, pooled)) in enumerate(zip(latents, conds, strict=True)):
@@ -329,7 +331,14 @@ def worker_core(args, base: Path) -> dict:
     return {"s_per_step": _intervals(times), "steps_timed": len(times) - 1}
 
 
-def run_side(side: str, args, base: Path, targets: str = "attention", weight_dtype: str = "bf16") -> dict:
+def run_side(
+    side: str,
+    args,
+    base: Path,
+    targets: str = "attention",
+    weight_dtype: str = "bf16",
+    keep_casts: bool = False,
+) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--res", str(args.res), "--steps", str(args.steps),
            "--rank", str(args.rank), "--batch", str(args.batch), "--precision", args.precision,
            "--targets", targets, "--base", str(base), "--model", args.model, "--images", str(args.images),
@@ -337,6 +346,8 @@ def run_side(side: str, args, base: Path, targets: str = "attention", weight_dty
            "--weight-dtype", weight_dtype]  # fmt: skip
     if not args.checkpointing:
         cmd.append("--no-checkpointing")
+    if keep_casts:
+        cmd.append("--keep-casts")
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode or not lines:
@@ -383,15 +394,18 @@ def compare(args, res: int) -> None:
 
 
 def compare_flux(args) -> None:
-    rows = (("core TrainLoraNode, bf16 base", "core", "bf16"), ("ours, bf16 base", "ours", "bf16"),
-            ("ours, fp8_e4m3fn base", "ours", "fp8_e4m3fn"))  # fmt: skip
-    runs: dict[str, list[dict]] = {label: [] for label, _, _ in rows}
+    rows = [("core TrainLoraNode, bf16 base", "core", "bf16", False), ("ours, bf16 base", "ours", "bf16", False),
+            ("ours, fp8_e4m3fn base", "ours", "fp8_e4m3fn", False)]  # fmt: skip
+    if args.ablate:
+        rows += [("ours, bf16, cast copies kept", "ours", "bf16", True),
+                 ("ours, fp8, cast copies kept", "ours", "fp8_e4m3fn", True)]  # fmt: skip
+    runs: dict[str, list[dict]] = {label: [] for label, *_ in rows}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         params = write_flux(args, base / FLUX_FILE)
         for _ in range(args.rounds):  # interleaved, so load from other processes hits every side
-            for label, side, weight_dtype in rows:
-                runs[label].append(run_side(side, args, base, "attention", weight_dtype))
+            for label, side, weight_dtype, keep_casts in rows:
+                runs[label].append(run_side(side, args, base, "attention", weight_dtype, keep_casts))
     best = {label: _best(runs[label]) for label in runs}
     core, ours = best[rows[0][0]], best[rows[1][0]]
     print(f"\nFlux-shaped (hidden 3072, 24 heads, {args.double} double + "
@@ -400,7 +414,7 @@ def compare_flux(args) -> None:
           f"rank {args.rank}, batch {args.batch}, checkpointing {args.checkpointing}, {args.steps} timed steps, "
           f"best of {args.rounds} rounds")  # fmt: skip
     print(f"{'':32}{'s/step':>10}{'speed-up':>10}{'peak RSS GB':>13}{'vs core':>9}{'vs ours bf16':>14}")
-    for label, _, _ in rows:
+    for label, *_ in rows:
         r = best[label]
         speed = core["s_per_step"] / r["s_per_step"]
         print(f"{label:32}{r['s_per_step']:10.2f}{speed:9.2f}x{r['peak_rss_gb']:13.2f}"
@@ -431,6 +445,8 @@ def main() -> None:
     p.add_argument("--double", type=int, default=1, help="flux: double blocks")
     p.add_argument("--single", type=int, default=2, help="flux: single blocks")
     p.add_argument("--tokens", type=int, default=256, help="flux: text tokens per caption")
+    p.add_argument("--ablate", action="store_true", help="flux: also ours without recast_frozen_linears")
+    p.add_argument("--keep-casts", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--weight-dtype", default="bf16", choices=["bf16", "fp8_e4m3fn"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:

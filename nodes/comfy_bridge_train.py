@@ -389,3 +389,23 @@ def save_sample(image: torch.Tensor, run_name: str, step: int) -> str:
     pixels = (image[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
     write_with(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"), overwrite=True)
     return path
+
+
+def plain_cast_linears(model) -> list:
+    """The diffusion model's Linears that compute as "cast the stored weight, then linear" (ComfyUI's
+    plain and manual-cast ops), for lora_core.train.hooks.recast_frozen_linears. Layers whose class
+    computes otherwise (0.3.x's scaled-fp8 and fp8-matmul ops, 0.12's mixed-precision Linear) or
+    that carry scales or dynamic-VRAM state are left to their own forward."""
+    import comfy.ops
+
+    plain = comfy.ops.disable_weight_init.Linear
+    return [
+        m
+        for m in model.model.diffusion_model.modules()
+        if isinstance(m, plain)
+        and type(m).forward is plain.forward
+        and type(m).forward_comfy_cast_weights is plain.forward_comfy_cast_weights
+        and not hasattr(m, "_v")
+        and getattr(m, "scale_weight", None) is None
+        and getattr(m, "scale_input", None) is None
+    ]

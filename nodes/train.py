@@ -22,7 +22,7 @@ from ..lora_core.train.dataset import (
 )
 from ..lora_core.train.existing import EXISTING, handle_existing
 from ..lora_core.train.flow import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS
-from ..lora_core.train.hooks import check_trains_through
+from ..lora_core.train.hooks import check_trains_through, recast_frozen_linears
 from ..lora_core.train.network import (
     TARGET_HELP,
     TARGETS,
@@ -328,6 +328,7 @@ def run_training(
             train_bridge.save_sample(sample(), plan.name, report.step)
 
     undo = block_hooks(model, net.gradient_checkpointing)
+    undo.append(recast_frozen_linears(train_bridge.plain_cast_linears(model)))
     if train_te:
         undo.append(train_bridge.text_encoder_grad_safe(clip))
     networks = [n for n in (unet, te) if n is not None]

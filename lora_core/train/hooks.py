@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -90,3 +91,66 @@ def check_trains_through(targets: Iterable, name_of: Callable = lambda t: t.name
                 f"({problem}). Load the base unquantized or as fp8 (UNETLoader weight_dtype default "
                 "or fp8_e4m3fn, a bf16 / fp16 / fp8 checkpoint)"
             )
+
+
+class _RecastLinear(torch.autograd.Function):
+    """y = x Wᵀ + b for a frozen W stored in another dtype than x (bf16, fp8): W is cast for the
+    product, and backward casts it again rather than keeping the cast copy alive until then. Only
+    the input gets a gradient (the base is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)  # the stored tensor itself: no copy
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.to(grad.dtype), None, None
+
+
+def _recastable(module: nn.Module, x) -> bool:
+    weight, bias = module.weight, module.bias
+    return (
+        isinstance(x, Tensor)
+        and torch.is_grad_enabled()
+        and not torch.is_autocast_enabled(x.device.type)
+        and type(weight) in (Tensor, nn.Parameter)
+        and not weight.requires_grad
+        and weight.dtype != x.dtype
+        and weight.device == x.device
+        and (bias is None or (type(bias) in (Tensor, nn.Parameter) and not bias.requires_grad))
+        and not getattr(module, "weight_function", None)
+        and not getattr(module, "bias_function", None)
+    )
+
+
+def recast_frozen_linears(modules: Iterable[nn.Module]) -> Callable[[], None]:
+    """During a run, the torch Linears among ``modules`` whose frozen weight is stored in another
+    dtype than the computation (a bf16 or fp8 base computed in float32, as ComfyUI casts it per
+    forward) compute through _RecastLinear; returns the undo function.
+
+    Autograd would otherwise keep every cast weight of a checkpointed block (float32: 2x a bf16
+    and 4x an fp8 weight) from its recompute until its backward, so the peak held a whole DiT
+    block's weights in float32. Calls that do not fit (autocast on, weight patches, a weight on
+    another device, a tensor subclass) run the layer's own forward.
+    """
+    replaced = []
+    for module in modules:
+        if not isinstance(module, nn.Linear) or "forward" in module.__dict__:
+            continue
+        own = module.forward
+
+        def forward(x, *args, _module=module, _own=own, **kwargs):
+            if args or kwargs or not _recastable(_module, x):
+                return _own(x, *args, **kwargs)
+            return _RecastLinear.apply(x, _module.weight, _module.bias)
+
+        module.forward = forward
+        replaced.append(module)
+
+    def undo() -> None:
+        for module in replaced:
+            module.__dict__.pop("forward", None)
+
+    return undo
