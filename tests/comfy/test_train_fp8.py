@@ -177,3 +177,50 @@ def test_a_form_gradients_cannot_pass_is_refused_by_name(loras_dir):
     ):
         train_flux(patcher, output_name="int8_try", steps=1)
     assert not list(loras_dir.glob("int8_try*"))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
+def test_recast_linears_give_the_same_gradients_and_are_used(dtype):
+    """recast_frozen_linears (the cast weight is not kept for backward): every plain-cast Linear of
+    the model runs through it, and the LoRA gradients equal those of ComfyUI's own forward."""
+    from lora_foundry.lora_core.train import hooks
+
+    patcher = model_factory.flux_model(seed=0, dtype=dtype)
+    train_bridge.prepare_for_training(patcher)
+    net = LoraNetwork(select_targets(model_targets(patcher), "attention_ff"), rank=4, alpha=4.0, seed=0)
+    with torch.no_grad():
+        for branch in net.branches.values():
+            branch.up.normal_(generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 16, 8, 8, generator=g)
+    cond = {"context": torch.randn(1, 4, 32, generator=g), "pooled": torch.randn(1, 32, generator=g)}
+    predict = train_bridge.flow_predictor(patcher)
+    linears = train_bridge.plain_cast_linears(patcher)
+    assert len(linears) > 20
+    grads, calls = [], []
+    for recast in (False, True):
+        undo = hooks.recast_frozen_linears(linears) if recast else (lambda: None)
+        count = [0]
+        original = hooks._RecastLinear.apply
+
+        def counted(*args, _original=original, _count=count):
+            _count[0] += 1
+            return _original(*args)
+
+        hooks._RecastLinear.apply = counted
+        net.attach()
+        net.zero_grad()
+        try:
+            run_hooks(patcher, lambda: predict(x, torch.tensor([0.5]), cond).square().mean().backward())
+        finally:
+            net.detach()
+            undo()
+            hooks._RecastLinear.apply = original
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+        calls.append(count[0])
+    assert calls[0] == 0 and calls[1] > len(linears)  # every one, block layers again in the recompute
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    assert all("forward" not in m.__dict__ for m in linears)  # undone
+    comfy.model_management.unload_all_models()
