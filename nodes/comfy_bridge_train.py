@@ -78,20 +78,31 @@ def discrete_schedule(model) -> tuple[torch.Tensor, str]:
 
 
 LATENT_KINDS = {1: "audio (1-D latents)", 3: "video (5-D latents)"}
+# Image models ComfyUI gives a video latent format (5-D, frames on dim 2): Qwen-Image decodes with
+# the Wan VAE, so its latent format is Wan21's, yet it is an image model. ComfyUI feeds it an image
+# as one frame (comfy.sample.fix_empty_latent_channels unsqueezes a 4-D latent), and so does Train
+# LoRA: its latents stay 4-D and gain the frame axis only around the model's own calls.
+ONE_FRAME_IMAGE_MODELS = frozenset({"QwenImage"})
+
+
+def one_frame(model) -> bool:
+    """True when the MODEL is an image model ComfyUI runs on 5-D latents of one frame (Qwen-Image)."""
+    dims = getattr(model.model.latent_format, "latent_dimensions", 2)
+    return dims == 3 and model_class_name(model) in ONE_FRAME_IMAGE_MODELS
 
 
 def model_objective_kind(model) -> str:
     """'discrete' (SD1.x / SD2.x / SDXL: eps or v on a DDPM schedule) or 'flow' (ComfyUI's CONST
     sampling: Flux, SD3, Lumina2 / Z-Image, Qwen-Image, Chroma ...); a clear error naming the
-    family for anything the training cannot take yet."""
+    family for anything the training cannot take yet (video, audio, 3-D)."""
     import comfy.model_sampling
 
     name = model_class_name(model)
     dims = getattr(model.model.latent_format, "latent_dimensions", 2)
-    if dims != 2:
+    if dims != 2 and not one_frame(model):
         raise ValueError(
             f"{name} is a model for {LATENT_KINDS.get(dims, f'{dims}-D latents')}: Train LoRA trains image "
-            "models (SD1.x, SD2.x, SDXL, Flux, SD3, Z-Image, Qwen-Image, Chroma) for now"
+            "models (SD1.x, SD2.x, SDXL, Flux, Flux.2, SD3, Z-Image, Lumina2, Qwen-Image, Chroma) for now"
         )
     sampling = model.model.model_sampling
     if isinstance(sampling, comfy.model_sampling.CONST):
@@ -131,8 +142,11 @@ def flow_predictor(model, guidance: float = 1.0) -> Callable:
     base = model.model
     dtype = base.manual_cast_dtype or base.get_dtype()
     device = model.load_device
+    frames = one_frame(model)
 
     def predict(x, sigma, cond):
+        if frames and x.ndim == 4:  # Qwen-Image: the image as one frame, as ComfyUI's sampler feeds it
+            return predict(x.unsqueeze(2), sigma, cond).squeeze(2)
         x = x.to(device)
         kwargs = {"cross_attn": cond["context"].to(device), "device": device, "noise": x,
                   "guidance": guidance, "width": x.shape[-1] * 8, "height": x.shape[-2] * 8}  # fmt: skip
@@ -278,7 +292,10 @@ def differentiable_rope() -> Callable[[], None]:
 
 
 def latent_transform(model) -> Callable:
-    """Raw VAE latents -> the model's latent space (SD's 0.18215 scale and the like)."""
+    """Raw VAE latents -> the model's latent space (SD's 0.18215 scale and the like); 4-D in and
+    out, a one-frame model's per-channel statistics (5-D) applied to its one frame."""
+    if one_frame(model):
+        return lambda latents: model.model.process_latent_in(latents.unsqueeze(2)).squeeze(2)
     return model.model.process_latent_in
 
 
@@ -287,7 +304,11 @@ def image_encoder(vae) -> Callable:
 
     def encode(pixels):
         with torch.inference_mode(False), torch.no_grad():
-            return vae.encode(pixels[..., :3]).float().clone()
+            latents = vae.encode(pixels[..., :3]).float()
+            # A video VAE (Qwen-Image's, Wan's) encodes an image as one frame: (B, C, 1, h, w) -> 4-D.
+            if latents.ndim == 5 and latents.shape[2] == 1:
+                latents = latents[:, :, 0]
+            return latents.clone()
 
     return encode
 
