@@ -22,6 +22,7 @@ DEMO_TAGGER = "lora_foundry_demo_tagger/model.onnx"
 DEMO_DATASET = "lora_foundry_demo_dataset"
 DEMO_FLUX = "lora_foundry_demo_flux.safetensors"  # models/diffusion_models (scripts/make_demo_models.py)
 DEMO_FLUX_VAE = "lora_foundry_demo_flux_vae.safetensors"  # models/vae
+DEMO_CLIP_L = "lora_foundry_demo_clip_l.safetensors"  # models/text_encoders: the demo checkpoint's CLIP-L
 
 
 @dataclass
@@ -132,7 +133,9 @@ def prepare_node(id: int, pos: tuple[int, int], folder: str = "lora_foundry_demo
              {}, [("output_folder", "STRING"), ("summary", "STRING")], size=(340, 300))  # fmt: skip
 
 
-def caption_node(id: int, pos: tuple[int, int], folder: tuple[int, int], name: str = "lora_foundry_demo_prepared") -> N:
+def caption_node(
+    id: int, pos: tuple[int, int], folder: tuple[int, int], name: str = "lora_foundry_demo_prepared"
+) -> N:
     return N(id, "LoraFoundry_CaptionDataset", pos,
              [name, DEMO_TAGGER, 0.5, 0.85, "foundrystyle", "overwrite", "", "", "", True,
               True, 0, "", False, 4, "WD14 tagger (tags)", "detailed", "", 160, 0.0, False, True],
@@ -181,24 +184,25 @@ def train_lora_flux_workflow() -> dict:
     nodes = [
         note(1, (0, -300), "Train a LoRA for a Flux model, then sample with it.\n\n"
              "The demo Flux has random weights and 2 of Flux dev's 57 blocks, conditioned by the demo "
-             "checkpoint's CLIP-L (no T5), so the LoRA learns nothing useful; the training, sample images and "
-             "files are real. Flux is trained as a flow-matching model: noise levels drawn by timestep_sampling "
-             "(here logit_normal), guidance 1.0 during training; sides must be multiples of 16. For real "
-             "training: flux1-dev in 'Load Diffusion Model', its ae.safetensors in 'Load VAE', DualCLIPLoader "
-             "(clip_l + t5xxl, type flux) for CLIP, sentence captions, resolution 512-1024, rank 16-32, lr 1e-4 and "
-             "1000-3000 steps. Sample with CFG 1 and FluxGuidance 3.5, as here."),
-        N(2, "UNETLoader", (0, 0), [DEMO_FLUX, "default"], {}, [("MODEL", "MODEL")], size=(315, 82)),
-        N(3, "CheckpointLoaderSimple", (0, 120), [DEMO_CHECKPOINT], {},
-          [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], title="CLIP-L (from the demo checkpoint)"),
+             "checkpoint's CLIP-L alone (no T5), so the LoRA learns nothing useful; the training, sample images "
+             "and files are real. The base is kept in fp8 (weight_dtype fp8_e4m3fn), the LoRA learns in fp32. "
+             "Flux trains as a flow-matching model: noise levels drawn by timestep_sampling (here logit_normal), "
+             "guidance 1.0 while training; image sides must be multiples of 16. For real training: flux1-dev in "
+             "'Load Diffusion Model', its ae.safetensors in 'Load VAE', DualCLIPLoader (clip_l + t5xxl, type flux) "
+             "for CLIP, sentence captions, resolution 512-1024, rank 16-32, lr 1e-4 and 1000-3000 steps. Sample "
+             "with CFG 1 and FluxGuidance 3.5, as here."),
+        N(2, "UNETLoader", (0, 0), [DEMO_FLUX, "fp8_e4m3fn"], {}, [("MODEL", "MODEL")], size=(315, 82)),
+        N(3, "CLIPLoader", (0, 130), [DEMO_CLIP_L, "stable_diffusion", "default"], {}, [("CLIP", "CLIP")],
+          size=(315, 106)),
         N(4, "VAELoader", (0, 290), [DEMO_FLUX_VAE], {}, [("VAE", "VAE")], size=(315, 58)),
         prepare_node(5, (0, 400), prepared),
         caption_node(6, (360, 400), (5, 0), prepared),
         N(7, "LoraFoundry_TrainingDataset", (760, 200),
           [prepared, 64, "foundrystyle", True, "center", False, False, 0, 0.0, 2, "memory"],
-          {"folder": (6, 3, "STRING"), "vae": (4, 0, "VAE"), "clip": (3, 1, "CLIP")},
+          {"folder": (6, 3, "STRING"), "vae": (4, 0, "VAE"), "clip": (3, 0, "CLIP")},
           [("dataset", "LORA_TRAINING_DATASET"), ("summary", "STRING")], size=(340, 380), widget_inputs=("folder",)),
         N(8, "LoraFoundry_TrainLora", (1140, 0), train_widgets,
-          {"model": (2, 0, "MODEL"), "clip": (3, 1, "CLIP"), "dataset": (7, 0, "LORA_TRAINING_DATASET"),
+          {"model": (2, 0, "MODEL"), "clip": (3, 0, "CLIP"), "dataset": (7, 0, "LORA_TRAINING_DATASET"),
            "vae": (4, 0, "VAE")},
           [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("lora_name", "STRING"), ("loss_curve", "IMAGE")], size=(360, 820)),
         N(9, "SaveImage", (x, 600), ["lora_foundry/flux_loss_curve"], {"images": (8, 3, "IMAGE")}, []),

@@ -1,7 +1,8 @@
 """Writes the demo models into a ComfyUI tree, once: a full-size SD1.5 checkpoint with random
 weights (ComfyUI detects it as SD1.5; the images it makes are noise), a small kohya-format LoRA
 for it, and a Flux-architecture diffusion model (models/diffusion_models) with a 16-channel
-Flux-style VAE (models/vae), random weights too. A real checkpoint put in models/checkpoints
+Flux-style VAE (models/vae), random weights too, and the checkpoint's CLIP-L as a text-encoder
+file (models/text_encoders) to condition it. A real checkpoint put in models/checkpoints
 replaces the demo one in the workflows.
 
 The demo Flux has one double and one single block at Flux's real width: ComfyUI's detection fixes
@@ -30,6 +31,7 @@ DEMO_TAGGER = "lora_foundry_demo_tagger"  # models/taggers/<this>/model.onnx + s
 DEMO_DATASET = "lora_foundry_demo_dataset"  # input/<this>/*.png
 DEMO_FLUX = "lora_foundry_demo_flux.safetensors"  # models/diffusion_models/<this> (UNETLoader)
 DEMO_FLUX_VAE = "lora_foundry_demo_flux_vae.safetensors"  # models/vae/<this> (VAELoader)
+DEMO_CLIP_L = "lora_foundry_demo_clip_l.safetensors"  # models/text_encoders/<this> (CLIPLoader)
 # The demo tagger reads only the mean colour of an image: a real WD14-signature model, not a trained one.
 COLOUR_TAGS = [
     ("red theme", 0),
@@ -149,7 +151,9 @@ def _vae_ddconfig() -> dict:
     return dict(vae_config(128)["ddconfig"])
 
 
-def _write_random(path: Path, shapes: dict[str, torch.Size], seed: int, dtype: torch.dtype, what: str) -> None:
+def _write_random(
+    path: Path, shapes: dict[str, torch.Size], seed: int, dtype: torch.dtype, what: str
+) -> None:
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
@@ -160,11 +164,30 @@ def _write_random(path: Path, shapes: dict[str, torch.Size], seed: int, dtype: t
 
 
 def write_demo_flux(path: Path, seed: int = 3) -> None:
-    _write_random(path, flux_shapes(), seed, torch.bfloat16, "Flux-architecture model (1 double, 1 single block)")
+    _write_random(
+        path, flux_shapes(), seed, torch.bfloat16, "Flux-architecture model (1 double, 1 single block)"
+    )
 
 
 def write_demo_flux_vae(path: Path, seed: int = 4) -> None:
     _write_random(path, flux_vae_shapes(), seed, torch.float16, "Flux-style 16-channel VAE")
+
+
+def write_demo_clip_l(path: Path, checkpoint: Path) -> None:
+    """The demo checkpoint's CLIP-L alone, as a text-encoder file (HF key names, as clip_l.safetensors
+    ships): the Flux workflow loads it with CLIPLoader instead of the whole 2 GB checkpoint."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    prefix = "cond_stage_model.transformer."
+    with safe_open(str(checkpoint), "pt") as f:
+        tensors = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118
+    # As clip_l.safetensors ships it; SD1.5 checkpoints carry none (ComfyUI's default for it is the identity).
+    width = tensors["text_model.final_layer_norm.weight"].shape[0]
+    tensors["text_projection.weight"] = torch.eye(width, dtype=torch.float16)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"lora_foundry.demo": "CLIP-L of the demo SD1.5 checkpoint"})
+    os.replace(tmp, path)
 
 
 def demo_lora_tensors(rank: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -256,6 +279,7 @@ def main() -> int:
     dataset = comfy_dir / "input" / DEMO_DATASET
     flux = comfy_dir / "models" / "diffusion_models" / DEMO_FLUX
     flux_vae = comfy_dir / "models" / "vae" / DEMO_FLUX_VAE
+    clip_l = comfy_dir / "models" / "text_encoders" / DEMO_CLIP_L
     for path, writer, what in (
         (ckpt, write_checkpoint, "demo SD1.5 checkpoint (random weights, 2.1 GB)"),
         (lora, write_demo_lora, "demo LoRA"),
@@ -264,6 +288,7 @@ def main() -> int:
         (dataset, write_demo_dataset, "demo image folder"),
         (flux, write_demo_flux, "demo Flux-architecture model (random weights, 1.1 GB)"),
         (flux_vae, write_demo_flux_vae, "demo Flux-style VAE (random weights, 170 MB)"),
+        (clip_l, lambda p: write_demo_clip_l(p, ckpt), "the demo checkpoint's CLIP-L as a text encoder file"),
     ):
         if path.exists() and not args.force:
             continue

@@ -28,8 +28,8 @@ second_version="0.12.1"
 second_sha256="5fe4e8714ea7a6fb4c55d2fa0e804f87e4f4040cf685022ef0189279088cb2fc"
 runtimes=${LORA_FOUNDRY_RUNTIMES:-$repo/../shared/runtimes}
 demo_checkpoint="lora_foundry_demo_sd15.safetensors"   # scripts/make_demo_models.py DEMO_CHECKPOINT
-# scripts/make_demo_models.py DEMO_FLUX and DEMO_FLUX_VAE, under models/
-demo_flux_files="diffusion_models/lora_foundry_demo_flux.safetensors vae/lora_foundry_demo_flux_vae.safetensors"
+# scripts/make_demo_models.py DEMO_FLUX, DEMO_FLUX_VAE and DEMO_CLIP_L, under models/
+demo_flux_files="diffusion_models/lora_foundry_demo_flux.safetensors vae/lora_foundry_demo_flux_vae.safetensors text_encoders/lora_foundry_demo_clip_l.safetensors"
 
 log() { printf '[setup] %s\n' "$*"; }
 mkdir -p "$cache"
@@ -152,7 +152,7 @@ install_venv "$second_venv" "$second"
 ln -sfn "$second" "$repo/.comfyui-newest"
 ln -sfn "$second_venv" "$repo/.venv-newest"
 if [ -z "${LORA_FOUNDRY_SKIP_CHECKPOINT:-}" ]; then
-  # One 2 GB demo checkpoint and one demo Flux (1.1 GB, with its VAE) serve both legs; the small
+  # One 2 GB demo checkpoint and one demo Flux (1.1 GB, with its VAE and CLIP-L) serve both legs; the small
   # demo files are written for each.
   ln -sfn "$comfy/models/checkpoints/$demo_checkpoint" "$second/models/checkpoints/$demo_checkpoint"
   for f in $demo_flux_files; do

@@ -31,6 +31,7 @@ DEMO_LINKED = (
     f"checkpoints/{DEMO_CHECKPOINT}",
     "diffusion_models/lora_foundry_demo_flux.safetensors",  # DEMO_FLUX
     "vae/lora_foundry_demo_flux_vae.safetensors",  # DEMO_FLUX_VAE
+    "text_encoders/lora_foundry_demo_clip_l.safetensors",  # DEMO_CLIP_L
 )
 
 
@@ -66,7 +67,9 @@ def demo_models(server):
     ckpt = server.base_dir / "models" / "checkpoints" / DEMO_CHECKPOINT
     for name in DEMO_LINKED:
         if not (server.base_dir / "models" / name).exists():
-            pytest.fail(f"the demo model {name} is missing at {COMFY_DIR}/models: run scripts/setup_runtime.sh")
+            pytest.fail(
+                f"the demo model {name} is missing at {COMFY_DIR}/models: run scripts/setup_runtime.sh"
+            )
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True

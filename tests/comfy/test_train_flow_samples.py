@@ -75,7 +75,9 @@ def test_flux_samples_change_with_the_lora_and_match_the_trained_model(flux, cli
         assert all(im.shape == (64, 64, 3) for im in images)
         assert all(im.std() > 0 for im in images), "a sample is one flat colour"
         for a, b in zip(images, images[1:], strict=False):
-            assert np.abs(a - b).max() > 0, "two samples with the same seed are equal: the LoRA changed nothing"
+            assert np.abs(a - b).max() > 0, (
+                "two samples with the same seed are equal: the LoRA changed nothing"
+            )
 
         # Same prompt, seed and settings on the node's MODEL output (the saved file applied through
         # Load LoRA's path, no training hooks): the picture of the last step again.
