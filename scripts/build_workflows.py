@@ -185,13 +185,13 @@ def train_lora_flux_workflow() -> dict:
         note(1, (0, -300), "Train a LoRA for a Flux model, then sample with it.\n\n"
              "The demo Flux has random weights and 2 of Flux dev's 57 blocks, conditioned by the demo "
              "checkpoint's CLIP-L alone (no T5), so the LoRA learns nothing useful; the training, sample images "
-             "and files are real. The base is kept in fp8 (weight_dtype fp8_e4m3fn), the LoRA learns in fp32. "
+             "and files are real. "
              "Flux trains as a flow-matching model: noise levels drawn by timestep_sampling (here logit_normal), "
              "guidance 1.0 while training; image sides must be multiples of 16. For real training: flux1-dev in "
              "'Load Diffusion Model', its ae.safetensors in 'Load VAE', DualCLIPLoader (clip_l + t5xxl, type flux) "
              "for CLIP, sentence captions, resolution 512-1024, rank 16-32, lr 1e-4 and 1000-3000 steps. Sample "
              "with CFG 1 and FluxGuidance 3.5, as here."),
-        N(2, "UNETLoader", (0, 0), [DEMO_FLUX, "fp8_e4m3fn"], {}, [("MODEL", "MODEL")], size=(315, 82)),
+        N(2, "UNETLoader", (0, 0), [DEMO_FLUX, "default"], {}, [("MODEL", "MODEL")], size=(315, 82)),
         N(3, "CLIPLoader", (0, 130), [DEMO_CLIP_L, "stable_diffusion", "default"], {}, [("CLIP", "CLIP")],
           size=(315, 106)),
         N(4, "VAELoader", (0, 290), [DEMO_FLUX_VAE], {}, [("VAE", "VAE")], size=(315, 58)),
