@@ -378,21 +378,47 @@ def text_encoder_grad_safe(clip) -> Callable[[], None]:
     return undo
 
 
+# What the training samples use per objective: discrete SD models sample as ComfyUI's default KSampler
+# (CFG 7, 'normal'); flow models with the scheduler ComfyUI's Flux / SD3 templates use ('simple'),
+# CFG 1 with the guidance in the conditioning for guidance-distilled ones (Flux dev: FluxGuidance's
+# default 3.5), CFG 4 for the others (SD3, Z-Image, Qwen-Image, Chroma).
+SAMPLE_SETTINGS = {"discrete": (7.0, "normal"), "flow": (4.0, "simple")}
+SAMPLE_FLUX_GUIDANCE = 3.5
+
+
+def _guidance_distilled(model) -> bool:
+    """True when the DiT takes a guidance value as input (Flux dev, Flux.2: ``guidance_embed``)."""
+    params = getattr(model.model.diffusion_model, "params", None)
+    return bool(getattr(params, "guidance_embed", False))
+
+
 def sampler(model, clip, vae, prompt: str, seed: int, width: int, height: int, steps: int = 12) -> Callable:
     """sample() -> IMAGE (1, H, W, 3) of MODEL as it is now (the training LoRA hooks included), with a
-    fixed prompt, seed and size: the preview images Train LoRA saves every N steps."""
+    fixed prompt, seed and size: the preview images Train LoRA saves every N steps.
+
+    Sampled by ComfyUI's own sampler on the MODEL's own model_sampling (discrete eps / v, or flow with
+    the model's shift), from an empty latent of the model's latent channels; for guidance-distilled
+    flow models the guidance goes into the conditioning as ComfyUI's FluxGuidance node puts it."""
     import comfy.sample
+
+    kind = model_objective_kind(model)
+    cfg, scheduler = SAMPLE_SETTINGS[kind]
+    extra = {}
+    if kind == "flow" and _guidance_distilled(model):
+        cfg, extra = 1.0, {"guidance": SAMPLE_FLUX_GUIDANCE}
+    channels = int(getattr(model.model.latent_format, "latent_channels", 4))
+    down = vae.spacial_compression_encode() if hasattr(vae, "spacial_compression_encode") else 8
 
     def sample() -> torch.Tensor:
         # The training's random streams must not notice a sample was taken (exact resume).
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             cond, pooled = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
             negative, neg_pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
-            latent = torch.zeros(1, 4, height // 8, width // 8)
+            latent = torch.zeros(1, channels, height // down, width // down)
             noise = comfy.sample.prepare_noise(latent, seed)
-            positive = [[cond, {"pooled_output": pooled}]]
-            negative = [[negative, {"pooled_output": neg_pooled}]]
-            out = comfy.sample.sample(model, noise, steps, 7.0, "euler", "normal", positive, negative, latent,
+            positive = [[cond, {"pooled_output": pooled, **extra}]]
+            negative = [[negative, {"pooled_output": neg_pooled, **extra}]]
+            out = comfy.sample.sample(model, noise, steps, cfg, "euler", scheduler, positive, negative, latent,
                                       seed=seed, disable_pbar=True)  # fmt: skip
             return vae.decode(out).reshape(1, height, width, 3).float().cpu()
 

@@ -245,11 +245,6 @@ def plan_run(model, dataset, net: NetworkSettings, output_name: str, save_every:
     train_bridge.model_objective_kind(model)  # a family it cannot train: said before anything loads
     check_blocks(model, net.blocks)  # a wrong block spec is said before anything loads
     check_resolution(dataset, model)
-    if samples.every and train_bridge.model_objective_kind(model) == "flow":
-        raise ValueError(
-            "sample images during training are not available for flow-matching models yet: set "
-            "`sample_every` to 0 and sample with the MODEL output after the run"
-        )
     if samples.every and samples.vae is None:
         raise ValueError("`sample_every` is set but no `vae` is connected: connect the VAE or set it to 0")
     return CheckpointPlan(Path(bridge.loras_dir()) / name, name, save_every, keep_last, save_dtype)

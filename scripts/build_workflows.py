@@ -20,6 +20,9 @@ DEMO_LORA = "lora_foundry_demo_lora.safetensors"
 DEMO_LORA_B = "lora_foundry_demo_lora_b.safetensors"
 DEMO_TAGGER = "lora_foundry_demo_tagger/model.onnx"
 DEMO_DATASET = "lora_foundry_demo_dataset"
+DEMO_FLUX = "lora_foundry_demo_flux.safetensors"  # models/diffusion_models (scripts/make_demo_models.py)
+DEMO_FLUX_VAE = "lora_foundry_demo_flux_vae.safetensors"  # models/vae
+DEMO_CLIP_L = "lora_foundry_demo_clip_l.safetensors"  # models/text_encoders: the demo checkpoint's CLIP-L
 
 
 @dataclass
@@ -124,15 +127,17 @@ def load_lora_workflow() -> dict:
 CAPTION_OUTPUTS = [("captions", "STRING"), ("summary", "STRING"), ("previews", "IMAGE"), ("folder", "STRING")]
 
 
-def prepare_node(id: int, pos: tuple[int, int]) -> N:
+def prepare_node(id: int, pos: tuple[int, int], folder: str = "lora_foundry_demo_prepared") -> N:
     return N(id, "LoraFoundry_PrepareImages", pos,
-             [DEMO_DATASET, "lora_foundry_demo_prepared", "buckets", 256, 1024, 1024, "crop", "png", True, False, True],
+             [DEMO_DATASET, folder, "buckets", 256, 1024, 1024, "crop", "png", True, False, True],
              {}, [("output_folder", "STRING"), ("summary", "STRING")], size=(340, 300))  # fmt: skip
 
 
-def caption_node(id: int, pos: tuple[int, int], folder: tuple[int, int]) -> N:
+def caption_node(
+    id: int, pos: tuple[int, int], folder: tuple[int, int], name: str = "lora_foundry_demo_prepared"
+) -> N:
     return N(id, "LoraFoundry_CaptionDataset", pos,
-             ["lora_foundry_demo_prepared", DEMO_TAGGER, 0.5, 0.85, "foundrystyle", "overwrite", "", "", "", True,
+             [name, DEMO_TAGGER, 0.5, 0.85, "foundrystyle", "overwrite", "", "", "", True,
               True, 0, "", False, 4, "WD14 tagger (tags)", "detailed", "", 160, 0.0, False, True],
              {"folder": (*folder, "STRING")}, CAPTION_OUTPUTS, size=(360, 640), widget_inputs=("folder",))  # fmt: skip
 
@@ -163,6 +168,56 @@ def train_lora_workflow() -> dict:
           [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("lora_name", "STRING"), ("loss_curve", "IMAGE")], size=(360, 820)),
         N(7, "SaveImage", (1540, 600), ["lora_foundry/loss_curve"], {"images": (6, 3, "IMAGE")}, []),
         *_sampling_tail((6, 0), (6, 1), (2, 2), 10, 1540, "foundrystyle, a red circle", "lora_foundry/trained"),
+    ]  # fmt: skip
+    return expand(nodes)
+
+
+def train_lora_flux_workflow() -> dict:
+    prepared = "lora_foundry_demo_prepared_flux"
+    train_widgets = [
+        "lora_foundry_demo_flux_trained", 4, 0, 1, 1, 4, 4.0, "attention", "", 1e-3, 0.0, "AdamW",
+        "constant_with_warmup", 1, 0.0, 0.0, 0.0, "MSE", "fp32", True, 0, "fixed", 1.0, False, 2, 2, "bf16",
+        "overwrite", 3, 1.0, 2, "foundrystyle, a red circle", 0, "logit_normal", 0.0, 1.0, 3.0, "none", 1.0,
+    ]  # fmt: skip
+    p, guide, neg, lat, ks, dec, save = range(10, 17)
+    x = 1540
+    nodes = [
+        note(1, (0, -300), "Train a LoRA for a Flux model, then sample with it.\n\n"
+             "The demo Flux has random weights and 2 of Flux dev's 57 blocks, conditioned by the demo "
+             "checkpoint's CLIP-L alone (no T5), so the LoRA learns nothing useful; the training, sample images "
+             "and files are real. "
+             "Flux trains as a flow-matching model: noise levels drawn by timestep_sampling (here logit_normal), "
+             "guidance 1.0 while training; image sides must be multiples of 16. For real training: flux1-dev in "
+             "'Load Diffusion Model', its ae.safetensors in 'Load VAE', DualCLIPLoader (clip_l + t5xxl, type flux) "
+             "for CLIP, sentence captions, resolution 512-1024, rank 16-32, lr 1e-4 and 1000-3000 steps. Sample "
+             "with CFG 1 and FluxGuidance 3.5, as here."),
+        N(2, "UNETLoader", (0, 0), [DEMO_FLUX, "default"], {}, [("MODEL", "MODEL")], size=(315, 82)),
+        N(3, "CLIPLoader", (0, 130), [DEMO_CLIP_L, "stable_diffusion", "default"], {}, [("CLIP", "CLIP")],
+          size=(315, 106)),
+        N(4, "VAELoader", (0, 290), [DEMO_FLUX_VAE], {}, [("VAE", "VAE")], size=(315, 58)),
+        prepare_node(5, (0, 400), prepared),
+        caption_node(6, (360, 400), (5, 0), prepared),
+        N(7, "LoraFoundry_TrainingDataset", (760, 200),
+          [prepared, 64, "foundrystyle", True, "center", False, False, 0, 0.0, 2, "memory"],
+          {"folder": (6, 3, "STRING"), "vae": (4, 0, "VAE"), "clip": (3, 0, "CLIP")},
+          [("dataset", "LORA_TRAINING_DATASET"), ("summary", "STRING")], size=(340, 380), widget_inputs=("folder",)),
+        N(8, "LoraFoundry_TrainLora", (1140, 0), train_widgets,
+          {"model": (2, 0, "MODEL"), "clip": (3, 0, "CLIP"), "dataset": (7, 0, "LORA_TRAINING_DATASET"),
+           "vae": (4, 0, "VAE")},
+          [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("lora_name", "STRING"), ("loss_curve", "IMAGE")], size=(360, 820)),
+        N(9, "SaveImage", (x, 600), ["lora_foundry/flux_loss_curve"], {"images": (8, 3, "IMAGE")}, []),
+        N(p, "CLIPTextEncode", (x, 0), ["foundrystyle, a red circle"], {"clip": (8, 1, "CLIP")},
+          [("CONDITIONING", "CONDITIONING")]),
+        N(guide, "FluxGuidance", (x, 200), [3.5], {"conditioning": (p, 0, "CONDITIONING")},
+          [("CONDITIONING", "CONDITIONING")], size=(315, 58)),
+        N(neg, "CLIPTextEncode", (x, 300), [""], {"clip": (8, 1, "CLIP")}, [("CONDITIONING", "CONDITIONING")]),
+        N(lat, "EmptySD3LatentImage", (x, 480), [64, 64, 1], {}, [("LATENT", "LATENT")], size=(315, 106)),
+        N(ks, "KSampler", (x + 350, 0), [42, "fixed", 2, 1.0, "euler", "simple", 1.0],
+          {"model": (8, 0, "MODEL"), "positive": (guide, 0, "CONDITIONING"), "negative": (neg, 0, "CONDITIONING"),
+           "latent_image": (lat, 0, "LATENT")}, [("LATENT", "LATENT")], size=(315, 262)),
+        N(dec, "VAEDecode", (x + 700, 0), [], {"samples": (ks, 0, "LATENT"), "vae": (4, 0, "VAE")},
+          [("IMAGE", "IMAGE")], size=(260, 80)),
+        N(save, "SaveImage", (x + 1000, 0), ["lora_foundry/trained_flux"], {"images": (dec, 0, "IMAGE")}, []),
     ]  # fmt: skip
     return expand(nodes)
 
@@ -230,6 +285,7 @@ WORKFLOWS = {
     "load_lora.json": load_lora_workflow,
     "caption_dataset.json": caption_dataset_workflow,
     "train_lora.json": train_lora_workflow,
+    "train_lora_flux.json": train_lora_flux_workflow,
     "stack_merge.json": stack_merge_workflow,
     "resize_lora.json": resize_lora_workflow,
 }

@@ -1,6 +1,14 @@
 """Writes the demo models into a ComfyUI tree, once: a full-size SD1.5 checkpoint with random
-weights (ComfyUI detects it as SD1.5; the images it makes are noise) and a small kohya-format
-LoRA for it. A real checkpoint put in models/checkpoints replaces the demo one in the workflows.
+weights (ComfyUI detects it as SD1.5; the images it makes are noise), a small kohya-format LoRA
+for it, and a Flux-architecture diffusion model (models/diffusion_models) with a 16-channel
+Flux-style VAE (models/vae), random weights too, and the checkpoint's CLIP-L as a text-encoder
+file (models/text_encoders) to condition it. A real checkpoint put in models/checkpoints
+replaces the demo one in the workflows.
+
+The demo Flux has one double and one single block at Flux's real width: ComfyUI's detection fixes
+Flux's head count (24) and rotary axes (16 + 56 + 56 = head dim 128), so hidden 3072 is the only
+width it loads as Flux. Its text and vector inputs are 768 wide (ComfyUI reads them from txt_in /
+vector_in), so the demo checkpoint's CLIP-L conditions it and no T5 is needed.
 
     python scripts/make_demo_models.py --comfyui .comfyui [--force]
 """
@@ -21,6 +29,9 @@ DEMO_LORA = "lora_foundry_demo_lora.safetensors"
 DEMO_LORA_B = "lora_foundry_demo_lora_b.safetensors"  # a second one, for the stack and merge demo
 DEMO_TAGGER = "lora_foundry_demo_tagger"  # models/taggers/<this>/model.onnx + selected_tags.csv
 DEMO_DATASET = "lora_foundry_demo_dataset"  # input/<this>/*.png
+DEMO_FLUX = "lora_foundry_demo_flux.safetensors"  # models/diffusion_models/<this> (UNETLoader)
+DEMO_FLUX_VAE = "lora_foundry_demo_flux_vae.safetensors"  # models/vae/<this> (VAELoader)
+DEMO_CLIP_L = "lora_foundry_demo_clip_l.safetensors"  # models/text_encoders/<this> (CLIPLoader)
 # The demo tagger reads only the mean colour of an image: a real WD14-signature model, not a trained one.
 COLOUR_TAGS = [
     ("red theme", 0),
@@ -91,6 +102,91 @@ def write_checkpoint(path: Path, seed: int = 0) -> None:
     tensors["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"lora_foundry.demo": "random weights: images are noise"})
+    os.replace(tmp, path)
+
+
+def flux_unet_config() -> dict:
+    """What ComfyUI's detection reads from the demo Flux file (comfy/model_detection.py): Flux.1 dev
+    (guidance_in present) at the real width and head layout, 1 double + 1 single block, CLIP-L widths."""
+    import dataclasses
+
+    from comfy.ldm.flux.model import FluxParams
+
+    config = {
+        "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
+        "context_in_dim": 768, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 1,
+        "depth_single_blocks": 1, "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2,
+        "qkv_bias": True, "guidance_embed": True,
+    }  # fmt: skip
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:  # ComfyUI 0.8+
+        config["txt_ids_dims"] = []
+    return config
+
+
+def flux_shapes() -> dict[str, torch.Size]:
+    import comfy.supported_models as sm
+
+    config = sm.Flux(flux_unet_config())
+    config.set_inference_dtype(torch.bfloat16, None)
+    return _meta_shapes(lambda: config.get_model({}, device="meta").diffusion_model)
+
+
+def flux_vae_shapes() -> dict[str, torch.Size]:
+    """Flux's VAE layout (encoder.* / decoder.*, 16 latent channels, no quant convs), as ComfyUI builds it."""
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+
+    ddconfig = {**_vae_ddconfig(), "z_channels": 16}
+    return _meta_shapes(
+        lambda: AutoencodingEngine(
+            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+            encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
+            decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig},
+        )
+    )
+
+
+def _vae_ddconfig() -> dict:
+    from model_factory import vae_config
+
+    return dict(vae_config(128)["ddconfig"])
+
+
+def _write_random(
+    path: Path, shapes: dict[str, torch.Size], seed: int, dtype: torch.dtype, what: str
+) -> None:
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {k: _random_tensor(k, s, g).to(dtype) for k, s in shapes.items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"lora_foundry.demo": f"{what}, random weights: images are noise"})
+    os.replace(tmp, path)
+
+
+def write_demo_flux(path: Path, seed: int = 3) -> None:
+    _write_random(
+        path, flux_shapes(), seed, torch.bfloat16, "Flux-architecture model (1 double, 1 single block)"
+    )
+
+
+def write_demo_flux_vae(path: Path, seed: int = 4) -> None:
+    _write_random(path, flux_vae_shapes(), seed, torch.float16, "Flux-style 16-channel VAE")
+
+
+def write_demo_clip_l(path: Path, checkpoint: Path) -> None:
+    """The demo checkpoint's CLIP-L alone, as a text-encoder file (HF key names, as clip_l.safetensors
+    ships): the Flux workflow loads it with CLIPLoader instead of the whole 2 GB checkpoint."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    prefix = "cond_stage_model.transformer."
+    with safe_open(str(checkpoint), "pt") as f:
+        tensors = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118
+    # As clip_l.safetensors ships it; SD1.5 checkpoints carry none (ComfyUI's default for it is the identity).
+    width = tensors["text_model.final_layer_norm.weight"].shape[0]
+    tensors["text_projection.weight"] = torch.eye(width, dtype=torch.float16)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"lora_foundry.demo": "CLIP-L of the demo SD1.5 checkpoint"})
     os.replace(tmp, path)
 
 
@@ -181,12 +277,18 @@ def main() -> int:
     lora = comfy_dir / "models" / "loras" / DEMO_LORA
     tagger = comfy_dir / "models" / "taggers" / DEMO_TAGGER
     dataset = comfy_dir / "input" / DEMO_DATASET
+    flux = comfy_dir / "models" / "diffusion_models" / DEMO_FLUX
+    flux_vae = comfy_dir / "models" / "vae" / DEMO_FLUX_VAE
+    clip_l = comfy_dir / "models" / "text_encoders" / DEMO_CLIP_L
     for path, writer, what in (
         (ckpt, write_checkpoint, "demo SD1.5 checkpoint (random weights, 2.1 GB)"),
         (lora, write_demo_lora, "demo LoRA"),
         (lora.with_name(DEMO_LORA_B), write_demo_lora_b, "second demo LoRA"),
         (tagger, write_demo_tagger, "demo colour tagger (WD14 signature)"),
         (dataset, write_demo_dataset, "demo image folder"),
+        (flux, write_demo_flux, "demo Flux-architecture model (random weights, 1.1 GB)"),
+        (flux_vae, write_demo_flux_vae, "demo Flux-style VAE (random weights, 170 MB)"),
+        (clip_l, lambda p: write_demo_clip_l(p, ckpt), "the demo checkpoint's CLIP-L as a text encoder file"),
     ):
         if path.exists() and not args.force:
             continue

@@ -28,6 +28,8 @@ second_version="0.12.1"
 second_sha256="5fe4e8714ea7a6fb4c55d2fa0e804f87e4f4040cf685022ef0189279088cb2fc"
 runtimes=${LORA_FOUNDRY_RUNTIMES:-$repo/../shared/runtimes}
 demo_checkpoint="lora_foundry_demo_sd15.safetensors"   # scripts/make_demo_models.py DEMO_CHECKPOINT
+# scripts/make_demo_models.py DEMO_FLUX, DEMO_FLUX_VAE and DEMO_CLIP_L, under models/
+demo_flux_files="diffusion_models/lora_foundry_demo_flux.safetensors vae/lora_foundry_demo_flux_vae.safetensors text_encoders/lora_foundry_demo_clip_l.safetensors"
 
 log() { printf '[setup] %s\n' "$*"; }
 mkdir -p "$cache"
@@ -150,8 +152,13 @@ install_venv "$second_venv" "$second"
 ln -sfn "$second" "$repo/.comfyui-newest"
 ln -sfn "$second_venv" "$repo/.venv-newest"
 if [ -z "${LORA_FOUNDRY_SKIP_CHECKPOINT:-}" ]; then
-  # One 2 GB demo checkpoint serves both legs; the small demo files are written for each.
+  # One 2 GB demo checkpoint and one demo Flux (1.1 GB, with its VAE and CLIP-L) serve both legs; the small
+  # demo files are written for each.
   ln -sfn "$comfy/models/checkpoints/$demo_checkpoint" "$second/models/checkpoints/$demo_checkpoint"
+  for f in $demo_flux_files; do
+    mkdir -p "$second/models/$(dirname "$f")"
+    ln -sfn "$comfy/models/$f" "$second/models/$f"
+  done
   "$second_venv/bin/python" "$repo/scripts/make_demo_models.py" --comfyui "$second"
 fi
 log "ready: second leg, ComfyUI $second_version in $repo/.comfyui-newest, venv $repo/.venv-newest ($((SECONDS - started)) s)"

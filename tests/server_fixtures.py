@@ -26,14 +26,23 @@ PASS_SUFFIX = (f"-frontend-{FRONTEND_VERSION}" if FRONTEND_VERSION else "") + (
 )
 
 DEMO_CHECKPOINT = "lora_foundry_demo_sd15.safetensors"
+# The large demo files set-up makes once (scripts/make_demo_models.py), linked into each server's base.
+DEMO_LINKED = (
+    f"checkpoints/{DEMO_CHECKPOINT}",
+    "diffusion_models/lora_foundry_demo_flux.safetensors",  # DEMO_FLUX
+    "vae/lora_foundry_demo_flux_vae.safetensors",  # DEMO_FLUX_VAE
+    "text_encoders/lora_foundry_demo_clip_l.safetensors",  # DEMO_CLIP_L
+)
 
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     base = prepare_base_dir(tmp_path_factory.mktemp("server_base"))
-    demo = COMFY_DIR / "models" / "checkpoints" / DEMO_CHECKPOINT
-    if demo.exists():
-        (base / "models" / "checkpoints" / DEMO_CHECKPOINT).symlink_to(demo)
+    for name in DEMO_LINKED:
+        demo = COMFY_DIR / "models" / name
+        if demo.exists():
+            (base / "models" / name).parent.mkdir(parents=True, exist_ok=True)
+            (base / "models" / name).symlink_to(demo)
     srv = ComfyServer(comfy_dir=COMFY_DIR, base_dir=base, python=sys.executable)
     srv.start()
     yield srv
@@ -56,8 +65,11 @@ def server_loras(server) -> Path:
 def demo_models(server):
     """The demo checkpoint (made by set-up, linked in) and a demo LoRA this test session writes."""
     ckpt = server.base_dir / "models" / "checkpoints" / DEMO_CHECKPOINT
-    if not ckpt.exists():
-        pytest.fail(f"the demo checkpoint is missing at {COMFY_DIR}: run scripts/setup_runtime.sh")
+    for name in DEMO_LINKED:
+        if not (server.base_dir / "models" / name).exists():
+            pytest.fail(
+                f"the demo model {name} is missing at {COMFY_DIR}/models: run scripts/setup_runtime.sh"
+            )
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True

@@ -128,10 +128,3 @@ def test_fp8_stored_flux_base_trains_with_fp32_lora_weights(loras_dir):
     assert any(v.abs().max() > 0 for k, v in sd.items() if "lora_up" in k)
     loaded = comfy.lora.load_lora(sd, comfy.lora.model_lora_keys_unet(fp8.model, {}))
     assert len(loaded) == len({k.split(".")[0] for k in sd})
-
-
-def test_sample_images_on_a_flow_model_are_refused_clearly(flux):
-    with pytest.raises(
-        RuntimeError, match=r"\[Train LoRA\] sample images during training are not available for flow"
-    ):
-        train_flux(flux, output_name="flux_samples", sample_every=1)
