@@ -163,10 +163,13 @@ def _dit_from_paths(modules: list[str], ins: dict[str, int], outs: dict[str, int
         return FamilyGuess("LTX-Video", "transformer_blocks attn1 / attn2 keys")
     if any("token_refiner" in p for p in paths) and blocks:
         return FamilyGuess("HunyuanVideo 1.5", "transformer_blocks with a context token refiner")
-    if any(p.startswith("single_transformer_blocks_") and "to_qkv_mlp_proj" in p for p in paths) or any(
-        "_ff_linear_in" in p or "_ff_context_linear_in" in p for p in blocks
+    # Flux.2's diffusers single blocks fuse qkv and the MLP input (to_qkv_mlp_proj). Not ff.linear_in:
+    # ComfyUI 0.12's key map gives Flux.1's ff.net.0.proj that second (LyCORIS) name too.
+    flux1 = any(t in p for p in paths for t in ("_proj_mlp", "_ff_net_", "_norm1_linear", "_norm_linear"))
+    if not flux1 and any(
+        p.startswith("single_transformer_blocks_") and "to_qkv_mlp_proj" in p for p in paths
     ):
-        return FamilyGuess("Flux.2", "diffusers Flux.2 names (to_qkv_mlp_proj / ff.linear_in)")
+        return FamilyGuess("Flux.2", "diffusers Flux.2 names (single blocks' to_qkv_mlp_proj)")
     return None
 
 
