@@ -13,7 +13,7 @@ import torch
 from ..adapters import Adapter, rank_of
 from ..adapters.registry import either, names
 from ..files.detect import FamilyGuess, model_family_from_unet_config
-from ..files.families import by_comfy_class
+from ..files.families import accepts, by_comfy_class
 from ..files.layouts_dit import with_aliases
 from ..files.trainer_names import family_name, layout_label
 from .block_weights_dit import parse_for_model
@@ -219,7 +219,7 @@ def _check_layout(lora: LoadedLora) -> None:
 
 def _check_family(lora: LoadedLora, model: FamilyGuess) -> None:
     lf, mf = lora.family.family, model.family
-    if "unknown" in (lf, mf) or lf == mf:
+    if "unknown" in (lf, mf) or accepts(mf, lora.family.labels):
         return
     raise LoraMismatchError(
         f"{lora.name} is a {lf} LoRA ({lora.family.evidence}) but the model is {mf} "
