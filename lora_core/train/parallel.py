@@ -13,7 +13,6 @@ gradients are then identical on every rank, and so are clipping, the optimizer a
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -159,13 +158,6 @@ class DataParallelTrainer(Trainer):
         tensors, info = super().state()
         return tensors, {**info, "world_size": self.world.size}
 
-    def load_state(self, tensors: Mapping[str, Tensor], info: Mapping, source: str = "state") -> None:
-        saved = int(info.get("world_size", 1))
-        if saved != self.world.size:
-            raise ValueError(
-                f"the training state {source} was saved by a run of {saved} rank(s), this run has "
-                f"{self.world.size}: resuming would change the global batch (batch_size x ranks), so the run would "
-                f"no longer be the one saved. Resume with {saved} rank(s), or start over under a new output name "
-                "or with `existing` set to 'overwrite'"
-            )
-        super().load_state(tensors, info, source)
+    @property
+    def ranks(self) -> int:
+        return self.world.size
