@@ -95,18 +95,24 @@ def use_folders(args: argparse.Namespace) -> None:
         folder_paths.add_model_folder_path(kind, str(Path(folder).resolve()), is_default=True)
 
 
-def stop_on_signals() -> None:
-    """SIGINT / SIGTERM ask the run to stop at the next step (ComfyUI's interrupt flag, which the
-    trainer checks before every micro-batch); a second signal stops at once."""
+def stop_on_signals(ranks: int) -> None:
+    """SIGINT / SIGTERM ask the run to stop: one process stops at once (ComfyUI's interrupt flag,
+    checked before every block of the model); the ranks of a torchrun job agree to stop before the
+    same micro-batch (lora_core.train.parallel.request_stop). A second signal stops at once."""
     import signal
 
     import comfy.model_management
 
+    from lora_foundry.lora_core.train.parallel import request_stop, stop_requested
+
     def on_signal(sig, frame):
-        if comfy.model_management.processing_interrupted():
+        if stop_requested() or comfy.model_management.processing_interrupted():
             signal.signal(sig, signal.SIG_DFL)
             os.kill(os.getpid(), sig)
-        comfy.model_management.interrupt_current_processing(True)
+        if ranks > 1:
+            request_stop(sig)
+        else:
+            comfy.model_management.interrupt_current_processing(True)
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -119,17 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.base_directory:
         use_base_directory(Path(args.base_directory).resolve())
     use_folders(args)
-    stop_on_signals()
+    stop_on_signals(int(os.environ.get("WORLD_SIZE", "1")))
     import comfy.model_management
 
     from lora_foundry.lora_core.train.job import read_job
-    from lora_foundry.lora_core.train.parallel import StoppedByPeerError
+    from lora_foundry.lora_core.train.parallel import JobStoppedError
     from lora_foundry.nodes import comfy_bridge_job as job_bridge
     from lora_foundry.nodes.train import USER_ERRORS
     from lora_foundry.nodes.train_job_run import run_job
 
     world = job_bridge.start_world()
-    stopped = (comfy.model_management.InterruptProcessingException, StoppedByPeerError)
+    stopped = (comfy.model_management.InterruptProcessingException, JobStoppedError)
     try:
         run_job(read_job(args.job), world, events=args.events)
     except stopped:

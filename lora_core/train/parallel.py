@@ -22,8 +22,20 @@ from .loss import per_sample_loss, sample_noise
 from .trainer import Batch, NonFiniteLossError, StepReport, Trainer
 
 
-class StoppedByPeerError(RuntimeError):
-    """Another rank was asked to stop (or its stop check failed): this rank stops at the same step."""
+class JobStoppedError(RuntimeError):
+    """A rank was asked to stop (a signal, or its stop check): every rank stops at the same step."""
+
+
+_stop_request: dict[str, int] = {}
+
+
+def request_stop(signal_number: int = 0) -> None:
+    """Asks this rank to stop at the next stop check (a signal handler calls it: it only sets a flag)."""
+    _stop_request.setdefault("signal", signal_number)
+
+
+def stop_requested() -> bool:
+    return "signal" in _stop_request
 
 
 @dataclass(frozen=True)
@@ -93,21 +105,21 @@ class DataParallelTrainer(Trainer):
         return tensor
 
     def check_stop(self) -> None:
-        """Every rank stops at the same point: this rank's stop check (ComfyUI's interrupt flag, set
-        by SIGINT / SIGTERM in a job) is summed over the ranks, so a stop asked of any rank stops all
-        of them before the next micro-batch, and rank 0 can save the last completed step."""
+        """Every rank stops at the same point: this rank's stop request (request_stop, from SIGINT /
+        SIGTERM) or stop check is summed over the ranks before every micro-batch, so a stop asked of
+        any rank stops all of them there, and rank 0 can save the last completed step. (The per-block
+        checks inside the forward pass see ComfyUI's interrupt flag, which a job does not set.)"""
         error: BaseException | None = None
         try:
             super().check_stop()
-        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
+        except Exception as e:  # noqa: BLE001 - re-raised below, once the other ranks know
             error = e
-        flag = self._all_reduce(torch.tensor([0.0 if error is None else 1.0], device=self.device))
+        asked = 1.0 if error is not None or stop_requested() else 0.0
+        flag = self._all_reduce(torch.tensor([asked], device=self.device))
         if error is not None:
             raise error
         if flag.item() > 0:
-            raise StoppedByPeerError(
-                f"another rank was asked to stop at step {self.step}; every rank stops there"
-            )
+            raise JobStoppedError(f"stopped on request before step {self.step + 1}, on every rank")
 
     def train_step(self) -> StepReport:
         self._comm_s = 0.0
