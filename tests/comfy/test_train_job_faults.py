@@ -39,7 +39,9 @@ def clean_cache(comfy_base):
 
 def export(name: str, **changes) -> Path:
     settings = {**TRAIN_ARGS, **SETTINGS, "output_name": name, **changes}
-    return Path(ExportTrainJob().execute(DEMO, **{**DATASET_ARGS, "folder": "train_set"}, **settings)["result"][0])
+    return Path(
+        ExportTrainJob().execute(DEMO, **{**DATASET_ARGS, "folder": "train_set"}, **settings)["result"][0]
+    )
 
 
 def two_ranks(job: Path, base: Path) -> list[str]:
@@ -82,7 +84,9 @@ def test_nan_loss_stops_both_ranks_with_one_error_and_keeps_the_last_good_checkp
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error (rank")]
     assert len(errors) == 1, done.stderr[-3000:]
-    assert errors[0].startswith("error (rank 0): the loss became") and "at step 2 (on rank 0 of 2)" in errors[0]
+    assert (
+        errors[0].startswith("error (rank 0): the loss became") and "at step 2 (on rank 0 of 2)" in errors[0]
+    )
     assert "the last good checkpoint is nan_run-step000001.safetensors" in errors[0]
     folder = loras_dir / "nan_run"
     assert_no_partial_files(folder)
@@ -138,7 +142,9 @@ def test_a_dead_rank_stops_the_other_and_the_run_resumes_from_the_last_checkpoin
     saved = states(folder)
     assert saved and saved[-1] >= 2 and saved[-1] < 400
     # resumable with the same number of ranks: a shorter run resumes from the newest state and finishes
-    done = run_two_ranks(export("dead_rank", steps=saved[-1] + 1, save_every=2, existing="resume"), comfy_base)
+    done = run_two_ranks(
+        export("dead_rank", steps=saved[-1] + 1, save_every=2, existing="resume"), comfy_base
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     final = json.loads((folder / "dead_rank.trainstate.json").read_text())
     assert final["step"] == saved[-1] + 1 and final["world_size"] == 2
