@@ -7,6 +7,7 @@ from .prepare import PrepareImages
 from .stack import ApplyLoraStack, LoraStack
 from .train import LoraTrainingDataset, TrainLora
 from .train_job import ExportTrainJob
+from .train_job_launch import LaunchTrainJob
 from .wan_pair import WanLoraPair
 
 NODES = [
@@ -21,6 +22,7 @@ NODES = [
     ("LoraFoundry_TrainingDataset", LoraTrainingDataset, "LoRA Training Dataset (Foundry)"),
     ("LoraFoundry_TrainLora", TrainLora, "Train LoRA (Foundry)"),
     ("LoraFoundry_ExportTrainJob", ExportTrainJob, "Export Train Job (Foundry)"),
+    ("LoraFoundry_LaunchTrainJob", LaunchTrainJob, "Launch Train Job (Foundry)"),
     ("LoraFoundry_WanLoraPair", WanLoraPair, "Wan 2.2 LoRA Pair (Foundry)"),
 ]
 

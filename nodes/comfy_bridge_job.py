@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import comfy.cli_args
+import comfy.model_management
 import comfy.sd
 import folder_paths
 import torch
@@ -79,3 +80,40 @@ def stop_world() -> None:
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# --- Launch Train Job: the jobs folder's files, the folders a job process must use, interruption ---
+
+
+def job_names() -> list[str]:
+    """The job files in output/lora_foundry/jobs (names, sorted)."""
+    folder = jobs_directory()
+    return sorted(
+        n for n in os.listdir(folder) if n.endswith(".json") and os.path.isfile(os.path.join(folder, n))
+    )
+
+
+def comfy_directory() -> str:
+    """The folder of the ComfyUI this server runs (the job imports the same one)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(comfy.sd.__file__)))
+
+
+MODEL_KINDS = ("checkpoints", "loras", "embeddings", "diffusion_models", "text_encoders", "vae")
+
+
+def folder_arguments() -> list[str]:
+    """scripts/train_job.py options giving the job this server's input, output, temp and model
+    folders (in the server's search order)."""
+    args = ["--input-directory", folder_paths.get_input_directory(),
+            "--output-directory", folder_paths.get_output_directory(),
+            "--temp-directory", folder_paths.get_temp_directory()]  # fmt: skip
+    for kind in MODEL_KINDS:
+        if kind in folder_paths.folder_names_and_paths:
+            for folder in folder_paths.get_folder_paths(kind):
+                args += ["--model-folder", f"{kind}={folder}"]
+    return args
+
+
+def interrupted() -> bool:
+    """True once the user pressed Cancel (the flag stays set for check_interrupted to raise)."""
+    return comfy.model_management.processing_interrupted()

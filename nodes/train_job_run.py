@@ -14,6 +14,7 @@ import torch
 from ..lora_core.train.dataset import batch_encoder, build_dataset, scan_dataset
 from ..lora_core.train.existing import handle_existing
 from ..lora_core.train.job import TrainJob
+from ..lora_core.train.launch import encode_event
 from ..lora_core.train.parallel import World
 from ..lora_core.train.run import RunResult
 from ..lora_core.train.trainer import StepReport
@@ -64,8 +65,25 @@ def progress_printer(world: World, stream=None):
     return on_line
 
 
-def run_job(job: TrainJob, world: World | None = None) -> RunResult:
-    """Trains the job to its end (resuming from the run folder's state when `existing` says so)."""
+def event_printer(world: World, printer, stream=None):
+    """on_report for rank 0 with --events: each step also as an event line (lora_core.train.launch),
+    with the seconds spent in all-reduces (0 on one process)."""
+    stream = stream or sys.stdout
+
+    def on_report(report: StepReport) -> None:
+        if printer is not None:
+            printer(report)
+        line = encode_event("step", step=report.step, total=report.total, loss=float(report.loss),
+                            lr=float(report.lr), eta_s=float(report.eta_s),
+                            allreduce_s=float(getattr(report, "allreduce_s", 0.0)))  # fmt: skip
+        print(line, file=stream, flush=True)
+
+    return on_report
+
+
+def run_job(job: TrainJob, world: World | None = None, events: bool = False) -> RunResult:
+    """Trains the job to its end (resuming from the run folder's state when `existing` says so).
+    ``events``: rank 0 also prints its progress as event lines for a launcher."""
     world = world or World()
     started = time.time()
     model, clip, vae = job_bridge.load_checkpoint(
@@ -80,13 +98,19 @@ def run_job(job: TrainJob, world: World | None = None) -> RunResult:
     if world.writes:
         handle_existing(plan, out.existing)
     job_bridge.barrier()  # the others read the run folder (resume) only once rank 0 has prepared it
+    report = progress_printer(world)
     if world.writes:
         print(f"training {plan.name}: {dataset.num_images} images, {world.size} rank(s)", flush=True)
+        if events:
+            print(
+                encode_event("start", name=plan.name, ranks=world.size, images=dataset.num_images), flush=True
+            )
+            report = event_printer(world, report)
     with torch.inference_mode(False), torch.enable_grad():
-        result = run_training(
-            model, clip, dataset, job.train, net, plan, None, None, world, progress_printer(world)
-        )
+        result = run_training(model, clip, dataset, job.train, net, plan, None, None, world, report)
     job_bridge.barrier()
     if world.writes:
         print(f"saved {result.path} after {result.step} steps in {time.time() - started:.0f}s", flush=True)
+        if events:
+            print(encode_event("done", path=str(result.path), step=result.step), flush=True)
     return result

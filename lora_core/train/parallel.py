@@ -12,14 +12,37 @@ gradients are then identical on every rank, and so are clipping, the optimizer a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from .loss import per_sample_loss, sample_noise
-from .trainer import Batch, NonFiniteLossError, Trainer
+from .trainer import Batch, NonFiniteLossError, StepReport, Trainer
+
+
+class JobStoppedError(RuntimeError):
+    """A rank was asked to stop (a signal, or its stop check): every rank stops at the same step."""
+
+
+_stop_request: dict[str, int] = {}
+
+
+def request_stop(signal_number: int = 0) -> None:
+    """Asks this rank to stop at the next stop check (a signal handler calls it: it only sets a flag)."""
+    _stop_request.setdefault("signal", signal_number)
+
+
+def stop_requested() -> bool:
+    return "signal" in _stop_request
+
+
+@dataclass(frozen=True)
+class ParallelReport(StepReport):
+    """A data-parallel step's report: also the seconds this rank spent in all-reduces in the step."""
+
+    allreduce_s: float = field(default=0.0)
 
 
 @dataclass(frozen=True)
@@ -70,7 +93,39 @@ class DataParallelTrainer(Trainer):
 
     def __init__(self, *args, world: World, **kwargs):
         self.world = world
+        self._comm_s = 0.0  # seconds in all-reduces during the current step
         super().__init__(*args, **kwargs)
+
+    def _all_reduce(self, tensor: Tensor) -> Tensor:
+        start = time.perf_counter()
+        all_reduce_sum(tensor)
+        if tensor.device.type == "cuda":
+            torch.cuda.synchronize(tensor.device)
+        self._comm_s += time.perf_counter() - start
+        return tensor
+
+    def check_stop(self) -> None:
+        """Every rank stops at the same point: this rank's stop request (request_stop, from SIGINT /
+        SIGTERM) or stop check is summed over the ranks before every micro-batch, so a stop asked of
+        any rank stops all of them there, and rank 0 can save the last completed step. (The per-block
+        checks inside the forward pass see ComfyUI's interrupt flag, which a job does not set.)"""
+        error: BaseException | None = None
+        try:
+            super().check_stop()
+        except Exception as e:  # noqa: BLE001 - re-raised below, once the other ranks know
+            error = e
+        asked = 1.0 if error is not None or stop_requested() else 0.0
+        flag = self._all_reduce(torch.tensor([asked], device=self.device))
+        if error is not None:
+            raise error
+        if flag.item() > 0:
+            raise JobStoppedError(f"stopped on request before step {self.step + 1}, on every rank")
+
+    def train_step(self) -> StepReport:
+        self._comm_s = 0.0
+        report = super().train_step()
+        fields_ = {f: getattr(report, f) for f in ("step", "total", "loss", "lr", "eta_s", "epoch")}
+        return ParallelReport(**fields_, allreduce_s=self._comm_s)
 
     def _micro_step(self) -> float:
         batch = self.data.batch(self._next_indices(), self.generator, self.rng)
@@ -88,7 +143,7 @@ class DataParallelTrainer(Trainer):
                 pred = self.predict(drawn.noisy[rows].to(dev), drawn.model_time[rows].to(dev), conds)
             losses = per_sample_loss(pred, drawn.target[rows].to(dev), self.cfg.loss, self.cfg.huber_delta)
             local = (losses * drawn.weights[rows].to(dev)).sum() / n
-        total = all_reduce_sum(local.detach().float().clone())  # on the device: NCCL reduces GPU tensors
+        total = self._all_reduce(local.detach().float().clone())  # on the device: NCCL reduces GPU tensors
         if not torch.isfinite(total):
             raise NonFiniteLossError(
                 f"the loss became {total.item()} at step {self.step + 1} (on rank {self.world.rank} of "
@@ -103,7 +158,7 @@ class DataParallelTrainer(Trainer):
     def _sum_grads(self, kept: list[Tensor | None]) -> None:
         """This micro-batch's gradients summed over ranks (one flat all-reduce), added to ``kept``."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = all_reduce_sum(torch.cat([g.reshape(-1).float() for g in grads]))
+        flat = self._all_reduce(torch.cat([g.reshape(-1).float() for g in grads]))
         offset = 0
         for p, before in zip(self.params, kept, strict=True):
             size = p.numel()
@@ -115,11 +170,6 @@ class DataParallelTrainer(Trainer):
         tensors, info = super().state()
         return tensors, {**info, "world_size": self.world.size}
 
-    def load_state(self, tensors: Mapping[str, Tensor], info: Mapping, source: str = "state") -> None:
-        saved = int(info.get("world_size", 1))
-        if saved != self.world.size:
-            raise ValueError(
-                f"the training state {source} was saved by {saved} rank(s), this run has {self.world.size}: "
-                "the global batch would change; resume with the same number of ranks, or choose a new name"
-            )
-        super().load_state(tensors, info, source)
+    @property
+    def ranks(self) -> int:
+        return self.world.size

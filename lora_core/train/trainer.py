@@ -331,9 +331,22 @@ class Trainer:
                     f"{tuple(p.shape)}: it was saved with another rank; use the same rank or a new name"
                 )
 
+    @property
+    def ranks(self) -> int:
+        """Processes training this run together (data parallel: DataParallelTrainer's world size)."""
+        return 1
+
     def load_state(self, tensors: Mapping[str, Tensor], info: Mapping, source: str = "state") -> None:
         """Restores a state (``Trainer.state``); ValueError if it does not fit these settings,
         DamagedStateError (naming ``source``) if its contents do not load."""
+        saved = info.get("world_size", 1) if isinstance(info, Mapping) else 1
+        if saved != self.ranks:
+            raise ValueError(
+                f"the training state {source} was saved by a run of {saved} rank(s), this run has {self.ranks}: "
+                "resuming would change the global batch (batch_size x ranks), so the run would no longer be "
+                f"the one saved. Resume with {saved} rank(s), or start over under a new output name or with "
+                "`existing` set to 'overwrite'"
+            )
         self._check_fits(tensors)
         try:
             self._apply_state(tensors, info)

@@ -8,6 +8,7 @@ export const NODE = {
   STACK: "LoraFoundry_LoraStack",
   APPLY_STACK: "LoraFoundry_ApplyLoraStack",
   TRAIN: "LoraFoundry_TrainLora",
+  LAUNCH_JOB: "LoraFoundry_LaunchTrainJob",
   CAPTION: "LoraFoundry_CaptionDataset",
 };
 export const PACK_PREFIX = "LoraFoundry_";
@@ -19,7 +20,7 @@ export const ROW_FIELDS = ["lora", "on", "strength_model", "strength_clip", "blo
 // The ui key of nodes that wrote a new LoRA file (Merge, Resize, Train): nodes/comfy_bridge.py LORA_WRITTEN.
 export const LORA_WRITTEN = "lora_written";
 
-// Live training progress sent by Train LoRA: nodes/comfy_bridge_train.py TRAIN_EVENT.
+// Live training progress sent by Train LoRA and Launch Train Job: nodes/comfy_bridge_train.py TRAIN_EVENT.
 export const TRAIN_EVENT = "lora_foundry.train";
 
 const STYLE_ID = "lora-foundry-style";

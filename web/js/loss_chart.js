@@ -111,7 +111,7 @@ app.registerExtension({
     api.addEventListener(TRAIN_EVENT, onTrainEvent);
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name !== NODE.TRAIN) return;
+    if (nodeData.name !== NODE.TRAIN && nodeData.name !== NODE.LAUNCH_JOB) return;
     chain(nodeType.prototype, "onNodeCreated", function () {
       this.__lfLoss = new LossChart(this);
       fitNode(this);
