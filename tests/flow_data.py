@@ -141,3 +141,24 @@ def assert_recovered(errors: list[float], bound: float = 0.3, converged: float =
     later = errors[2:]
     assert all(b < a for a, b in zip(later, later[1:], strict=False) if a >= converged), errors
     assert errors[-1] < bound, errors
+
+
+def flux_dataset(n: int = 3):
+    """Latents and caption embeddings as a Flux VAE / CLIP-L + T5 would cache them (random, seeded)."""
+    from pathlib import Path
+
+    from lora_foundry.lora_core.train.dataset import DatasetOptions, DatasetScan, LatentDataset, Sample
+
+    g = torch.Generator().manual_seed(0)
+    samples, conds = [], {}
+    for i in range(n):
+        caption = f"zkw, item {i}"
+        samples.append(Sample(torch.randn(16, 8, 8, generator=g), None, (64, 64), caption, 1))
+        conds[caption] = {
+            "context": torch.randn(1, 4, 32, generator=g),
+            "pooled": torch.randn(1, 32, generator=g),
+        }
+    scan = DatasetScan(folder=Path("synthetic"), entries=(), problems=(), without_caption=0)
+    dataset = LatentDataset(samples, DatasetOptions(resolution=64, flip=False), scan)
+    dataset.conds = conds
+    return dataset

@@ -17,27 +17,6 @@ REPO = Path(__file__).resolve().parents[1]
 COMFY_DIR = Path(os.environ.get("COMFYUI_PATH") or REPO / ".comfyui").resolve()
 
 
-def flux_dataset(n: int = 4):
-    """Latents and caption embeddings as a Flux VAE / CLIP-L + T5 would cache them (random)."""
-    import torch
-
-    from lora_foundry.lora_core.train.dataset import DatasetOptions, DatasetScan, LatentDataset, Sample
-
-    g = torch.Generator().manual_seed(0)
-    samples, conds = [], {}
-    for i in range(n):
-        caption = f"zkw, item {i}"
-        samples.append(Sample(torch.randn(16, 8, 8, generator=g), None, (64, 64), caption, 1))
-        conds[caption] = {
-            "context": torch.randn(1, 4, 32, generator=g),
-            "pooled": torch.randn(1, 32, generator=g),
-        }
-    scan = DatasetScan(folder=Path("synthetic"), entries=(), problems=(), without_caption=0)
-    dataset = LatentDataset(samples, DatasetOptions(resolution=64, flip=False), scan)
-    dataset.conds = conds
-    return dataset
-
-
 def main(loras: str, name: str, batch: int) -> None:
     sys.path[:0] = [str(REPO / "scripts"), str(REPO / "tests")]
     import train_job  # scripts/train_job.py: ComfyUI and the pack importable, as a job has them
@@ -46,6 +25,7 @@ def main(loras: str, name: str, batch: int) -> None:
     import folder_paths
     import model_factory
     import torch
+    from flow_data import flux_dataset
 
     from lora_foundry.lora_core.train.trainer import TrainConfig
     from lora_foundry.nodes import comfy_bridge_job as job_bridge
@@ -56,7 +36,7 @@ def main(loras: str, name: str, batch: int) -> None:
     world = job_bridge.start_world()
     try:
         model = model_factory.flux_model()
-        dataset = flux_dataset()
+        dataset = flux_dataset(4)
         # Train LoRA's default learning rate, as the SD1.5 data-parallel test (at 1e-3, AdamW turns the
         # float rounding of near-zero gradients summed in another order into up to 3e-5 on 3 of 60 tensors)
         cfg = TrainConfig(steps=3, batch_size=batch, lr=1e-4, precision="fp32", seed=5)

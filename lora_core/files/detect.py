@@ -49,29 +49,20 @@ _PATH_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_", "base_model.mod
                   "diffusion_model.", "transformer.")  # fmt: skip
 
 
-def _in_dims(tensors: Mapping[str, Tensor]) -> dict[str, int]:
-    """Input width of each module, read from its down / A factor (LoRA, LoHa)."""
+def _factor_dims(tensors: Mapping[str, Tensor], side: str) -> dict[str, int]:
+    """Each module's input (``side="in"``, from its down / A factor) or output width (``"out"``, from
+    its up / B factor), for LoRA and LoHa."""
+    prefix, hada, axis = (
+        ("down:", ("hada_w1_b", "hada_w2_b"), 1) if side == "in" else ("up:", ("hada_w1_a", "hada_w2_a"), 0)
+    )
     dims: dict[str, int] = {}
     for key, t in tensors.items():
         split = split_key(key)
         if split is None or t.dim() < 2:
             continue
         module, _, role = split
-        if role.startswith("down:") or role in ("hada_w1_b", "hada_w2_b"):
-            dims[module] = int(t.shape[1])
-    return dims
-
-
-def _out_dims(tensors: Mapping[str, Tensor]) -> dict[str, int]:
-    """Output width of each module, read from its up / B factor (LoRA, LoHa)."""
-    dims: dict[str, int] = {}
-    for key, t in tensors.items():
-        split = split_key(key)
-        if split is None or t.dim() < 2:
-            continue
-        module, _, role = split
-        if role.startswith("up:") or role in ("hada_w1_a", "hada_w2_a"):
-            dims[module] = int(t.shape[0])
+        if role.startswith(prefix) or role in hada:
+            dims[module] = int(t.shape[axis])
     return dims
 
 
@@ -182,10 +173,10 @@ def _most_common(dims: list[int], table: Mapping[int, str]) -> tuple[str, int] |
 
 
 def _from_keys(tensors: Mapping[str, Tensor]) -> FamilyGuess | None:
-    dims = _in_dims(tensors)
+    dims = _factor_dims(tensors, "in")
     names = [k.lower() for k in tensors]
     modules = sorted({split[0] for k in tensors if (split := split_key(k)) is not None})
-    if found := _dit_from_paths(modules, dims, _out_dims(tensors)):
+    if found := _dit_from_paths(modules, dims, _factor_dims(tensors, "out")):
         return found
     if any("single_transformer_blocks" in n for n in names):
         return FamilyGuess("Flux", "single_transformer_blocks keys")

@@ -5,8 +5,6 @@ and min-SNR on a flow model are refused with named errors."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import comfy.lora
 import comfy.model_management
 import comfy.sd
@@ -14,28 +12,12 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
+from flow_data import flux_dataset
 from patch_compare import assert_same, patched
 from train_run import TRAIN_ARGS
 
-from lora_foundry.lora_core.train.dataset import DatasetOptions, DatasetScan, LatentDataset, Sample
+from lora_foundry.lora_core.train.dataset import Sample
 from lora_foundry.nodes.train import TrainLora
-
-
-def flux_dataset(n: int = 3) -> LatentDataset:
-    """Latents and caption embeddings as a Flux VAE / CLIP-L + T5 would cache them (random)."""
-    g = torch.Generator().manual_seed(0)
-    samples, conds = [], {}
-    for i in range(n):
-        caption = f"zkw, item {i}"
-        samples.append(Sample(torch.randn(16, 8, 8, generator=g), None, (64, 64), caption, 1))
-        conds[caption] = {
-            "context": torch.randn(1, 4, 32, generator=g),
-            "pooled": torch.randn(1, 32, generator=g),
-        }
-    scan = DatasetScan(folder=Path("synthetic"), entries=(), problems=(), without_caption=0)
-    ds = LatentDataset(samples, DatasetOptions(resolution=64, flip=False), scan)
-    ds.conds = conds
-    return ds
 
 
 def train_flux(patcher, **changes):

@@ -8,7 +8,6 @@ gives no gradient is refused with an error naming the layer and the form."""
 from __future__ import annotations
 
 import types
-from pathlib import Path
 
 import comfy.lora
 import comfy.model_management
@@ -19,10 +18,9 @@ import pytest
 import quant_models as qm
 import safetensors.torch
 import torch
-from flow_data import Data, FixedTriples, run_hooks
+from flow_data import Data, FixedTriples, flux_dataset, run_hooks
 from train_run import TRAIN_ARGS
 
-from lora_foundry.lora_core.train.dataset import DatasetOptions, DatasetScan, LatentDataset, Sample
 from lora_foundry.lora_core.train.network import LoraNetwork, select_targets
 from lora_foundry.lora_core.train.trainer import TrainConfig, Trainer
 from lora_foundry.nodes import comfy_bridge_train as train_bridge
@@ -77,18 +75,7 @@ def fixed_triple_run(patcher, steps: int = 40):
 def train_flux(patcher, **changes):
     """Train LoRA (the node, inside inference_mode as ComfyUI runs it) on three random Flux-shaped
     latents and caption embeddings."""
-    g = torch.Generator().manual_seed(0)
-    samples, conds = [], {}
-    for i in range(3):
-        caption = f"zkw, item {i}"
-        samples.append(Sample(torch.randn(16, 8, 8, generator=g), None, (64, 64), caption, 1))
-        conds[caption] = {
-            "context": torch.randn(1, 4, 32, generator=g),
-            "pooled": torch.randn(1, 32, generator=g),
-        }
-    scan = DatasetScan(folder=Path("synthetic"), entries=(), problems=(), without_caption=0)
-    dataset = LatentDataset(samples, DatasetOptions(resolution=64, flip=False), scan)
-    dataset.conds = conds
+    dataset = flux_dataset(3)
     try:
         with torch.inference_mode():
             return TrainLora().execute(patcher, None, dataset, **{**TRAIN_ARGS, **changes}, unique_id="5")
