@@ -5,7 +5,8 @@ ComfyUI's key map (``model_lora_keys_unet``) names each weight of a DiT by its o
 diffusers' path in one or two spellings (``transformer.`` for Flux, ``diffusion_model.`` and
 ``lycoris_`` for Z-Image). Trainers mix those: musubi-tuner writes ``lora_unet_`` names of diffusers
 paths for Z-Image, OneTrainer ``lora_transformer_`` ones, DiffSynth-Studio bare diffusers paths,
-diffusers / SimpleTuner ``transformer.`` paths of Wan and Flux.2 blocks ComfyUI maps under no name.
+diffusers / SimpleTuner ``transformer.`` paths of Wan, Flux.2 and HunyuanVideo 1.5 blocks ComfyUI maps
+under no name.
 ``with_aliases`` adds every spelling of every path the map already knows (plus the diffusers paths
 of the tables below) under each prefix those trainers use. An alias never replaces a name of the
 map, and one that two different weights would claim is left out, so no name can reach a wrong weight.
@@ -62,6 +63,15 @@ _LTXV_GLOBAL = (
     ("time_embed.emb.timestep_embedder.linear_2", "adaln_single.emb.timestep_embedder.linear_2"),
     ("time_embed.linear", "adaln_single.linear"),
 )
+# HunyuanVideo 1.5: diffusers' HunyuanVideo15Transformer3DModel transformer_blocks (double blocks); the
+# fused q / k / v are in _SPLIT_QKV. Both modulations chunk shift, scale, gate (x2) in the same order.
+_HV15_DOUBLE = (
+    ("attn.to_out.0", "img_attn.proj"), ("attn.to_add_out", "txt_attn.proj"),
+    ("ff.net.0.proj", "img_mlp.0"), ("ff.net.2", "img_mlp.2"),
+    ("ff_context.net.0.proj", "txt_mlp.0"), ("ff_context.net.2", "txt_mlp.2"),
+    ("norm1.linear", "img_mod.lin"), ("norm1_context.linear", "txt_mod.lin"),
+)  # fmt: skip
+_HV15_MARKER = "diffusion_model.txt_in.individual_token_refiner.blocks.0.norm1.weight"
 # family marker key -> (block container pairs, global pairs)
 _TABLES: dict[str, tuple[tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...], tuple[tuple[str, str], ...]]] = {
     "diffusion_model.head.modulation": ((("blocks", "blocks", _WAN_BLOCK),), _WAN_GLOBAL),
@@ -71,16 +81,23 @@ _TABLES: dict[str, tuple[tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...
         _FLUX2_GLOBAL,
     ),
     "diffusion_model.adaln_single.linear.weight": ((), _LTXV_GLOBAL),
+    _HV15_MARKER: ((("transformer_blocks", "double_blocks", _HV15_DOUBLE),), ()),
 }  # fmt: skip
 
 
 # Fused weights ComfyUI holds whose q / k / v trainers write apart, by a key of the family's model ->
-# (fused weight path with {i}, the split path of q, k, v with {i}). HunyuanVideo 1.5: ComfyUI's
-# repackaged checkpoint packs img_attn_qkv; musubi-tuner's model (hunyuan_video_1_5_models.py) splits it.
+# (fused weight path with {i}, the split paths of q, k, v with {i}). HunyuanVideo 1.5: ComfyUI's
+# repackaged checkpoint packs img_attn_qkv; musubi-tuner's model (hunyuan_video_1_5_models.py) splits it,
+# and so does diffusers' HunyuanVideo15Transformer3DModel (attn.to_q / add_q_proj ...).
 _SPLIT_QKV = {
-    "diffusion_model.txt_in.individual_token_refiner.blocks.0.norm1.weight": (
-        ("double_blocks.{i}.img_attn.qkv", "double_blocks.{i}.img_attn_{x}"),
-        ("double_blocks.{i}.txt_attn.qkv", "double_blocks.{i}.txt_attn_{x}"),
+    _HV15_MARKER: (
+        ("double_blocks.{i}.img_attn.qkv", tuple(f"double_blocks.{{i}}.img_attn_{x}" for x in "qkv")),
+        ("double_blocks.{i}.txt_attn.qkv", tuple(f"double_blocks.{{i}}.txt_attn_{x}" for x in "qkv")),
+        ("double_blocks.{i}.img_attn.qkv", tuple(f"transformer_blocks.{{i}}.attn.to_{x}" for x in "qkv")),
+        (
+            "double_blocks.{i}.txt_attn.qkv",
+            tuple(f"transformer_blocks.{{i}}.attn.add_{x}_proj" for x in "qkv"),
+        ),
     ),
 }
 
@@ -99,8 +116,8 @@ def split_paths(key_map: Mapping[str, object], shapes: Mapping[str, tuple[int, .
                 rows = shapes.get(key, (0,))[0]
                 if key not in keys or rows % 3:
                     continue
-                for n, x in enumerate("qkv"):
-                    out[split.format(i=i, x=x)] = (key, (0, n * rows // 3, rows // 3))
+                for n, path in enumerate(split):
+                    out[path.format(i=i)] = (key, (0, n * rows // 3, rows // 3))
     return out
 
 
