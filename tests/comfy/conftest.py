@@ -63,3 +63,13 @@ def dataset_dir(comfy_base):
     root = comfy_base / "input" / "train_set"
     train_run.write_dataset(root)
     return root
+
+
+@pytest.fixture
+def clean_cache(comfy_base):
+    """The session's cache folder is left as found (other tests count its files)."""
+    cache = comfy_base / "output" / "lora_foundry_cache"
+    before = set(cache.glob("*")) if cache.exists() else set()
+    yield
+    for path in set(cache.glob("*")) - before if cache.exists() else ():
+        path.unlink()

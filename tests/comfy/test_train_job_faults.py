@@ -27,16 +27,6 @@ def demo_checkpoint():
         pytest.fail(f"the demo checkpoint is missing: run scripts/make_demo_models.py --comfyui {COMFY_DIR}")
 
 
-@pytest.fixture
-def clean_cache(comfy_base):
-    """The session's cache folder is left as found (other tests count its files)."""
-    cache = comfy_base / "output" / "lora_foundry_cache"
-    before = set(cache.glob("*")) if cache.exists() else set()
-    yield
-    for path in set(cache.glob("*")) - before if cache.exists() else ():
-        path.unlink()
-
-
 def export(name: str, **changes) -> Path:
     settings = {**TRAIN_ARGS, **SETTINGS, "output_name": name, **changes}
     return Path(

@@ -25,6 +25,9 @@ from lora_foundry.nodes import train_job_launch
 from lora_foundry.nodes.train_job import ExportTrainJob
 from lora_foundry.nodes.train_job_launch import FROM_INPUT, LaunchTrainJob
 
+# jobs of more than one rank keep the data-set cache on disk; other tests count its files
+pytestmark = pytest.mark.usefixtures("clean_cache")
+
 
 @pytest.fixture(autouse=True)
 def demo_checkpoint():
