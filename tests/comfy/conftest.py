@@ -10,6 +10,7 @@ comfy.cli_args.args.cpu = True  # before comfy.model_management is imported anyw
 
 import folder_paths  # noqa: E402
 import model_factory  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +74,12 @@ def clean_cache(comfy_base):
     yield
     for path in set(cache.glob("*")) - before if cache.exists() else ():
         path.unlink()
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, then as it was."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -29,12 +29,8 @@ from lora_foundry.nodes.train import model_targets
 LORA = "bounds_a.safetensors"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one torch thread: these tiny models train in reproducible order and leave the cores to others
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import uuid
 import folder_paths
 import pytest
 import safetensors
-import torch
 from make_demo_models import write_demo_tagger
 from PIL import Image
 from train_run import make_dataset, train
@@ -26,12 +25,8 @@ OUTSIDE_MESSAGE = "is not inside a folder this server lets nodes"
 TAGGER = "confine_tagger/model.onnx"  # as the tagger list names a <name>/model.onnx tagger
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one torch thread: these tiny models train in reproducible order and leave the cores to others
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

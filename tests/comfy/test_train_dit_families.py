@@ -35,12 +35,8 @@ GROUPS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one torch thread: these tiny models train in reproducible order and leave the cores to others
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _MODELS: dict = {}

@@ -22,12 +22,8 @@ from lora_foundry.nodes.train import model_targets
 CTX, POOLED = 32, {"flux": 32, "sd3": 64}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one torch thread: these tiny models train in reproducible order and leave the cores to others
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def conds(family: str, n: int, seed: int = 0) -> dict:

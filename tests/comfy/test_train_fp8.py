@@ -29,12 +29,8 @@ from lora_foundry.nodes.train import TrainLora, model_targets
 QUANTIZED_0_12 = hasattr(comfy.utils, "convert_old_quants")  # 0.8+ loads scaled fp8 as QuantizedTensors
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one torch thread: these tiny models train in reproducible order and leave the cores to others
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scaled_fp8_flux(tmp_path, layout: str):

@@ -21,13 +21,8 @@ from lora_foundry.nodes import comfy_bridge as bridge
 from lora_foundry.nodes import comfy_bridge_train as train_bridge
 from lora_foundry.nodes.train import LoraTrainingDataset, TrainLora, model_targets
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one torch thread: these tiny models train in reproducible order and leave the cores to others
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_dataset_node_reads_folder_and_repeat_subfolder(sd15, dataset_dir):
