@@ -27,6 +27,8 @@ import time
 import types
 from pathlib import Path
 
+from bench_train import make_images  # the same generated images and captions as the Train LoRA bench
+
 REPO = Path(__file__).resolve().parents[1]
 COMFY = Path(os.environ.get("COMFYUI_PATH") or REPO / ".comfyui").resolve()
 CHECKPOINT = "lora_foundry_demo_sd15.safetensors"
@@ -41,17 +43,6 @@ def pack():
     from lora_foundry.lora_core.train import job, launch
 
     return job, launch
-
-
-def make_images(folder: Path, count: int, size: int) -> None:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"zkw, sample {i}, noise")
 
 
 def write_job(base: Path, name: str, batch_size: int, steps: int) -> Path:
