@@ -6,7 +6,8 @@ The golden files in tests/data/golden/ were written by running this module as a 
 added them comes before every refactor commit. Only the run's time stamps are masked, and the header
 is compared as JSON: safetensors writes the metadata map in an order that changes from one process
 to the next (a Rust hash map), so even the old code does not repeat its header bytes; the tensor
-bytes and every header entry must match exactly.
+bytes and every header entry must match exactly, except the tensors of the merges that go through
+QR / SVD (LAPACK), which match within a few float32 steps (LAPACK_MERGES).
 """
 
 from __future__ import annotations
@@ -126,6 +127,12 @@ def masked(path: Path) -> tuple[dict, bytes]:
     return header, data[8 + size :]
 
 
+# Merges whose factors come from a QR / SVD: LAPACK's result differs in the last bits from one CPU to
+# another (the same torch gave differences of at most 2e-6 on values near 2-3 on an AMD EPYC against
+# the CPU that wrote the golden files), so their tensors are compared within a few float32 steps.
+LAPACK_MERGES = ("merged_svd", "merged_dare_ties")
+
+
 @pytest.mark.timeout(120)
 def test_merged_files_are_byte_identical_to_the_golden_ones(tmp_path):
     written = write_merged(tmp_path)
@@ -134,7 +141,16 @@ def test_merged_files_are_byte_identical_to_the_golden_ones(tmp_path):
         header, tensors = masked(path)
         golden_header, golden_tensors = masked(GOLDEN / path.name)
         assert header == golden_header, path.name
-        assert tensors == golden_tensors, path.name
+        if path.stem not in LAPACK_MERGES:
+            assert tensors == golden_tensors, path.name
+            continue
+        ours, golden = (
+            safetensors.torch.load_file(str(path)),
+            safetensors.torch.load_file(str(GOLDEN / path.name)),
+        )
+        for key, value in golden.items():  # same keys, shapes and dtypes: the header said so
+            scale = max(1.0, float(value.abs().max()))
+            assert torch.allclose(ours[key], value, rtol=0, atol=1e-5 * scale), (path.name, key)
 
 
 @pytest.mark.timeout(180)
