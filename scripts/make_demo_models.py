@@ -68,14 +68,28 @@ def _random_tensor(name: str, shape: torch.Size, g: torch.Generator) -> torch.Te
     return (torch.randn(shape, generator=g) * scale).to(torch.float16)
 
 
-def checkpoint_shapes() -> dict[str, torch.Size]:
-    """Every key and shape of a standard SD1.5 checkpoint, from ComfyUI's own classes."""
+def compact_unet_config() -> dict:
+    """An SD1.5 UNet of one level (320 channels, one res block and one transformer on the way down and
+    two on the way up): ComfyUI's detection reads it as SD1.5 (its 320 channels and 768-wide context
+    are what it matches), with 26 M parameters instead of 860 M. The tests' training jobs use it."""
+    from model_factory import SD15_FULL, sd15_unet_config
+
+    config = sd15_unet_config(SD15_FULL)
+    config.update(
+        num_res_blocks=[1], channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1]
+    )
+    return config
+
+
+def checkpoint_shapes(unet_config: dict | None = None) -> dict[str, torch.Size]:
+    """Every key and shape of a standard SD1.5 checkpoint (or one with ``unet_config``'s UNet and the
+    standard CLIP-L and VAE), from ComfyUI's own classes."""
     import comfy.sd1_clip
     import comfy.supported_models as sm
     from comfy.ldm.models.autoencoder import AutoencoderKL
     from model_factory import SD15_FULL, sd15_unet_config, vae_config
 
-    config = sm.SD15(sd15_unet_config(SD15_FULL))
+    config = sm.SD15(unet_config or sd15_unet_config(SD15_FULL))
     config.set_inference_dtype(torch.float16, None)
     shapes = {}
     unet = _meta_shapes(lambda: config.get_model({}, device="meta").diffusion_model)
@@ -94,11 +108,11 @@ def checkpoint_shapes() -> dict[str, torch.Size]:
     return shapes
 
 
-def write_checkpoint(path: Path, seed: int = 0) -> None:
+def write_checkpoint(path: Path, seed: int = 0, unet_config: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
-    tensors = {k: _random_tensor(k, s, g) for k, s in checkpoint_shapes().items()}
+    tensors = {k: _random_tensor(k, s, g) for k, s in checkpoint_shapes(unet_config).items()}
     tensors["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"lora_foundry.demo": "random weights: images are noise"})

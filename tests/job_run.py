@@ -1,5 +1,5 @@
-"""Headless training-job runs shared by the job tests: scripts/train_job.py in a subprocess on the
-demo SD1.5 checkpoint, with ComfyUI's folders under the tests' temporary base."""
+"""Headless training-job runs shared by the job tests: scripts/train_job.py in a subprocess on a
+compact SD1.5 checkpoint, with ComfyUI's folders under the tests' temporary base."""
 
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 COMFY_DIR = Path(os.environ.get("COMFYUI_PATH") or REPO / ".comfyui").resolve()
 DEMO = "lora_foundry_demo_sd15.safetensors"
+# The job tests' checkpoint: SD1.5 to ComfyUI's detection, with a one-level UNet (26 M parameters)
+# and the standard CLIP-L and VAE (make_demo_models.compact_unet_config); 465 MB written once into
+# the tests' cache (LORA_FOUNDRY_CACHE, default ~/.cache/lora-foundry) and linked where a test needs it.
+COMPACT = "lora_foundry_compact_sd15.safetensors"
+CACHE = Path(os.environ.get("LORA_FOUNDRY_CACHE", Path.home() / ".cache" / "lora-foundry"))
 SETTINGS = dict(steps=2, lr=1e-4)  # few steps at 64x64; Train LoRA's default learning rate
 
 
@@ -24,3 +29,23 @@ def run_headless(job, base, timeout: float = 900) -> subprocess.CompletedProcess
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *script_args(job, base)], capture_output=True, text=True,
                           timeout=timeout, env=env)  # fmt: skip
+
+
+def compact_checkpoint() -> Path:
+    """The compact SD1.5 checkpoint in the tests' cache, written (about 10 s) when missing."""
+    import make_demo_models
+
+    path = CACHE / "test-models" / f"v1-{COMPACT}"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)  # written to a temporary name, then renamed
+        make_demo_models.write_checkpoint(path, seed=7, unet_config=make_demo_models.compact_unet_config())
+    return path
+
+
+def link_compact(models: Path) -> str:
+    """Links the compact checkpoint into ``models``/checkpoints; returns its name there."""
+    link = models / "checkpoints" / COMPACT
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(compact_checkpoint())
+    return COMPACT

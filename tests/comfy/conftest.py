@@ -28,6 +28,19 @@ def comfy_base(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def compact_sd15(comfy_base) -> str:
+    """The name of the compact SD1.5 checkpoint (job_run.COMPACT) in the base's models/checkpoints,
+    which ComfyUI's checkpoint list then includes (the training jobs' tests load it by name)."""
+    import job_run
+
+    name = job_run.link_compact(comfy_base / "models")
+    folder_paths.add_model_folder_path(
+        "checkpoints", str(comfy_base / "models" / "checkpoints"), is_default=True
+    )
+    return name
+
+
+@pytest.fixture(scope="session")
 def loras_dir(comfy_base):
     return comfy_base / "models" / "loras"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import safetensors
-from job_run import COMFY_DIR, DEMO, SETTINGS, script_args
+from job_run import COMPACT, SETTINGS, script_args
 from train_run import DATASET_ARGS, TRAIN_ARGS
 
 from lora_foundry.lora_core.train.state import read_state
@@ -22,15 +22,15 @@ from lora_foundry.nodes.train_job import ExportTrainJob
 
 
 @pytest.fixture(autouse=True)
-def demo_checkpoint():
-    if not (COMFY_DIR / "models" / "checkpoints" / DEMO).exists():
-        pytest.fail(f"the demo checkpoint is missing: run scripts/make_demo_models.py --comfyui {COMFY_DIR}")
+def checkpoint(compact_sd15):
+    """The compact SD1.5 checkpoint, linked into the base's models/checkpoints."""
+    return compact_sd15
 
 
 def export(name: str, **changes) -> Path:
     settings = {**TRAIN_ARGS, **SETTINGS, "output_name": name, **changes}
     return Path(
-        ExportTrainJob().execute(DEMO, **{**DATASET_ARGS, "folder": "train_set"}, **settings)["result"][0]
+        ExportTrainJob().execute(COMPACT, **{**DATASET_ARGS, "folder": "train_set"}, **settings)["result"][0]
     )
 
 

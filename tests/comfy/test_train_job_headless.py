@@ -1,4 +1,4 @@
-"""Training jobs run headless (scripts/train_job.py in a subprocess) on the demo SD1.5 checkpoint:
+"""Training jobs run headless (scripts/train_job.py in a subprocess) on the compact SD1.5 checkpoint (job_run.COMPACT):
 the job exported by Export Train Job trains the same LoRA, metadata and state as Train LoRA in the
 graph with the same settings, and bad job files stop with an error naming the field."""
 
@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import safetensors
 import torch
-from job_run import COMFY_DIR, DEMO, SETTINGS, run_headless
+from job_run import COMPACT, SETTINGS, run_headless
 from train_run import DATASET_ARGS, TRAIN_ARGS, make_dataset, train
 
 from lora_foundry.nodes import comfy_bridge_job as job_bridge
@@ -24,11 +24,8 @@ RUN_IDENTITY = {"ss_output_name", "ss_training_started_at", "ss_training_finishe
 
 
 @pytest.fixture(scope="module")
-def demo(comfy_base):
-    path = COMFY_DIR / "models" / "checkpoints" / DEMO
-    if not path.exists():
-        pytest.fail(f"{path} is missing: run scripts/make_demo_models.py --comfyui {COMFY_DIR}")
-    model, clip, vae = job_bridge.load_checkpoint(str(path))
+def demo(comfy_base, compact_sd15):
+    model, clip, vae = job_bridge.load_checkpoint(str(comfy_base / "models" / "checkpoints" / compact_sd15))
     yield SimpleNamespace(model=model, clip=clip, vae=vae)
     import comfy.model_management
 
@@ -40,7 +37,7 @@ def demo(comfy_base):
 def export(name: str, **changes) -> Path:
     dataset = {**DATASET_ARGS, "folder": "train_set"}
     settings = {**TRAIN_ARGS, **SETTINGS, "output_name": name, **changes}
-    out = ExportTrainJob().execute(DEMO, **dataset, **settings)
+    out = ExportTrainJob().execute(COMPACT, **dataset, **settings)
     return Path(out["result"][0])
 
 
@@ -98,6 +95,6 @@ def test_bad_job_file_is_refused_naming_the_field(comfy_base, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_export_refuses_bad_name_naming_the_node(comfy_base):
+def test_export_refuses_bad_name_naming_the_node(comfy_base, compact_sd15):
     with pytest.raises(RuntimeError, match=r"\[Export Train Job\] `output_name` .* path separator"):
         export("../escape")

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import safetensors
-from job_run import COMFY_DIR, DEMO, SETTINGS, run_headless, script_args
+from job_run import COMPACT, SETTINGS, run_headless, script_args
 from train_run import DATASET_ARGS, TRAIN_ARGS
 
 from lora_foundry.nodes.train_job import ExportTrainJob
@@ -19,7 +19,9 @@ from lora_foundry.nodes.train_job import ExportTrainJob
 
 def export(name: str, batch_size: int) -> str:
     settings = {**TRAIN_ARGS, **SETTINGS, "output_name": name, "batch_size": batch_size}
-    return ExportTrainJob().execute(DEMO, **{**DATASET_ARGS, "folder": "train_set"}, **settings)["result"][0]
+    return ExportTrainJob().execute(COMPACT, **{**DATASET_ARGS, "folder": "train_set"}, **settings)["result"][
+        0
+    ]
 
 
 def weights(path) -> dict:
@@ -28,9 +30,7 @@ def weights(path) -> dict:
 
 
 @pytest.mark.timeout(1800)
-def test_two_gloo_ranks_equal_one_rank_with_double_batch(dataset_dir, comfy_base, loras_dir):
-    if not (COMFY_DIR / "models" / "checkpoints" / DEMO).exists():
-        pytest.fail(f"the demo checkpoint is missing: run scripts/make_demo_models.py --comfyui {COMFY_DIR}")
+def test_two_gloo_ranks_equal_one_rank_with_double_batch(dataset_dir, comfy_base, loras_dir, compact_sd15):
     one = run_headless(export("one_rank", 2), comfy_base)
     assert one.returncode == 0, one.stderr[-3000:]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -58,20 +58,20 @@ def test_two_gloo_ranks_equal_one_rank_with_double_batch(dataset_dir, comfy_base
 
 
 @pytest.mark.timeout(1800)
-def test_two_gloo_ranks_stopped_and_resumed_equal_an_uninterrupted_run(dataset_dir, comfy_base, loras_dir):
+def test_two_gloo_ranks_stopped_and_resumed_equal_an_uninterrupted_run(
+    dataset_dir, comfy_base, loras_dir, compact_sd15
+):
     """2 ranks for 1 step, then the same job resumed to step 2 with 2 ranks, equals 2 ranks for 2
     steps without a stop (fp32, 1e-6): the state carries each rank's optimizer and data order."""
-    if not (COMFY_DIR / "models" / "checkpoints" / DEMO).exists():
-        pytest.fail(f"the demo checkpoint is missing: run scripts/make_demo_models.py --comfyui {COMFY_DIR}")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cache = comfy_base / "output" / "lora_foundry_cache"
     before = set(cache.glob("*")) if cache.exists() else set()
 
     def two_ranks(name: str, **changes) -> str:
         settings = {**TRAIN_ARGS, **SETTINGS, "output_name": name, "batch_size": 1, **changes}
-        job = ExportTrainJob().execute(DEMO, **{**DATASET_ARGS, "folder": "train_set"}, **settings)["result"][
-            0
-        ]
+        job = ExportTrainJob().execute(COMPACT, **{**DATASET_ARGS, "folder": "train_set"}, **settings)[
+            "result"
+        ][0]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                *script_args(job, comfy_base)]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env)
