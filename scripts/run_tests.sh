@@ -4,9 +4,11 @@
 #   1. .comfyui (ComfyUI 0.3.75, or COMFYUI_PATH) with .venv: the whole suite. A full run (no
 #      arguments) then runs tests/browser twice more against the newest ComfyUI frontend
 #      (.frontend-newest), with its classic canvas nodes and with Nodes 2.0.
-#   2. .comfyui-newest (ComfyUI 0.12.1) with .venv-newest, on a full run: the whole suite again, with
-#      the frontend that ComfyUI installs. Where set-up had no tarball for it, one line says this leg
-#      did not run.
+#   2. .comfyui-newest (ComfyUI 0.12.1) with .venv-newest, on a full run: every test that runs the
+#      pack in ComfyUI (tests/comfy, tests/server, tests/browser with the frontend that ComfyUI
+#      installs), except those marked `first_leg` (tests/conftest.py), which pytest lists as
+#      deselected. tests/unit never imports ComfyUI and runs on the first leg. Where set-up had no
+#      tarball for this leg, one line says it did not run.
 # Extra arguments go to pytest on the first leg only (for iterating). A pass that collects no tests
 # fails. LORA_FOUNDRY_SKIP_BROWSER=1 leaves out tests/browser on every leg and says what it left
 # out. Every pass runs even after one failed; a summary names each pass's result and time.
@@ -67,19 +69,17 @@ if [ -z "$skip_browser" ]; then
   fi
 fi
 
-# The second leg: the whole suite again. tests/unit never imports ComfyUI
-# (tests/unit/test_unit_tests_stay_comfy_free.py checks), but this venv's ComfyUI packages
-# (comfy-kitchen, comfy-aimdo) and their pins can differ, and the unit tests take under a minute.
+# The second leg: what runs the pack inside ComfyUI. tests/unit never imports ComfyUI
+# (tests/unit/test_unit_tests_stay_comfy_free.py checks) and ran on the first leg with the same
+# torch pin; the `first_leg` tests are deselected by tests/conftest.py (LORA_FOUNDRY_LEG=second).
 if [ -f .comfyui-newest/.complete ] && [ -x .venv-newest/bin/python ]; then
   second_dir=$(cd .comfyui-newest && pwd -P)
   second=$(comfy_version "$second_dir")
-  paths=()
-  for d in tests/*/; do
-    d=${d%/}
-    { [ -n "$skip_browser" ] && [ "$d" = tests/browser ]; } || paths+=("$d")
-  done
-  run_pass "ComfyUI ${second:-?} (second leg): pytest ${paths[*]}" \
-    env COMFYUI_PATH="$second_dir" LORA_FOUNDRY_EXPECT_COMFYUI="$second" .venv-newest/bin/python -m pytest "${paths[@]}"
+  paths=(tests/comfy tests/server)
+  [ -n "$skip_browser" ] || paths+=(tests/browser)
+  run_pass "ComfyUI ${second:-?} (second leg): pytest ${paths[*]}, without the first_leg tests" \
+    env COMFYUI_PATH="$second_dir" LORA_FOUNDRY_EXPECT_COMFYUI="$second" LORA_FOUNDRY_LEG=second \
+    .venv-newest/bin/python -m pytest "${paths[@]}"
 else
   echo "[test] second leg (the newest ComfyUI, from ../shared/runtimes) did not run: set-up found no tarball for it"
   summary+=("not run  second leg (newest ComfyUI): no ../shared/runtimes tarball at set-up")

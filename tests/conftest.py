@@ -33,3 +33,17 @@ def pytest_report_header(config):
     from comfy_server import comfy_version
 
     return f"ComfyUI {comfy_version(COMFY_DIR)} at {COMFY_DIR}"
+
+
+# scripts/run_tests.sh sets LORA_FOUNDRY_LEG=second on its second leg (the newest ComfyUI). Tests
+# marked `first_leg` are deselected there (pytest's summary counts them as deselected, never as
+# passed): the long training-convergence proofs, the data-parallel engine and the benchmark scripts.
+# What they call in ComfyUI (model code, sampling objects, loaders, headless and launched jobs) the
+# shorter tests run on both legs.
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("LORA_FOUNDRY_LEG") != "second":
+        return
+    dropped = [item for item in items if item.get_closest_marker("first_leg")]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if not item.get_closest_marker("first_leg")]

@@ -33,6 +33,9 @@ def run_headless(job, base, timeout: float = 900) -> subprocess.CompletedProcess
 
 def compact_checkpoint() -> Path:
     """The compact SD1.5 checkpoint in the tests' cache, written (about 10 s) when missing."""
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True  # before comfy.model_management is first imported
     import make_demo_models
 
     path = CACHE / "test-models" / f"v1-{COMPACT}"

@@ -9,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import job_run
 import pytest
 from comfy_server import REPO, ComfyServer, comfy_version, default_comfy_dir, prepare_base_dir
 
@@ -43,6 +44,7 @@ def server(tmp_path_factory):
         if demo.exists():
             (base / "models" / name).parent.mkdir(parents=True, exist_ok=True)
             (base / "models" / name).symlink_to(demo)
+    job_run.link_compact(base / "models")  # job_run.COMPACT: what the launch tests train
     srv = ComfyServer(comfy_dir=COMFY_DIR, base_dir=base, python=sys.executable)
     srv.start()
     yield srv

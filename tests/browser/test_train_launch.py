@@ -5,10 +5,11 @@ events draw the loss chart on the launch node."""
 from __future__ import annotations
 
 import pytest
+from job_run import COMPACT
 
 pytestmark = pytest.mark.server
 
-CHECKPOINT = "lora_foundry_demo_sd15.safetensors"
+CHECKPOINT = COMPACT  # linked into the server's models/checkpoints by tests/server_fixtures.py
 STEPS = 3
 
 BUILD = """([checkpoint, dataset, steps]) => {

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.first_leg  # scripts/run_tests.sh runs these on the first leg (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted((REPO / "bench").glob("bench_*.py"))
 

@@ -68,6 +68,7 @@ def test_short_run_halves_the_loss_on_fixed_triples(request, family):
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.first_leg  # a convergence proof: scripts/run_tests.sh runs it on the first leg
 def test_planted_rank2_teacher_change_is_recovered(flux):
     """Teacher: the base with a rank-2 change on img_attn.qkv of double block 0; the student's LoRA
     on that layer, fitted to the teacher's outputs (tests/flow_data.py's recipe), approaches it."""

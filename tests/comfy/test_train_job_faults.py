@@ -20,6 +20,8 @@ from train_run import DATASET_ARGS, TRAIN_ARGS
 from lora_foundry.lora_core.train.state import read_state
 from lora_foundry.nodes.train_job import ExportTrainJob
 
+pytestmark = pytest.mark.first_leg  # scripts/run_tests.sh runs these on the first leg (tests/conftest.py)
+
 
 @pytest.fixture(autouse=True)
 def checkpoint(compact_sd15):

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import safetensors
 
+pytestmark = pytest.mark.first_leg  # scripts/run_tests.sh runs these on the first leg (tests/conftest.py)
+
 WORKER = str(Path(__file__).resolve().parents[1] / "flux_ddp_worker.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -16,6 +16,8 @@ from train_run import DATASET_ARGS, TRAIN_ARGS
 
 from lora_foundry.nodes.train_job import ExportTrainJob
 
+pytestmark = pytest.mark.first_leg  # scripts/run_tests.sh runs these on the first leg (tests/conftest.py)
+
 
 def export(name: str, batch_size: int) -> str:
     settings = {**TRAIN_ARGS, **SETTINGS, "output_name": name, "batch_size": batch_size}

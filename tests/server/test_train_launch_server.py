@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 from comfy_server import PromptFailed
+from job_run import COMPACT
 
 pytestmark = pytest.mark.server
 
-CHECKPOINT = "lora_foundry_demo_sd15.safetensors"
+CHECKPOINT = COMPACT  # linked into the server's models/checkpoints by tests/server_fixtures.py
 # Export Train Job's settings (tests/train_run.py's, which cannot be imported here: it imports ComfyUI)
 DATASET_ARGS = dict(resolution=64, trigger_word="zkw", buckets=True, crop="center", flip=False, shuffle_tags=False,
                     keep_tags=0, caption_dropout=0.0, repeats=1, cache="memory")  # fmt: skip
