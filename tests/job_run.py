@@ -3,6 +3,7 @@ compact SD1.5 checkpoint, with ComfyUI's folders under the tests' temporary base
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -39,9 +40,13 @@ def compact_checkpoint() -> Path:
     import make_demo_models
 
     path = CACHE / "test-models" / f"v1-{COMPACT}"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)  # written to a temporary name, then renamed
-        make_demo_models.write_checkpoint(path, seed=7, unet_config=make_demo_models.compact_unet_config())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / "compact.lock", "w") as lock:  # the two legs of run_tests.sh run side by side
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():  # written to a temporary name, then renamed
+            make_demo_models.write_checkpoint(
+                path, seed=7, unet_config=make_demo_models.compact_unet_config()
+            )
     return path
 
 
