@@ -74,12 +74,15 @@ def fixed_triple_losses(patcher, x0, eps, cond, steps: int = 40) -> list[float]:
 
 
 def planted_recovery(patcher, layer: str, cond: dict, n: int, side: int = 8, checkpoints: int = 12,
-                     steps_per: int = 30, lr: float = 2e-2) -> list[float]:  # fmt: skip
+                     steps_per: int = 30, lr: float = 2e-2, channels: int = 16,
+                     discrete: bool = False) -> list[float]:  # fmt: skip
     """A rank-2 change planted in a teacher, recovered by a student's rank-2 LoRA on the same layer.
 
     The teacher is the base with a rank-2 LoRA on ``layer`` (down: the network's own init, up: seeded
     normal x 0.5); the student's LoRA on that layer is fitted, full batch, to the teacher's outputs on
-    ``n`` fixed (x_t, sigma) of 16 x side x side latents and ``cond``. Returns the relative error
+    ``n`` fixed (x_t, sigma) of ``channels`` x side x side latents and ``cond``: through the flow
+    predictor at sigma in [0.1, 0.9], or, ``discrete``, through the noise predictor of an eps / v
+    UNet (SD1.5, SDXL) at timesteps in [100, 900). Returns the relative error
     ||learned delta - planted delta|| / ||planted delta|| at the start and after each of
     ``checkpoints`` rounds of ``steps_per`` steps.
 
@@ -103,9 +106,12 @@ def planted_recovery(patcher, layer: str, cond: dict, n: int, side: int = 8, che
         planted.up.copy_(torch.randn(planted.up.shape, generator=torch.Generator().manual_seed(6)) * 0.5)
     planted_delta = (planted.up @ planted.down).detach() * planted.scale
     g = torch.Generator().manual_seed(3)
-    xs = torch.randn(n, 16, side, side, generator=g)
+    xs = torch.randn(n, channels, side, side, generator=g)
     sigmas = torch.rand(n, generator=g) * 0.8 + 0.1
     predict = train_bridge.flow_predictor(patcher)
+    if discrete:  # the "sigma" slot of a discrete model's predictor holds its timestep
+        sigmas = (sigmas * 1000).floor()
+        predict = train_bridge.noise_predictor(patcher)
     teacher.attach()
     try:
         with torch.no_grad():

@@ -135,8 +135,9 @@ def test_stack_merges_into_a_file_core_loads(dit, loras_dir, method):
 def test_low_precision_weights_load_as_core(loras_dir, dtype):
     """Flux weights stored in fp8 (the common download), bf16 or fp16: ModelPatcher hands over a
     float32 copy and rounds the result back (stochastically, seeded per key, for fp8). Ours equals
-    core's load but for a few bf16/fp16 values (under 0.1%), where the float32 sums differ in their
-    last bits and round to the neighbouring value."""
+    core's load but for a few values (under 0.1%), where the float32 sums differ in their last bits
+    and round to the neighbouring value. For fp8 that happened only with torch on one thread (the
+    second leg of scripts/run_tests.sh): the sums' order changes with the thread count."""
     import model_factory
 
     model = model_factory.flux_model(seed=3, dtype=dtype)
@@ -172,7 +173,7 @@ def test_low_precision_weights_load_as_core(loras_dir, dtype):
         step = torch.maximum(w.float().abs(), c.float().abs()) * torch.finfo(dtype).eps
         far = (w.float() - c.float()).abs() > step + 1e-6 * c.float().abs().max()
         assert not far.any(), f"{k}: {w[far][:3].tolist()} vs {c[far][:3].tolist()}"
-    assert differ == 0 if dtype == torch.float8_e4m3fn else differ < total * 1e-3
+    assert differ < total * 1e-3, f"{differ} of {total} values differ from core's"
     changed = sum(int((weights["ours"][k].float() != base[k].float()).sum()) for k in weights["ours"])
     assert changed > total // 2, "the LoRAs changed too little: the comparison is moot"
     after = model.model.state_dict()
