@@ -1,12 +1,18 @@
-"""Shared by the DiT layout tests: the tiny model of each family, its block weights' paths, and LoRA
-tensors built from (A, B) factors under any module names."""
+"""Shared by the DiT layout tests: the tiny model of each family, its block weights' paths, LoRA
+tensors built from (A, B) factors under any module names, and ``check``: our Load LoRA on one file
+against core's loader on its twin."""
 
 from __future__ import annotations
 
 import comfy.lora
+import comfy.sd
+import comfy.utils
 import dit_factory
 import model_factory
 import torch
+from patch_compare import assert_same, patched, write
+
+from lora_foundry.nodes.load_lora import LoadLoraModelOnly
 
 FAMILIES = ("wan", "zimage", "qwen_image", "chroma", "flux2", "hidream", "ltxv")
 NAMES = {"wan": "Wan 2.1", "zimage": "Z-Image", "qwen_image": "Qwen-Image", "chroma": "Chroma",
@@ -53,3 +59,24 @@ def tensors(named: dict[str, tuple], style: str = "peft", alpha: float | None = 
         if alpha is not None:
             out[f"{name}.alpha"] = torch.tensor(alpha)
     return out
+
+
+def core_loads(model, loras_dir, name: str, strength: float):
+    sd = comfy.utils.load_torch_file(str(loras_dir / name), safe_load=True)
+    return comfy.sd.load_lora_for_models(model, None, sd, strength, 0)[0]
+
+
+def check(model, loras_dir, family: str, file: dict, twin: dict, tag: str, expect: str, strength=0.8) -> str:
+    """Ours on ``file`` equals core on ``twin`` (whose every module core's map names); returns the report."""
+    modules = {k.rsplit(".lora_", 1)[0].removesuffix(".alpha") for k in twin}
+    missing = sorted(m for m in modules if m not in core_map(model))
+    assert not missing, f"the twin is not core-readable (test bug): {missing[:3]}"
+    name = write(loras_dir, f"{family}_{tag}.safetensors", file)
+    twin_name = write(loras_dir, f"{family}_{tag}_twin.safetensors", twin)
+    out = LoadLoraModelOnly().execute(model, name, strength)
+    report = out["ui"]["text"][0]
+    n = len({k.rsplit(".lora_", 1)[0] for k in file if ".lora_" in k})
+    assert f"matched: unet {n}" in report and "NOT applied" not in report, report
+    assert f"layout: {expect} {NAMES[family]} LoRA" in report, report
+    assert_same(patched(out["result"][0]), patched(core_loads(model, loras_dir, twin_name, strength)))
+    return report

@@ -168,3 +168,22 @@ def flux_dataset(n: int = 3):
     dataset = LatentDataset(samples, DatasetOptions(resolution=64, flip=False), scan)
     dataset.conds = conds
     return dataset
+
+
+def qwen_dataset(n: int = 3):
+    """Latents and caption embeddings as Qwen-Image's VAE and text encoder would cache them (random;
+    its encoder has no pooled vector, which the caption encoder stores as zeros)."""
+    from pathlib import Path
+
+    from lora_foundry.lora_core.train.dataset import DatasetOptions, DatasetScan, LatentDataset, Sample
+
+    g = torch.Generator().manual_seed(0)
+    samples, cached = [], {}
+    for i in range(n):
+        caption = f"zkw, item {i}"
+        samples.append(Sample(torch.randn(16, 8, 8, generator=g), None, (64, 64), caption, 1))
+        cached[caption] = {"context": torch.randn(1, 4, 32, generator=g), "pooled": torch.zeros(1, 1)}
+    scan = DatasetScan(folder=Path("synthetic"), entries=(), problems=(), without_caption=0)
+    ds = LatentDataset(samples, DatasetOptions(resolution=64, flip=False), scan)
+    ds.conds = cached
+    return ds

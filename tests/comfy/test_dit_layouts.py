@@ -18,35 +18,22 @@ Where the names come from:
 
 from __future__ import annotations
 
-import comfy.lora
-import comfy.sd
 import pytest
 import torch
-from dit_files import CONVERTERS, FAMILIES, NAMES, block_paths, core_map, factors, model_of, tensors
+from dit_files import (
+    CONVERTERS,
+    FAMILIES,
+    block_paths,
+    check,
+    core_loads,
+    core_map,
+    factors,
+    model_of,
+    tensors,
+)
 from patch_compare import assert_same, patched, write
 
 from lora_foundry.nodes.load_lora import LoadLoraModelOnly
-
-
-def core_loads(model, loras_dir, name: str, strength: float):
-    sd = comfy.utils.load_torch_file(str(loras_dir / name), safe_load=True)
-    return comfy.sd.load_lora_for_models(model, None, sd, strength, 0)[0]
-
-
-def check(model, loras_dir, family: str, file: dict, twin: dict, tag: str, expect: str, strength=0.8) -> str:
-    """Ours on ``file`` equals core on ``twin`` (whose every module core's map names); returns the report."""
-    modules = {k.rsplit(".lora_", 1)[0].removesuffix(".alpha") for k in twin}
-    missing = sorted(m for m in modules if m not in core_map(model))
-    assert not missing, f"the twin is not core-readable (test bug): {missing[:3]}"
-    name = write(loras_dir, f"{family}_{tag}.safetensors", file)
-    twin_name = write(loras_dir, f"{family}_{tag}_twin.safetensors", twin)
-    out = LoadLoraModelOnly().execute(model, name, strength)
-    report = out["ui"]["text"][0]
-    n = len({k.rsplit(".lora_", 1)[0] for k in file if ".lora_" in k})
-    assert f"matched: unet {n}" in report and "NOT applied" not in report, report
-    assert f"layout: {expect} {NAMES[family]} LoRA" in report, report
-    assert_same(patched(out["result"][0]), patched(core_loads(model, loras_dir, twin_name, strength)))
-    return report
 
 
 @pytest.mark.parametrize("family", (*FAMILIES, "hunyuan_video15"))

@@ -12,7 +12,7 @@ import dit_factory
 import model_factory
 import pytest
 import torch
-from flow_data import assert_recovered, fixed_triple_losses, planted_recovery
+from flow_data import assert_recovered, fixed_triple_losses, planted_recovery, qwen_dataset
 
 from lora_foundry.lora_core.train.dit_blocks import block_of
 from lora_foundry.nodes import comfy_bridge_train as train_bridge
@@ -176,25 +176,6 @@ def test_qwen_image_predictor_is_what_comfyuis_sampler_denoises_with():
     torch.testing.assert_close(
         train_bridge.latent_transform(model)(raw), model.model.process_latent_in(raw.unsqueeze(2))[:, :, 0]
     )
-
-
-def qwen_dataset(n: int = 3):
-    """Latents and caption embeddings as Qwen-Image's VAE and text encoder would cache them (random;
-    its encoder has no pooled vector, which the caption encoder stores as zeros)."""
-    from pathlib import Path
-
-    from lora_foundry.lora_core.train.dataset import DatasetOptions, DatasetScan, LatentDataset, Sample
-
-    g = torch.Generator().manual_seed(0)
-    samples, cached = [], {}
-    for i in range(n):
-        caption = f"zkw, item {i}"
-        samples.append(Sample(torch.randn(16, 8, 8, generator=g), None, (64, 64), caption, 1))
-        cached[caption] = {"context": torch.randn(1, 4, 32, generator=g), "pooled": torch.zeros(1, 1)}
-    scan = DatasetScan(folder=Path("synthetic"), entries=(), problems=(), without_caption=0)
-    ds = LatentDataset(samples, DatasetOptions(resolution=64, flip=False), scan)
-    ds.conds = cached
-    return ds
 
 
 @pytest.mark.timeout(600)
