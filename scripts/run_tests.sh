@@ -52,7 +52,8 @@ fi
 # thread. Both lanes run torch on one thread (OMP_NUM_THREADS=1).
 #   lane 1 (here): the first leg.
 #   lane 2 (in the background; each pass's output in test-artifacts/lane2-*.log, printed at the
-#   end): the second leg, then the first leg's browser tests on the newest frontend.
+#   end): the second leg, then the first leg's browser tests on the newest frontend, then the first
+#   leg's tests/unit and tests/comfy/test_bench_scripts.py (left out of lane 1).
 # The second leg runs what runs the pack inside ComfyUI. tests/unit never imports ComfyUI
 # (tests/unit/test_unit_tests_stay_comfy_free.py checks) and runs on the first leg with the same
 # torch pin; the `first_leg` tests are deselected by tests/conftest.py (LORA_FOUNDRY_LEG=second).
@@ -94,6 +95,15 @@ if [ $# -eq 0 ]; then
       failed=1
     fi
   fi
+fi
+
+# The first leg's library tests and benchmark-script tests go to lane 2 as well, which ends first.
+if [ $# -eq 0 ] && [ ${#lane2_commands[@]} -gt 0 ]; then
+  moved=(tests/unit tests/comfy/test_bench_scripts.py)
+  lane2_names+=("ComfyUI ${first:-?} ($first_dir): pytest ${moved[*]}")
+  lane2_logs+=(test-artifacts/lane2-first-leg-unit-bench.log)
+  lane2_commands+=("env LORA_FOUNDRY_EXPECT_COMFYUI=$first OMP_NUM_THREADS=1 .venv/bin/python -m pytest ${moved[*]}")
+  no_browser+=(--ignore=tests/unit --ignore=tests/comfy/test_bench_scripts.py)
 fi
 
 lane2_pid=""
