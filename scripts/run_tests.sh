@@ -10,8 +10,8 @@
 #      deselected. tests/unit never imports ComfyUI and runs on the first leg. Where set-up had no
 #      tarball for this leg, one line says it did not run.
 # A full run has two lanes side by side (see below): the first leg, and in the background the second
-# leg followed by the newest-frontend passes (their output in test-artifacts/lane2-*.log, printed
-# at the end).
+# leg, the newest-frontend passes and the first leg's unit and benchmark-script tests (their output
+# in test-artifacts/lane2-*.log, printed at the end).
 # Extra arguments go to pytest on the first leg only (for iterating). A pass that collects no tests
 # fails. LORA_FOUNDRY_SKIP_BROWSER=1 leaves out tests/browser on every leg and says what it left
 # out. Every pass runs even after one failed; a summary names each pass's result and time.
