@@ -54,6 +54,9 @@ CONFIGS: dict[str, tuple[str, dict]] = {
         "byt5": True, "guidance_embed": False, "use_cond_type_embedding": True, "vision_in_dim": 1152,
     }),
 }  # fmt: skip
+# Z-Image to train: ComfyUI's Z-Image modulation reads a 256-wide timestep embedding, so its width
+# must be >= 256 (build with model_factory._dit_patcher(comfy.supported_models.ZImage, ...)).
+ZIMAGE_TRAINABLE = CONFIGS["zimage"][1] | {"dim": 256, "axes_dims": [32, 48, 48]}
 
 
 def dit_model(family: str, seed: int = 0, dtype=torch.float32):

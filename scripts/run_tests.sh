@@ -21,16 +21,20 @@ skip_browser=${LORA_FOUNDRY_SKIP_BROWSER:-}
 summary=()
 failed=0
 
-# run_pass NAME COMMAND...: one pytest run, recorded in the summary.
+# record NAME EXIT SECONDS: one pytest run's result in the summary (exit 5: no tests collected).
+record() {
+  local name=$1 rc=$2 took="$(($3 / 60))m $(($3 % 60))s"
+  if [ "$rc" -eq 5 ]; then echo "[test] no tests were collected: failing" >&2; rc=1; fi
+  if [ "$rc" -eq 0 ]; then summary+=("passed  $name ($took)"); else summary+=("FAILED  $name (exit $rc, $took)"); failed=1; fi
+}
+
+# run_pass NAME COMMAND...: one pytest run here, recorded in the summary.
 run_pass() {
-  local name=$1 start=$SECONDS rc
+  local name=$1 start=$SECONDS
   shift
   echo "[test] $name"
   "$@"
-  rc=$?
-  if [ $rc -eq 5 ]; then echo "[test] no tests were collected: failing" >&2; rc=1; fi
-  local took="$(((SECONDS - start) / 60))m $(((SECONDS - start) % 60))s"
-  if [ $rc -eq 0 ]; then summary+=("passed  $name ($took)"); else summary+=("FAILED  $name (exit $rc, $took)"); failed=1; fi
+  record "$name" $? $((SECONDS - start))
 }
 
 # comfy_version DIR: the version a ComfyUI tree declares (tests/server/test_runtime_leg.py checks
@@ -133,9 +137,7 @@ if [ -n "$lane2_pid" ]; then
     cat "$log" 2>/dev/null
     rc=1 took=0
     [ -f "$log.rc" ] && read -r rc took < "$log.rc"
-    [ "$rc" -eq 5 ] && { echo "[test] no tests were collected: failing" >&2; rc=1; }
-    took="$((took / 60))m $((took % 60))s"
-    if [ "$rc" -eq 0 ]; then summary+=("passed  $name ($took)"); else summary+=("FAILED  $name (exit $rc, $took)"); failed=1; fi
+    record "$name" "$rc" "$took"
   done
 fi
 

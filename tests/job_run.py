@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from te_peer import CACHE
+
 REPO = Path(__file__).resolve().parents[1]
 COMFY_DIR = Path(os.environ.get("COMFYUI_PATH") or REPO / ".comfyui").resolve()
 DEMO = "lora_foundry_demo_sd15.safetensors"
@@ -16,7 +18,6 @@ DEMO = "lora_foundry_demo_sd15.safetensors"
 # and the standard CLIP-L and VAE (make_demo_models.compact_unet_config); 465 MB written once into
 # the tests' cache (LORA_FOUNDRY_CACHE, default ~/.cache/lora-foundry) and linked where a test needs it.
 COMPACT = "lora_foundry_compact_sd15.safetensors"
-CACHE = Path(os.environ.get("LORA_FOUNDRY_CACHE", Path.home() / ".cache" / "lora-foundry"))
 SETTINGS = dict(steps=2, lr=1e-4)  # few steps at 64x64; Train LoRA's default learning rate
 
 

@@ -44,8 +44,7 @@ def tiny_model(family: str):
     import dit_factory
     import model_factory
 
-    config = dit_factory.CONFIGS["zimage"][1] | {"dim": 256, "axes_dims": [32, 48, 48]}
-    return model_factory._dit_patcher(sm.ZImage, config, 0)
+    return model_factory._dit_patcher(sm.ZImage, dict(dit_factory.ZIMAGE_TRAINABLE), 0)
 
 
 def trained_file(family: str, loras_dir, targets: str):

@@ -18,9 +18,9 @@ from lora_foundry.lora_core.train.dit_blocks import block_of
 from lora_foundry.nodes import comfy_bridge_train as train_bridge
 from lora_foundry.nodes.train import check_blocks, check_resolution, train_targets
 
-# ComfyUI's Z-Image modulation reads a 256-wide timestep embedding, so its width must be >= 256;
-# Lumina2 (the same network without that modulation) builds at the factory's width.
-_ZIMAGE = dit_factory.CONFIGS["zimage"][1] | {"dim": 256, "axes_dims": [32, 48, 48]}
+# Z-Image at the width its modulation needs (dit_factory.ZIMAGE_TRAINABLE); Lumina2 (the same
+# network without that modulation) builds at the factory's width.
+_ZIMAGE = dit_factory.ZIMAGE_TRAINABLE
 _LUMINA2 = dit_factory.CONFIGS["zimage"][1] | {"z_image_modulation": False}
 _LUMINA2.pop("time_scale")
 BUILD = {"zimage": ("ZImage", _ZIMAGE), "lumina2": ("Lumina2", _LUMINA2)}
