@@ -93,27 +93,64 @@ def check_trains_through(targets: Iterable, name_of: Callable = lambda t: t.name
             )
 
 
+# A frozen weight stored in another dtype than the computation is cast in pieces of at most this
+# many elements (16 MB of float32), each used for its share of the product at once: the float32
+# copy of a whole large layer (a Flux single block's linear1 is 66M weights, 264 MB) never exists,
+# and each piece is still in the CPU's cache when the product reads it.
+PIECE_ELEMENTS = 1 << 22
+
+
+def _piece_rows(weight: Tensor) -> int:
+    return max(1, PIECE_ELEMENTS // max(1, weight[0].numel()))
+
+
+def cast_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """y = x Wᵀ + b with W (and b) cast to x's dtype a piece of output rows at a time."""
+    rows = _piece_rows(weight)
+    bias = None if bias is None else bias.to(x.dtype)
+    if rows >= weight.shape[0]:
+        return F.linear(x, weight.to(x.dtype), bias)
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    for start in range(0, weight.shape[0], rows):
+        end = start + rows
+        out[..., start:end] = F.linear(
+            x, weight[start:end].to(x.dtype), None if bias is None else bias[start:end]
+        )
+    return out
+
+
+def cast_linear_input_grad(grad: Tensor, weight: Tensor) -> Tensor:
+    """The input's gradient of cast_linear, dy W, with W cast a piece of rows at a time."""
+    rows = _piece_rows(weight)
+    if rows >= weight.shape[0]:
+        return grad @ weight.to(grad.dtype)
+    total = None
+    for start in range(0, weight.shape[0], rows):
+        part = grad[..., start : start + rows] @ weight[start : start + rows].to(grad.dtype)
+        total = part if total is None else total.add_(part)
+    return total
+
+
 class _RecastLinear(torch.autograd.Function):
     """y = x Wᵀ + b for a frozen W stored in another dtype than x (bf16, fp8): W is cast for the
-    product, and backward casts it again rather than keeping the cast copy alive until then. Only
-    the input gets a gradient (the base is frozen)."""
+    product (in pieces: cast_linear), and backward casts it again rather than keeping the cast copy
+    alive until then. Only the input gets a gradient (the base is frozen)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(weight)  # the stored tensor itself: no copy
-        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return cast_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        return grad @ weight.to(grad.dtype), None, None
+        return cast_linear_input_grad(grad, weight), None, None
 
 
 def _recastable(module: nn.Module, x) -> bool:
     weight, bias = module.weight, module.bias
     return (
         isinstance(x, Tensor)
-        and torch.is_grad_enabled()
         and not torch.is_autocast_enabled(x.device.type)
         and type(weight) in (Tensor, nn.Parameter)
         and not weight.requires_grad
@@ -132,8 +169,10 @@ def recast_frozen_linears(modules: Iterable[nn.Module]) -> Callable[[], None]:
 
     Autograd would otherwise keep every cast weight of a checkpointed block (float32: 2x a bf16
     and 4x an fp8 weight) from its recompute until its backward, so the peak held a whole DiT
-    block's weights in float32. Calls that do not fit (autocast on, weight patches, a weight on
-    another device, a tensor subclass) run the layer's own forward.
+    block's weights in float32. Forward and backward cast the weight a piece at a time
+    (cast_linear), so not even one whole layer's float32 copy exists. Calls that do not fit
+    (autocast on, weight patches, a weight on another device, a tensor subclass) run the layer's
+    own forward.
     """
     replaced = []
     for module in modules:
@@ -144,6 +183,8 @@ def recast_frozen_linears(modules: Iterable[nn.Module]) -> Callable[[], None]:
         def forward(x, *args, _module=module, _own=own, **kwargs):
             if args or kwargs or not _recastable(_module, x):
                 return _own(x, *args, **kwargs)
+            if not torch.is_grad_enabled():  # e.g. a checkpointed block's first forward
+                return cast_linear(x, _module.weight, _module.bias)
             return _RecastLinear.apply(x, _module.weight, _module.bias)
 
         module.forward = forward

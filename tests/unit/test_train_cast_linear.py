@@ -1,0 +1,74 @@
+"""Frozen Linears of a bf16 / fp8 base computed in float32 a piece of weight rows at a time
+(lora_core.train.hooks.cast_linear): the same output and input gradient as casting the whole
+weight, through a Linear that recast_frozen_linears replaced, with and without autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_foundry.lora_core.train import hooks
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    monkeypatch.setattr(hooks, "PIECE_ELEMENTS", 7 * 24)  # 7 rows of 24 inputs: 37 rows -> 6 pieces
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_pieces_equal_the_whole_cast(small_pieces, dtype, bias):
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(24, 37, bias=bias)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(37, 24, generator=g) * 0.3)
+    layer.weight = torch.nn.Parameter(layer.weight.detach().to(dtype), requires_grad=False)
+    if bias:
+        layer.bias = torch.nn.Parameter(layer.bias.detach().to(torch.bfloat16), requires_grad=False)
+    x = torch.randn(2, 5, 24, generator=g)
+    upstream = torch.randn(2, 5, 37, generator=g)
+
+    def whole(inp):
+        b = None if layer.bias is None else layer.bias.float()
+        return torch.nn.functional.linear(inp, layer.weight.float(), b)
+
+    x_ref = x.clone().requires_grad_(True)
+    expected = whole(x_ref)
+    (expected * upstream).sum().backward()
+
+    undo = hooks.recast_frozen_linears([layer])
+    try:
+        assert "forward" in layer.__dict__
+        with torch.no_grad():  # a checkpointed block's first forward
+            torch.testing.assert_close(layer(x), expected.detach(), rtol=1e-6, atol=1e-6)
+        x_ours = x.clone().requires_grad_(True)
+        out = layer(x_ours)
+        assert out.grad_fn is not None and "RecastLinear" in type(out.grad_fn).__name__
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+        (out * upstream).sum().backward()
+    finally:
+        undo()
+    assert "forward" not in layer.__dict__
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+    assert x_ours.grad.abs().max() > 0
+
+
+def test_piece_rows_cover_every_row_once(small_pieces):
+    weight = torch.zeros(37, 24, dtype=torch.bfloat16)
+    assert hooks._piece_rows(weight) == 7
+    # one row wider than a piece still goes one row at a time
+    assert hooks._piece_rows(torch.zeros(3, 1000)) == 1
+    x = torch.eye(24)[:1]
+    weight = torch.arange(37 * 24, dtype=torch.float32).reshape(37, 24).to(torch.bfloat16)
+    torch.testing.assert_close(hooks.cast_linear(x, weight, None), weight[:, 0].float()[None])
+
+
+def test_a_float32_weight_or_a_trainable_one_runs_the_layer_itself(small_pieces):
+    layer = torch.nn.Linear(24, 37)
+    layer.requires_grad_(False)
+    undo = hooks.recast_frozen_linears([layer])
+    try:
+        out = layer(torch.randn(3, 24, requires_grad=True))  # same dtype as the input: no cast
+        assert "RecastLinear" not in type(out.grad_fn).__name__
+    finally:
+        undo()
