@@ -125,11 +125,9 @@ def unet_key_map(model) -> dict:
 
 
 def _row_order(function, size: int) -> list[int] | None:
-    """Where a key map's function puts the rows of a change: the order [j -> row] in which the
-    diffusers module's rows land in the weight (``weight[i] += change[order[i]]``), or None when it
-    does more than reorder rows. Probed on an index column, as ``_is_identity`` probes."""
-    if _is_identity(function):
-        return list(range(size))
+    """Where a key map's function (not the identity) puts the rows of a change: ``order`` with
+    ``weight[i] += change[order[i]]``, or None when it does more than reorder rows. Probed on an
+    index column, as ``_is_identity`` probes."""
     probe = torch.arange(size, dtype=torch.float64)[:, None].expand(size, 2).clone()
     try:
         out = function(probe)
@@ -141,29 +139,33 @@ def _row_order(function, size: int) -> list[int] | None:
         or not torch.equal(out[:, 0], out[:, 1])
     ):
         return None
-    order = out[:, 0].tolist()
-    return [int(v) for v in order] if sorted(order) == list(range(size)) else None
+    order = [int(v) for v in out[:, 0].tolist()]
+    return order if sorted(order) == list(range(size)) else None
 
 
-def diffusers_row_map(model) -> dict[str, tuple[str, list[int] | range]]:
-    """diffusers name -> (weight key, the weight's rows that are the module's rows, in its order) for
-    each name of the MODEL's key map that patches whole rows: a whole weight, a dim-0 slice of a fused
-    one (q, k, v), either through a function that only reorders rows (swap_scale_shift). Names that
-    patch otherwise are left out, so a weight they alone name has none."""
+def diffusers_row_map(model, prefix: str) -> dict[str, tuple[str, Sequence[int]]]:
+    """Name -> (weight key, the weight's rows that are the named module's rows, in its order) for each
+    name of the MODEL's key map starting with ``prefix`` that patches whole rows: a whole weight or a
+    dim-0 slice of a fused one (q, k, v), either through a function that only reorders rows
+    (swap_scale_shift). Names that patch otherwise are left out, so a weight they alone name has none."""
     shapes = weight_shapes(model)
     out = {}
     for name, target in unet_key_map(model).items():
+        if not name.startswith(prefix):
+            continue
         key, offset, function = (target, None, None) if isinstance(target, str) else (*target, None)[:3]
         if not isinstance(key, str) or key not in shapes or len(shapes[key]) < 2:
             continue
         dim, start, size = offset if offset is not None else (0, 0, shapes[key][0])
-        order = _row_order(function, size) if dim == 0 else None
-        if order is None:
+        if dim != 0:
             continue
-        rows = [0] * size
-        for i, j in enumerate(order):  # weight row start + i gets the module's row j
-            rows[j] = start + i
-        out[name] = (key, range(start, start + size) if rows == list(range(start, start + size)) else rows)
+        if _is_identity(function):
+            out[name] = (key, range(start, start + size))
+        elif (order := _row_order(function, size)) is not None:
+            rows = [0] * size
+            for i, j in enumerate(order):  # weight row start + i gets the module's row j
+                rows[j] = start + i
+            out[name] = (key, rows)
     return out
 
 

@@ -7,7 +7,7 @@ from ..lora_core.files.families import by_comfy_class
 from ..lora_core.train.dit_blocks import group_counts, in_blocks, parse_dit_blocks
 from ..lora_core.train.flow import FlowObjective
 from ..lora_core.train.hooks import clone_inputs
-from ..lora_core.train.key_names import KEY_NAMES, diffusers_pieces
+from ..lora_core.train.key_names import KEY_NAMES, PREFIX, diffusers_pieces
 from ..lora_core.train.loss import NoiseSchedule
 from ..lora_core.train.network import check_before_forward, checkpoint_forward, parse_blocks, select_targets
 from ..lora_core.train.targets import targets_from_key_map
@@ -75,7 +75,7 @@ def key_name_pieces(model, key_names: str, preset: str, spec: str, dora: bool) -
     trained = {
         t.name: (f"{t.path}.weight", t.module.weight.shape[0]) for t in train_targets(model, preset, spec)
     }
-    return diffusers_pieces(trained, bridge.diffusers_row_map(model), family)
+    return diffusers_pieces(trained, bridge.diffusers_row_map(model, PREFIX), family)
 
 
 def objective_for(model, cfg: TrainConfig) -> tuple:
