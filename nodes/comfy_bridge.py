@@ -124,6 +124,51 @@ def unet_key_map(model) -> dict:
     return comfy.lora.model_lora_keys_unet(model.model, {})
 
 
+def _row_order(function, size: int) -> list[int] | None:
+    """Where a key map's function (not the identity) puts the rows of a change: ``order`` with
+    ``weight[i] += change[order[i]]``, or None when it does more than reorder rows. Probed on an
+    index column, as ``_is_identity`` probes."""
+    probe = torch.arange(size, dtype=torch.float64)[:, None].expand(size, 2).clone()
+    try:
+        out = function(probe)
+    except Exception:
+        return None
+    if (
+        not isinstance(out, torch.Tensor)
+        or tuple(out.shape) != (size, 2)
+        or not torch.equal(out[:, 0], out[:, 1])
+    ):
+        return None
+    order = [int(v) for v in out[:, 0].tolist()]
+    return order if sorted(order) == list(range(size)) else None
+
+
+def diffusers_row_map(model, prefix: str) -> dict[str, tuple[str, Sequence[int]]]:
+    """Name -> (weight key, the weight's rows that are the named module's rows, in its order) for each
+    name of the MODEL's key map starting with ``prefix`` that patches whole rows: a whole weight or a
+    dim-0 slice of a fused one (q, k, v), either through a function that only reorders rows
+    (swap_scale_shift). Names that patch otherwise are left out, so a weight they alone name has none."""
+    shapes = weight_shapes(model)
+    out = {}
+    for name, target in unet_key_map(model).items():
+        if not name.startswith(prefix):
+            continue
+        key, offset, function = (target, None, None) if isinstance(target, str) else (*target, None)[:3]
+        if not isinstance(key, str) or key not in shapes or len(shapes[key]) < 2:
+            continue
+        dim, start, size = offset if offset is not None else (0, 0, shapes[key][0])
+        if dim != 0:
+            continue
+        if _is_identity(function):
+            out[name] = (key, range(start, start + size))
+        elif (order := _row_order(function, size)) is not None:
+            rows = [0] * size
+            for i, j in enumerate(order):  # weight row start + i gets the module's row j
+                rows[j] = start + i
+            out[name] = (key, rows)
+    return out
+
+
 def clip_key_map(clip) -> dict:
     """Names a LoRA file may use for the CLIP's weights -> the text encoder's weight keys."""
     return comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})

@@ -23,6 +23,7 @@ from ..lora_core.train.dataset import (
 from ..lora_core.train.existing import EXISTING, handle_existing
 from ..lora_core.train.flow import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS
 from ..lora_core.train.hooks import check_trains_through, recast_frozen_linears
+from ..lora_core.train.key_names import KEY_NAMES
 from ..lora_core.train.network import (
     TARGET_HELP,
     TARGETS,
@@ -44,6 +45,7 @@ from .train_model import (  # noqa: F401 - tests and the job runner import these
     check_blocks,
     check_resolution,
     clip_targets,
+    key_name_pieces,
     model_targets,
     objective_for,
     train_targets,
@@ -204,19 +206,22 @@ class TrainLora:
                 "shift": _tip(("FLOAT", {"default": 3.0, "min": 0.05, "max": 100.0, "step": 0.05}), "Fixed shift for timestep_sampling 'shift' (SD3 uses 3): higher trains noisier steps."),
                 "loss_weighting": _tip((list(LOSS_WEIGHTINGS),), "Flow-matching loss weighting per noise level: none, sigma_sqrt or cosmap."),
                 "guidance": _tip(("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1}), "Guidance value fed to guidance-distilled models (Flux dev) while training; 1.0 is what trainers use."),
+                "key_names": _tip((list(KEY_NAMES),), "Key names of the saved file. kohya: sd-scripts' lora_unet_ names with alpha (ComfyUI, kohya tools). diffusers: transformer.<diffusers module>.lora_A / lora_B, fused q/k/v split per module, alpha/rank folded into lora_B, for diffusers' own loader (DiTs whose ComfyUI key map has diffusers names: SD3, Flux, Qwen-Image ...; others are refused before training)."),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }  # fmt: skip
 
     def execute(self, model, clip, dataset, output_name, rank, alpha, targets, blocks, dora, gradient_checkpointing,
                 save_every, keep_last, save_dtype, existing, cycles=3, power=1.0, vae=None, sample_every=0,
-                sample_prompt="", sample_seed=0, unique_id=None, **train):  # fmt: skip
+                sample_prompt="", sample_seed=0, key_names="kohya", unique_id=None, **train):  # fmt: skip
         node = "Train LoRA"
         try:
             cfg = TrainConfig(**train, cycles=cycles, power=power)
             net = NetworkSettings(rank, alpha, targets, blocks, dora, gradient_checkpointing)
             samples = SampleSettings(sample_every, sample_prompt, sample_seed, vae)
-            plan = plan_run(model, dataset, net, output_name, save_every, keep_last, save_dtype, samples)
+            plan = plan_run(
+                model, dataset, net, output_name, save_every, keep_last, save_dtype, samples, key_names
+            )
             handle_existing(plan, existing)
             with torch.inference_mode(False), torch.enable_grad():
                 result = run_training(model, clip, dataset, cfg, net, plan, unique_id, samples)
@@ -238,16 +243,19 @@ class TrainLora:
 
 
 def plan_run(model, dataset, net: NetworkSettings, output_name: str, save_every: int, keep_last: int,
-             save_dtype: str, samples: SampleSettings) -> CheckpointPlan:  # fmt: skip
+             save_dtype: str, samples: SampleSettings, key_names: str = "kohya") -> CheckpointPlan:  # fmt: skip
     """Checks a run's settings against the MODEL and data set before anything loads (Train LoRA and
-    headless jobs alike); returns where its files go."""
+    headless jobs alike); returns where its files go and under which key names."""
     name = safe_output_name(output_name, LONGEST_SUFFIX)[: -len(".safetensors")]
     train_bridge.model_objective_kind(model)  # a family it cannot train: said before anything loads
     check_blocks(model, net.blocks)  # a wrong block spec is said before anything loads
     check_resolution(dataset, model)
     if samples.every and samples.vae is None:
         raise ValueError("`sample_every` is set but no `vae` is connected: connect the VAE or set it to 0")
-    return CheckpointPlan(Path(bridge.loras_dir()) / name, name, save_every, keep_last, save_dtype)
+    pieces = key_name_pieces(model, key_names, net.targets, net.blocks, net.dora)
+    return CheckpointPlan(
+        Path(bridge.loras_dir()) / name, name, save_every, keep_last, save_dtype, pieces=pieces
+    )
 
 
 def _check_memory(model, clip, device, targets, cfg: TrainConfig, net: NetworkSettings, dataset) -> None:
@@ -281,6 +289,10 @@ def run_training(
     needs_clip = train_te or dataset.options.captions_vary
     if needs_clip and clip is None:
         raise ValueError("`clip` is needed to train the text encoder (te_lr > 0) or to shuffle tags")
+    if train_te and plan.pieces is not None:
+        raise ValueError(
+            "`key_names` 'diffusers' names the model's layers only: set `te_lr` to 0 or `key_names` to 'kohya'"
+        )
     device = train_bridge.prepare_for_training(model, clip if needs_clip else None)
     bridge.check_interrupted()  # loading can take minutes: a cancel meanwhile stops here
     unet_targets = train_targets(model, net.targets, net.blocks)

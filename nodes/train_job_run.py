@@ -93,7 +93,15 @@ def run_job(job: TrainJob, world: World | None = None, events: bool = False) -> 
     net = NetworkSettings(**asdict(job.network))
     out = job.output
     plan = plan_run(
-        model, dataset, net, out.name, out.save_every, out.keep_last, out.save_dtype, SampleSettings()
+        model,
+        dataset,
+        net,
+        out.name,
+        out.save_every,
+        out.keep_last,
+        out.save_dtype,
+        SampleSettings(),
+        out.key_names,
     )
     if world.writes:
         handle_existing(plan, out.existing)

@@ -3,9 +3,11 @@ resolutions it takes, its objective (flow or discrete schedule) and the hooks a 
 
 from __future__ import annotations
 
+from ..lora_core.files.families import by_comfy_class
 from ..lora_core.train.dit_blocks import group_counts, in_blocks, parse_dit_blocks
 from ..lora_core.train.flow import FlowObjective
 from ..lora_core.train.hooks import clone_inputs
+from ..lora_core.train.key_names import KEY_NAMES, PREFIX, diffusers_pieces
 from ..lora_core.train.loss import NoiseSchedule
 from ..lora_core.train.network import check_before_forward, checkpoint_forward, parse_blocks, select_targets
 from ..lora_core.train.targets import targets_from_key_map
@@ -53,6 +55,27 @@ def train_targets(model, preset: str, spec: str) -> list:
     if counts is not None:
         return select_targets(model_targets(model), preset, spec, counts)
     return in_blocks(select_targets(model_targets(model), preset), check_blocks(model, spec))
+
+
+def key_name_pieces(model, key_names: str, preset: str, spec: str, dora: bool) -> dict | None:
+    """None for kohya names; for diffusers names, each trained module's diffusers pieces from the
+    MODEL's key map (lora_core.train.key_names), or a ValueError naming the family and the fix,
+    before anything loads."""
+    if key_names not in KEY_NAMES:
+        raise ValueError(f"`key_names` should be one of {', '.join(KEY_NAMES)}, got {key_names!r}")
+    if key_names == "kohya":
+        return None
+    name = bridge.model_class_name(model)
+    family = family.label if (family := by_comfy_class(name)) else name
+    if dora:
+        raise ValueError(
+            "`key_names` 'diffusers' cannot hold DoRA (diffusers' loaders drop kohya's dora_scale): turn "
+            "`dora` off or set `key_names` to 'kohya'"
+        )
+    trained = {
+        t.name: (f"{t.path}.weight", t.module.weight.shape[0]) for t in train_targets(model, preset, spec)
+    }
+    return diffusers_pieces(trained, bridge.diffusers_row_map(model, PREFIX), family)
 
 
 def objective_for(model, cfg: TrainConfig) -> tuple:

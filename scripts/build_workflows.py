@@ -146,7 +146,7 @@ def train_lora_workflow() -> dict:
     train_widgets = [
         "lora_foundry_demo_trained", 6, 0, 1, 1, 4, 4.0, "attention", "", 1e-3, 0.0, "AdamW", "constant_with_warmup",
         1, 0.0, 5.0, 0.0, "MSE", "fp32", True, 0, "fixed", 1.0, False, 3, 2, "fp16", "overwrite", 3, 1.0,
-        3, "foundrystyle, a red circle", 0, "model", 0.0, 1.0, 3.0, "none", 1.0,
+        3, "foundrystyle, a red circle", 0, "model", 0.0, 1.0, 3.0, "none", 1.0, "kohya",
     ]  # fmt: skip
     nodes = [
         note(1, (0, -300), "Caption a folder, build a training data set, train a LoRA, and sample with it.\n\n"
@@ -178,6 +178,7 @@ def train_lora_flux_workflow() -> dict:
         "lora_foundry_demo_flux_trained", 4, 0, 1, 1, 4, 4.0, "attention", "", 1e-3, 0.0, "AdamW",
         "constant_with_warmup", 1, 0.0, 0.0, 0.0, "MSE", "fp32", True, 0, "fixed", 1.0, False, 2, 2, "bf16",
         "overwrite", 3, 1.0, 2, "foundrystyle, a red circle", 0, "logit_normal", 0.0, 1.0, 3.0, "none", 1.0,
+        "kohya",
     ]  # fmt: skip
     p, guide, neg, lat, ks, dec, save = range(10, 17)
     x = 1540

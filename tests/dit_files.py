@@ -16,7 +16,7 @@ from lora_foundry.nodes.load_lora import LoadLoraModelOnly
 
 FAMILIES = ("wan", "zimage", "qwen_image", "chroma", "flux2", "hidream", "ltxv")
 NAMES = {"wan": "Wan 2.1", "zimage": "Z-Image", "qwen_image": "Qwen-Image", "chroma": "Chroma",
-         "flux2": "Flux.2", "flux": "Flux", "hidream": "HiDream", "ltxv": "LTX-Video", "hunyuan_video15": "HunyuanVideo 1.5"}  # fmt: skip
+         "flux2": "Flux.2", "flux": "Flux", "sd3": "SD3", "hidream": "HiDream", "ltxv": "LTX-Video", "hunyuan_video15": "HunyuanVideo 1.5"}  # fmt: skip
 # diffusers' own converter from the ComfyUI / original names of each family
 CONVERTERS = {"wan": "_convert_non_diffusers_wan_lora_to_diffusers",
               "flux2": "_convert_non_diffusers_flux2_lora_to_diffusers",

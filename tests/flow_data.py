@@ -149,8 +149,9 @@ def assert_recovered(errors: list[float], bound: float = 0.3, converged: float =
     assert errors[-1] < bound, errors
 
 
-def flux_dataset(n: int = 3):
-    """Latents and caption embeddings as a Flux VAE / CLIP-L + T5 would cache them (random, seeded)."""
+def flux_dataset(n: int = 3, pooled: int = 32):
+    """Latents and caption embeddings as a Flux VAE / CLIP-L + T5 would cache them (random, seeded);
+    ``pooled`` 64 for the tiny SD3 (its pooled vector's width)."""
     from pathlib import Path
 
     from lora_foundry.lora_core.train.dataset import DatasetOptions, DatasetScan, LatentDataset, Sample
@@ -162,7 +163,7 @@ def flux_dataset(n: int = 3):
         samples.append(Sample(torch.randn(16, 8, 8, generator=g), None, (64, 64), caption, 1))
         conds[caption] = {
             "context": torch.randn(1, 4, 32, generator=g),
-            "pooled": torch.randn(1, 32, generator=g),
+            "pooled": torch.randn(1, pooled, generator=g),
         }
     scan = DatasetScan(folder=Path("synthetic"), entries=(), problems=(), without_caption=0)
     dataset = LatentDataset(samples, DatasetOptions(resolution=64, flip=False), scan)

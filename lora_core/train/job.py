@@ -19,6 +19,7 @@ from typing import Literal
 
 from .dataset import DatasetOptions
 from .existing import Existing
+from .key_names import KeyNames
 from .network import TargetPreset
 from .trainer import TrainConfig
 
@@ -72,6 +73,7 @@ class OutputOptions:
     keep_last: int = 3
     save_dtype: SaveDtype = "fp16"
     existing: Existing = "error"
+    key_names: KeyNames = "kohya"  # the saved file's key names: kohya's, or diffusers / PEFT (key_names.py)
 
     def __post_init__(self) -> None:
         if self.save_every < 0 or self.keep_last < 0:

@@ -92,6 +92,18 @@ def training_metadata(trainer: Trainer, run: RunInfo, name: str, started: float)
     return meta
 
 
+def diffusers_named(meta: Mapping[str, str], rank: int) -> dict[str, str]:
+    """The metadata of a file saved under diffusers names (key_names.py): alpha / rank is folded into
+    lora_B, so the file's alpha is its rank (scale 1); the trained alpha and the naming are kept in
+    ss_network_args."""
+    out = dict(meta)
+    args = json.loads(out.get("ss_network_args", "{}"))
+    args |= {"key_names": "diffusers", "trained_alpha": out["ss_network_alpha"]}
+    out["ss_network_args"] = json.dumps(args)
+    out["ss_network_alpha"] = str(float(rank))
+    return out
+
+
 def _check_resumable(saved: Mapping, current: Mapping, where: Path) -> None:
     # A setting added after the state was saved counts at its default (the value that run used).
     defaults = {f.name: f.default for f in fields(TrainConfig)}
@@ -163,6 +175,8 @@ def fit(
         if not writes:
             return plan.lora_path(None if final else trainer.step)
         meta = training_metadata(trainer, run, plan.name, started)
+        if plan.pieces is not None:
+            meta = diffusers_named(meta, trainer.networks["unet"].rank)
         return save_checkpoint(plan, trainer.networks, trainer.state(), meta, final)
 
     end = trainer.total_steps if stop_after is None else min(trainer.total_steps, stop_after)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..files.atomic import write_bytes, write_with
 from ..files.savefile import lora_state_dict, resolve_dtype, save_tensors
+from .key_names import Piece, split_lora
 from .network import LoraNetwork
 
 STATE_SUFFIX = ".trainstate"
@@ -56,6 +57,8 @@ class CheckpointPlan:
     keep_last: int = 3  # step checkpoints kept (0: keep all)
     dtype: str = "fp16"  # dtype of the saved LoRA (the state keeps float32)
     metadata: Mapping[str, str] = field(default_factory=dict)
+    # None: kohya names; else diffusers / PEFT names, each trained module's pieces (key_names.py)
+    pieces: Mapping[str, tuple[Piece, ...]] | None = None
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.keep_last < 0:
@@ -87,10 +90,33 @@ def lora_tensors(networks: Mapping[str, LoraNetwork], dtype: str) -> dict[str, T
     return {**lora_state_dict(modules, dtype), **dora}
 
 
+def diffusers_tensors(
+    networks: Mapping[str, LoraNetwork], dtype: str, pieces: Mapping[str, tuple[Piece, ...]]
+) -> dict[str, Tensor]:
+    """diffusers / PEFT keys of every network: lora_A / lora_B per diffusers module, alpha / rank
+    folded into lora_B (key_names.split_lora), no alpha."""
+    target = resolve_dtype(dtype)
+    out = {}
+    for net in networks.values():
+        for name, entry in net.export().items():
+            if "dora_scale" in entry or name not in pieces:
+                why = "DoRA" if "dora_scale" in entry else "no diffusers name"
+                raise ValueError(
+                    f"{name} cannot be saved under diffusers names ({why}); set `key_names` to 'kohya'"
+                )
+            out |= split_lora(entry["down"], entry["up"], float(entry["alpha"]), pieces[name])
+    return {k: v.to("cpu", target).contiguous() for k, v in out.items()}
+
+
 def write_lora(
-    path: Path, networks: Mapping[str, LoraNetwork], metadata: Mapping[str, str], dtype: str
+    path: Path,
+    networks: Mapping[str, LoraNetwork],
+    metadata: Mapping[str, str],
+    dtype: str,
+    pieces: Mapping[str, tuple[Piece, ...]] | None = None,
 ) -> Path:
-    tensors = lora_tensors(networks, dtype)
+    """Writes the LoRA under kohya names, or under diffusers names when ``pieces`` is given."""
+    tensors = lora_tensors(networks, dtype) if pieces is None else diffusers_tensors(networks, dtype, pieces)
     return write_with(Path(path), lambda tmp: save_tensors(tensors, tmp, metadata), overwrite=True)
 
 
@@ -159,7 +185,7 @@ def save_checkpoint(
     """Writes the LoRA and its state; returns the LoRA path. Older step checkpoints beyond keep_last go."""
     tensors, info = state
     step = None if final else int(info["step"])
-    path = write_lora(plan.lora_path(step), networks, metadata, plan.dtype)
+    path = write_lora(plan.lora_path(step), networks, metadata, plan.dtype, plan.pieces)
     write_state(plan.folder / plan.stem(step), tensors, info)
     if not final:
         prune(plan)

@@ -98,3 +98,11 @@ def test_bad_job_file_is_refused_naming_the_field(comfy_base, tmp_path):
 def test_export_refuses_bad_name_naming_the_node(comfy_base, compact_sd15):
     with pytest.raises(RuntimeError, match=r"\[Export Train Job\] `output_name` .* path separator"):
         export("../escape")
+
+
+def test_export_writes_the_key_names_option(comfy_base):
+    assert (
+        json.loads(export("named_job", key_names="diffusers").read_text())["output"]["key_names"]
+        == "diffusers"
+    )
+    assert json.loads(export("default_named_job").read_text())["output"]["key_names"] == "kohya"

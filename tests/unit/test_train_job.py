@@ -48,6 +48,15 @@ def test_every_trainconfig_and_dataset_field_is_in_the_file():
     assert written["train"] == asdict(TrainConfig())  # absent fields take the trainer's defaults
 
 
+def test_key_names_default_to_kohya_and_take_diffusers():
+    assert job_from_dict(minimal()).output.key_names == "kohya"  # a job written before the option
+    doc = minimal()
+    doc["output"] = {"key_names": "diffusers"}
+    job = job_from_dict(doc)
+    assert job.output.key_names == "diffusers"
+    assert json.loads(job.to_json())["output"]["key_names"] == "diffusers"
+
+
 def test_literal_choices_come_from_the_trainer():
     hints = typing.get_type_hints(TrainConfig)
     for choice in typing.get_args(hints["scheduler"]):
@@ -70,6 +79,7 @@ def test_literal_choices_come_from_the_trainer():
         ("dataset", "crop", "left", r"in `dataset`: `crop` should be one of center, random"),
         ("dataset", "flip", "yes", r"`dataset\.flip` should be true or false"),
         ("output", "existing", "clobber", r"`output\.existing` should be one of 'resume'"),
+        ("output", "key_names", "peft", r"`output\.key_names` should be one of 'kohya', 'diffusers'"),
         ("model", "checkpoint", "", r"in `model`: `checkpoint` is empty"),
         ("model", "folder", "loras", r"`model\.folder` should be one of 'checkpoints'"),
     ],
