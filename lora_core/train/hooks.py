@@ -132,29 +132,38 @@ def cast_linear_input_grad(grad: Tensor, weight: Tensor) -> Tensor:
 
 
 class _RecastLinear(torch.autograd.Function):
-    """y = x Wᵀ + b for a frozen W stored in another dtype than x (bf16, fp8): W is cast for the
-    product (in pieces: cast_linear), and backward casts it again rather than keeping the cast copy
-    alive until then. Only the input gets a gradient (the base is frozen)."""
+    """y = x Wᵀ + b for a frozen W stored in another dtype than the computation (bf16, fp8): W is
+    cast for the product (in pieces: cast_linear), and backward casts it again rather than keeping
+    the cast copy alive until then. Only the input gets a gradient (the base is frozen). Under
+    autocast the product runs in autocast's dtype, as autocast runs a Linear, and the input's
+    gradient comes back in the input's own dtype."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, dtype):
         ctx.save_for_backward(weight)  # the stored tensor itself: no copy
-        return cast_linear(x, weight, bias)
+        ctx.x_dtype = x.dtype
+        return cast_linear(x.to(dtype), weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        return cast_linear_input_grad(grad, weight), None, None
+        return cast_linear_input_grad(grad, weight).to(ctx.x_dtype), None, None, None
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a Linear computes in on x: autocast's when it is on, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def _recastable(module: nn.Module, x) -> bool:
     weight, bias = module.weight, module.bias
     return (
         isinstance(x, Tensor)
-        and not torch.is_autocast_enabled(x.device.type)
+        and x.is_floating_point()
         and type(weight) in (Tensor, nn.Parameter)
         and not weight.requires_grad
-        and weight.dtype != x.dtype
+        and (weight.dtype != x.dtype or torch.is_autocast_enabled(x.device.type))
         and weight.device == x.device
         and (bias is None or (type(bias) in (Tensor, nn.Parameter) and not bias.requires_grad))
         and not getattr(module, "weight_function", None)
@@ -165,14 +174,15 @@ def _recastable(module: nn.Module, x) -> bool:
 def recast_frozen_linears(modules: Iterable[nn.Module]) -> Callable[[], None]:
     """During a run, the torch Linears among ``modules`` whose frozen weight is stored in another
     dtype than the computation (a bf16 or fp8 base computed in float32, as ComfyUI casts it per
-    forward) compute through _RecastLinear; returns the undo function.
+    forward, or in autocast's dtype) compute through _RecastLinear; returns the undo function.
 
     Autograd would otherwise keep every cast weight of a checkpointed block (float32: 2x a bf16
     and 4x an fp8 weight) from its recompute until its backward, so the peak held a whole DiT
     block's weights in float32. Forward and backward cast the weight a piece at a time
-    (cast_linear), so not even one whole layer's float32 copy exists. Calls that do not fit
-    (autocast on, weight patches, a weight on another device, a tensor subclass) run the layer's
-    own forward.
+    (cast_linear), so not even one whole layer's float32 copy exists. Under autocast (Train LoRA's
+    bf16 / fp16 precision) autocast would also keep its own cast copy of every weight; here the
+    pieces are cast straight to autocast's dtype. Calls that do not fit (weight patches, a weight
+    on another device, a tensor subclass) run the layer's own forward.
     """
     replaced = []
     for module in modules:
@@ -183,9 +193,10 @@ def recast_frozen_linears(modules: Iterable[nn.Module]) -> Callable[[], None]:
         def forward(x, *args, _module=module, _own=own, **kwargs):
             if args or kwargs or not _recastable(_module, x):
                 return _own(x, *args, **kwargs)
+            dtype = _compute_dtype(x)
             if not torch.is_grad_enabled():  # e.g. a checkpointed block's first forward
-                return cast_linear(x, _module.weight, _module.bias)
-            return _RecastLinear.apply(x, _module.weight, _module.bias)
+                return cast_linear(x.to(dtype), _module.weight, _module.bias)
+            return _RecastLinear.apply(x, _module.weight, _module.bias, dtype)
 
         module.forward = forward
         replaced.append(module)

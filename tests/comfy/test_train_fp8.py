@@ -163,10 +163,12 @@ def test_a_form_gradients_cannot_pass_is_refused_by_name(loras_dir):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast_bf16"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
-def test_recast_linears_give_the_same_gradients_and_are_used(dtype):
+def test_recast_linears_give_the_same_gradients_and_are_used(dtype, autocast):
     """recast_frozen_linears (the cast weight is not kept for backward): every plain-cast Linear of
-    the model runs through it, and the LoRA gradients equal those of ComfyUI's own forward."""
+    the model runs through it, and the LoRA gradients equal those of ComfyUI's own forward, in
+    float32 and under autocast bf16 (Train LoRA's bf16 precision)."""
     from lora_foundry.lora_core.train import hooks
 
     patcher = model_factory.flux_model(seed=0, dtype=dtype)
@@ -195,7 +197,8 @@ def test_recast_linears_give_the_same_gradients_and_are_used(dtype):
         net.attach()
         net.zero_grad()
         try:
-            run_hooks(patcher, lambda: predict(x, torch.tensor([0.5]), cond).square().mean().backward())
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                run_hooks(patcher, lambda: predict(x, torch.tensor([0.5]), cond).float().square().mean().backward())
         finally:
             net.detach()
             undo()

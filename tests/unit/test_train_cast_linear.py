@@ -72,3 +72,39 @@ def test_a_float32_weight_or_a_trainable_one_runs_the_layer_itself(small_pieces)
         assert "RecastLinear" not in type(out.grad_fn).__name__
     finally:
         undo()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn], ids=["fp32", "bf16", "fp8"])
+def test_under_autocast_pieces_compute_in_autocasts_dtype(small_pieces, dtype):
+    """Train LoRA's bf16 precision: the product runs in bfloat16 as autocast's Linear does (the
+    weight's pieces cast straight to bfloat16), and the input's gradient comes back in float32."""
+    g = torch.Generator().manual_seed(3)
+    layer = torch.nn.Linear(24, 37)
+    layer.weight = torch.nn.Parameter((torch.randn(37, 24, generator=g) * 0.3).to(dtype), requires_grad=False)
+    layer.bias = torch.nn.Parameter(torch.randn(37, generator=g), requires_grad=False)
+    x = torch.randn(4, 24, generator=g)
+    upstream = torch.randn(4, 37, generator=g)
+
+    x_ref = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", torch.bfloat16):
+        expected = torch.nn.functional.linear(x_ref, layer.weight.float(), layer.bias)
+    assert expected.dtype == torch.bfloat16
+    (expected.float() * upstream).sum().backward()
+
+    undo = hooks.recast_frozen_linears([layer])
+    try:
+        x_ours = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", torch.bfloat16):
+            out = layer(x_ours)
+            with torch.no_grad():
+                again = layer(x)
+        assert "RecastLinear" in type(out.grad_fn).__name__
+        (out.float() * upstream).sum().backward()
+    finally:
+        undo()
+    assert out.dtype == again.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(again, expected.detach(), rtol=0, atol=0)
+    assert x_ours.grad.dtype == torch.float32
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-2, atol=1e-2)
+    assert x_ours.grad.abs().max() > 0
