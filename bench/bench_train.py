@@ -394,8 +394,15 @@ def compare(args, res: int) -> None:
 
 
 def compare_flux(args) -> None:
-    rows = [("core TrainLoraNode, bf16 base", "core", "bf16", False), ("ours, bf16 base", "ours", "bf16", False),
-            ("ours, fp8_e4m3fn base", "ours", "fp8_e4m3fn", False)]  # fmt: skip
+    rows = [
+        ("ours, bf16 base", "ours", "bf16", False),
+        ("ours, fp8_e4m3fn base", "ours", "fp8_e4m3fn", False),
+    ]
+    # core's training_dtype bf16 crashes on a bf16 model loaded in inference mode on the CPU (its layers
+    # save the loaded weights for backward): with --precision bf16 only ours runs, fp8 against bf16 base
+    with_core = args.precision == "fp32"
+    if with_core:
+        rows.insert(0, ("core TrainLoraNode, bf16 base", "core", "bf16", False))
     if args.ablate:
         rows += [("ours, bf16, cast copies kept", "ours", "bf16", True),
                  ("ours, fp8, cast copies kept", "ours", "fp8_e4m3fn", True)]  # fmt: skip
@@ -407,7 +414,8 @@ def compare_flux(args) -> None:
             for label, side, weight_dtype, keep_casts in rows:
                 runs[label].append(run_side(side, args, base, "attention", weight_dtype, keep_casts))
     best = {label: _best(runs[label]) for label in runs}
-    core, ours = best[rows[0][0]], best[rows[1][0]]
+    ours, fp8 = best["ours, bf16 base"], best["ours, fp8_e4m3fn base"]
+    core = best[rows[0][0]] if with_core else None
     print(f"\nFlux-shaped (hidden 3072, 24 heads, {args.double} double + "
           f"{args.single} single blocks, {params / 1e6:.0f}M parameters), {args.res}x{args.res} "
           f"({args.res // 8}x{args.res // 8}x16 latents), {args.tokens} text tokens, compute {args.precision}, "
@@ -416,14 +424,21 @@ def compare_flux(args) -> None:
     print(f"{'':32}{'s/step':>10}{'speed-up':>10}{'peak RSS GB':>13}{'vs core':>9}{'vs ours bf16':>14}")
     for label, *_ in rows:
         r = best[label]
-        speed = core["s_per_step"] / r["s_per_step"]
-        print(f"{label:32}{r['s_per_step']:10.2f}{speed:9.2f}x{r['peak_rss_gb']:13.2f}"
-              f"{r['peak_rss_gb'] / core['peak_rss_gb']:9.2f}{r['peak_rss_gb'] / ours['peak_rss_gb']:14.2f}")  # fmt: skip
-    fp8 = best[rows[2][0]]
-    print(f"ratios: ours / core speed {core['s_per_step'] / ours['s_per_step']:.2f}x (goal >= 2), "
-          f"peak RSS {1 - ours['peak_rss_gb'] / core['peak_rss_gb']:.0%} lower (goal >= 25%); "
-          f"fp8 / bf16 base: peak RSS {1 - fp8['peak_rss_gb'] / ours['peak_rss_gb']:.0%} lower (goal >= 35%), "
-          f"speed {ours['s_per_step'] / fp8['s_per_step']:.2f}x (goal >= 1)")  # fmt: skip
+        ref = core or ours
+        print(f"{label:32}{r['s_per_step']:10.2f}{ref['s_per_step'] / r['s_per_step']:9.2f}x{r['peak_rss_gb']:13.2f}"
+              f"{r['peak_rss_gb'] / core['peak_rss_gb'] if core else float('nan'):9.2f}"
+              f"{r['peak_rss_gb'] / ours['peak_rss_gb']:14.2f}")  # fmt: skip
+    if core:
+        print(f"ratios: ours / core speed {core['s_per_step'] / ours['s_per_step']:.2f}x (goal >= 2), "
+              f"peak RSS {1 - ours['peak_rss_gb'] / core['peak_rss_gb']:.0%} lower (goal >= 25%)")  # fmt: skip
+    else:
+        print(
+            "(compute bf16: core not run, its bf16 training crashes on the CPU; speed-up is against ours bf16)"
+        )
+    print(
+        f"fp8 / bf16 base: peak RSS {1 - fp8['peak_rss_gb'] / ours['peak_rss_gb']:.0%} lower (goal >= 35%), "
+        f"speed {ours['s_per_step'] / fp8['s_per_step']:.2f}x (goal >= 1)"
+    )
     print("peak RSS: highest resident set after the model was loaded (VmHWM reset), model included")
 
 
