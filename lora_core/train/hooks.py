@@ -120,10 +120,18 @@ def cast_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def cast_linear_input_grad(grad: Tensor, weight: Tensor) -> Tensor:
-    """The input's gradient of cast_linear, dy W, with W cast a piece of rows at a time."""
+    """The input's gradient of cast_linear, dy W, with W cast a piece at a time: pieces of rows
+    summed, or for a weight wider than tall (whose row pieces would be few rows, short products)
+    pieces of columns, each giving its columns of the result."""
     rows = _piece_rows(weight)
     if rows >= weight.shape[0]:
         return grad @ weight.to(grad.dtype)
+    if weight.shape[1] > weight.shape[0]:
+        cols = max(1, PIECE_ELEMENTS // weight.shape[0])
+        out = grad.new_empty(*grad.shape[:-1], weight.shape[1])
+        for start in range(0, weight.shape[1], cols):
+            out[..., start : start + cols] = grad @ weight[:, start : start + cols].to(grad.dtype)
+        return out
     total = None
     for start in range(0, weight.shape[0], rows):
         part = grad[..., start : start + rows] @ weight[start : start + rows].to(grad.dtype)

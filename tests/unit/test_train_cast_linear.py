@@ -17,16 +17,18 @@ def small_pieces(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-def test_pieces_equal_the_whole_cast(small_pieces, dtype, bias):
+@pytest.mark.parametrize(("n_in", "n_out"), [(24, 37), (60, 9)], ids=["tall", "wide"])
+def test_pieces_equal_the_whole_cast(small_pieces, dtype, bias, n_in, n_out):
+    """A tall weight's input gradient is summed over pieces of rows, a wide one's (here 3 rows per
+    piece would be too short a product) is assembled from pieces of columns."""
     g = torch.Generator().manual_seed(0)
-    layer = torch.nn.Linear(24, 37, bias=bias)
-    with torch.no_grad():
-        layer.weight.copy_(torch.randn(37, 24, generator=g) * 0.3)
-    layer.weight = torch.nn.Parameter(layer.weight.detach().to(dtype), requires_grad=False)
+    layer = torch.nn.Linear(n_in, n_out, bias=bias)
+    weight = torch.randn(n_out, n_in, generator=g) * 0.3
+    layer.weight = torch.nn.Parameter(weight.to(dtype), requires_grad=False)
     if bias:
         layer.bias = torch.nn.Parameter(layer.bias.detach().to(torch.bfloat16), requires_grad=False)
-    x = torch.randn(2, 5, 24, generator=g)
-    upstream = torch.randn(2, 5, 37, generator=g)
+    x = torch.randn(2, 5, n_in, generator=g)
+    upstream = torch.randn(2, 5, n_out, generator=g)
 
     def whole(inp):
         b = None if layer.bias is None else layer.bias.float()
