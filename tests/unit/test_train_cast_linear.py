@@ -110,3 +110,38 @@ def test_under_autocast_pieces_compute_in_autocasts_dtype(small_pieces, dtype):
     assert x_ours.grad.dtype == torch.float32
     torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-2, atol=1e-2)
     assert x_ours.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3fn", "e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_fp8_cast_by_bits_equals_pytorchs_for_every_value(fp8, dtype):
+    """All 256 codes (zeros, subnormals, normals, the largest, NaN / inf), contiguous and as a
+    column slice: the bit-level cast gives PyTorch's values exactly."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fp8)
+    for weight in (codes, codes.reshape(16, 16)[:, 3:9]):
+        expected = weight.to(dtype)
+        got = hooks._cast(weight, dtype)
+        assert got.dtype == dtype and got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+        real = ~torch.isnan(expected)
+        assert torch.equal(torch.signbit(got[real]), torch.signbit(expected[real]))  # -0.0 stays -0.0
+
+
+def test_e4m3fn_without_nan_takes_the_bit_path(monkeypatch):
+    """The fast path is the one taken (PyTorch's fp8 cast is not called) unless a NaN is present."""
+    values = (torch.randn(64, 32) * 0.1).to(torch.float8_e4m3fn)
+    calls = []
+    real_to = torch.Tensor.to
+
+    def counting_to(self, *args, **kwargs):
+        if self.dtype == torch.float8_e4m3fn:
+            calls.append(args)
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    hooks._cast(values, torch.float32)
+    assert calls == []
+    with_nan = values.clone()
+    with_nan.view(torch.uint8)[3, 4] = 0x7F
+    out = hooks._cast(with_nan, torch.float32)
+    assert len(calls) == 1 and torch.isnan(out[3, 4]) and torch.isfinite(out).sum() == out.numel() - 1
