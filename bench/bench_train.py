@@ -22,9 +22,11 @@ ComfyUI's loaders do (comfy.sd.load_diffusion_model with dtype bfloat16; UNETLoa
 weight_dtype fp8_e4m3fn for the fp8 row). Its text input is 768 wide (txt_in / vector_in read 768,
 as CLIP-L gives; not T5's 4096) to keep it small. Both sides get the same random latents
 (16 x res/8 x res/8) and the same random conditioning (--tokens x 768 context, 768 pooled).
-Rows: core TrainLoraNode (bf16 base), ours (bf16 base), ours (fp8_e4m3fn base).
+Rows: core TrainLoraNode (bf16 base), ours (bf16 base), ours (fp8_e4m3fn base). With --precision bf16
+only ours runs (core's bf16 training crashes on the CPU): the fp8 base against the bf16 base.
 
-    .venv/bin/python bench/bench_train.py --model flux --res 256 --rank 16 --precision bf16
+    .venv/bin/python bench/bench_train.py --model flux --res 256 --rank 16 --double 2 --single 4
+    .venv/bin/python bench/bench_train.py --model flux --res 256 --rank 16 --double 2 --single 4 --precision bf16
     .venv/bin/python bench/bench_train.py --model flux --single 1 --res 64 --tokens 16 --steps 1 --rounds 1
 """
 
