@@ -45,7 +45,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 COMFY = Path(os.environ.get("COMFYUI_PATH") or REPO / ".comfyui").resolve()
 CHECKPOINT = "lora_foundry_demo_sd15.safetensors"
-FLUX_FILE = "bench_flux.safetensors"
 
 
 def make_images(folder: Path, count: int, size: int) -> None:
@@ -107,151 +106,6 @@ def _status_gb(field: str) -> float:
     return float("nan")
 
 
-def flux_config(args) -> dict:
-    """Flux.1-dev's layout at the real width (ComfyUI's Flux detection assumes hidden 3072 and 24
-    heads of 128), text 768 wide."""
-    config = {
-        "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
-        "context_in_dim": 768, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24,
-        "depth": args.double, "depth_single_blocks": args.single, "axes_dim": [16, 56, 56], "theta": 10000,
-        "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
-    }  # fmt: skip
-    return config
-
-
-def write_flux(args, path: Path) -> int:
-    """Writes the random Flux-shaped diffusion model in bf16 (ComfyUI's own Flux class builds it);
-    returns its parameter count."""
-    sys.path.insert(0, str(COMFY))
-    sys.path.insert(0, str(REPO / "scripts"))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    import comfy.supported_models as sm
-    import model_factory
-    import torch
-    from safetensors.torch import save_file
-
-    config = {**flux_config(args), **model_factory._flux_version_fields()}
-    patcher = model_factory._dit_patcher(sm.Flux, config, 0, torch.bfloat16)
-    sd = {k: v.contiguous() for k, v in patcher.model.diffusion_model.state_dict().items()}
-    count = sum(v.numel() for v in sd.values())
-    save_file(sd, str(path))
-    return count
-
-
-def flux_data(args) -> tuple[list, list]:
-    """(latents, conds): the same random tensors for both sides, one per image."""
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    side = args.res // 8
-    latents = [torch.randn(1, 16, side, side, generator=g) for _ in range(args.images)]
-    conds = [(torch.randn(1, args.tokens, 768, generator=g), torch.randn(1, 768, generator=g))
-             for _ in range(args.images)]  # fmt: skip
-    return latents, conds
-
-
-def _load_flux(args, base: Path):
-    """The MODEL as ComfyUI's loaders build it from the file: bf16 storage, or UNETLoader's fp8_e4m3fn."""
-    import torch
-
-    import nodes
-
-    with _inference():
-        if args.weight_dtype == "bf16":
-            import comfy.sd
-
-            model = comfy.sd.load_diffusion_model(
-                str(base / FLUX_FILE), model_options={"dtype": torch.bfloat16}
-            )
-        else:
-            model = nodes.UNETLoader().load_unet(FLUX_FILE, args.weight_dtype)[0]
-    w = model.model.diffusion_model.double_blocks[0].img_attn.qkv.weight
-    expected = torch.bfloat16 if args.weight_dtype == "bf16" else torch.float8_e4m3fn
-    if w.dtype != expected or type(model.model).__name__ != "Flux":
-        raise RuntimeError(
-            f"loaded {type(model.model).__name__} with {w.dtype} weights, expected Flux {expected}"
-        )
-    return model
-
-
-def _setup_flux(base: Path, args):
-    sys.path.insert(0, str(COMFY))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    import folder_paths
-
-    folder_paths.set_output_directory(str(base / "output"))
-    folder_paths.folder_names_and_paths["loras"] = (
-        [str(base / "loras")],
-        folder_paths.supported_pt_extensions,
-    )
-    folder_paths.folder_names_and_paths["diffusion_models"] = (
-        [str(base)],
-        folder_paths.supported_pt_extensions,
-    )
-    (base / "loras").mkdir(exist_ok=True)
-    model = _load_flux(args, base)
-    _reset_peak()
-    return model
-
-
-def _pack():
-    import types
-
-    # The pack as the package lora_foundry without running its __init__ (as the tests load it).
-    package = types.ModuleType("lora_foundry")
-    package.__path__ = [str(REPO)]
-    sys.modules["lora_foundry"] = package
-
-
-def worker_ours_flux(args, base: Path) -> dict:
-    model = _setup_flux(base, args)
-    _pack()
-    from lora_foundry.lora_core.train.dataset import DatasetOptions, DatasetScan, LatentDataset, Sample
-    from lora_foundry.nodes import comfy_bridge_train as train_bridge
-    from lora_foundry.nodes import train as pack
-
-    if args.keep_casts:  # the ablation row: autograd keeps each cast weight until backward, as before
-        pack.recast_frozen_linears = lambda modules: lambda: None
-    latents, conds = flux_data(args)
-    samples, by_caption = [], {}
-    for i, (latent, (context, pooled)) in enumerate(zip(latents, conds, strict=True)):
-        caption = f"zkw, item {i}"
-        samples.append(Sample(latent[0], None, (args.res, args.res), caption, 1))
-        by_caption[caption] = {"context": context, "pooled": pooled}
-    scan = DatasetScan(folder=base, entries=(), problems=(), without_caption=0)
-    dataset = LatentDataset(samples, DatasetOptions(resolution=args.res, flip=False), scan)
-    dataset.conds = by_caption
-    times: list[float] = []
-    train_bridge.send_event = lambda data: times.append(time.perf_counter())
-    with _inference():
-        pack.TrainLora().execute(
-            model, None, dataset, output_name="bench", steps=args.steps + 1, epochs=0, batch_size=args.batch,
-            grad_accum=1, rank=args.rank, alpha=float(args.rank), targets=args.targets, blocks="", lr=1e-4,
-            te_lr=0.0, optimizer="AdamW", scheduler="constant", warmup_steps=0, warmup_ratio=0.0,
-            min_snr_gamma=0.0, noise_offset=0.0, loss="MSE", precision=args.precision,
-            gradient_checkpointing=args.checkpointing, seed=0, loraplus_ratio=1.0, dora=False, save_every=0,
-            keep_last=1, save_dtype="bf16", existing="overwrite", unique_id="1",
-        )  # fmt: skip
-    return {"s_per_step": _intervals(times), "steps_timed": len(times) - 1}
-
-
-def worker_core_flux(args, base: Path) -> dict:
-    model = _setup_flux(base, args)
-    import comfy.utils
-
-    latents, conds = flux_data(args)
-    latent_list = [{"samples": latent} for latent in latents]
-    positive = [[[context, {"pooled_output": pooled}]] for context, pooled in conds]
-    times: list[float] = []
-    comfy.utils.set_progress_bar_global_hook(lambda *a, **k: times.append(time.perf_counter()))
-    _run_core(model, latent_list, positive, args)
-    return {"s_per_step": _intervals(times), "steps_timed": len(times) - 1}
-
-
 def _run_core(model, latents, positive, args) -> None:
     import inspect
 
@@ -272,14 +126,18 @@ def _run_core(model, latents, positive, args) -> None:
         TrainLoraNode.execute(**inputs)
 
 
-def worker_ours(args, base: Path) -> dict:
+def _pack():
     import types
 
-    model, clip, vae = _setup_comfy(base)
     # The pack as the package lora_foundry without running its __init__ (as the tests load it).
     package = types.ModuleType("lora_foundry")
     package.__path__ = [str(REPO)]
     sys.modules["lora_foundry"] = package
+
+
+def worker_ours(args, base: Path) -> dict:
+    model, clip, vae = _setup_comfy(base)
+    _pack()
     from lora_foundry.nodes import comfy_bridge_train as train_bridge
     from lora_foundry.nodes import train as pack
 
@@ -395,55 +253,6 @@ def compare(args, res: int) -> None:
     print("incl. load: the process's ru_maxrss, which the checkpoint load dominates on both sides")
 
 
-def compare_flux(args) -> None:
-    rows = [
-        ("ours, bf16 base", "ours", "bf16", False),
-        ("ours, fp8_e4m3fn base", "ours", "fp8_e4m3fn", False),
-    ]
-    # core's training_dtype bf16 crashes on a bf16 model loaded in inference mode on the CPU (its layers
-    # save the loaded weights for backward): with --precision bf16 only ours runs, fp8 against bf16 base
-    with_core = args.precision == "fp32"
-    if with_core:
-        rows.insert(0, ("core TrainLoraNode, bf16 base", "core", "bf16", False))
-    if args.ablate:
-        rows += [("ours, bf16, cast copies kept", "ours", "bf16", True),
-                 ("ours, fp8, cast copies kept", "ours", "fp8_e4m3fn", True)]  # fmt: skip
-    runs: dict[str, list[dict]] = {label: [] for label, *_ in rows}
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp)
-        params = write_flux(args, base / FLUX_FILE)
-        for _ in range(args.rounds):  # interleaved, so load from other processes hits every side
-            for label, side, weight_dtype, keep_casts in rows:
-                runs[label].append(run_side(side, args, base, "attention", weight_dtype, keep_casts))
-    best = {label: _best(runs[label]) for label in runs}
-    ours, fp8 = best["ours, bf16 base"], best["ours, fp8_e4m3fn base"]
-    core = best[rows[0][0]] if with_core else None
-    print(f"\nFlux-shaped (hidden 3072, 24 heads, {args.double} double + "
-          f"{args.single} single blocks, {params / 1e6:.0f}M parameters), {args.res}x{args.res} "
-          f"({args.res // 8}x{args.res // 8}x16 latents), {args.tokens} text tokens, compute {args.precision}, "
-          f"rank {args.rank}, batch {args.batch}, checkpointing {args.checkpointing}, {args.steps} timed steps, "
-          f"best of {args.rounds} rounds")  # fmt: skip
-    print(f"{'':32}{'s/step':>10}{'speed-up':>10}{'peak RSS GB':>13}{'vs core':>9}{'vs ours bf16':>14}")
-    for label, *_ in rows:
-        r = best[label]
-        ref = core or ours
-        print(f"{label:32}{r['s_per_step']:10.2f}{ref['s_per_step'] / r['s_per_step']:9.2f}x{r['peak_rss_gb']:13.2f}"
-              f"{r['peak_rss_gb'] / core['peak_rss_gb'] if core else float('nan'):9.2f}"
-              f"{r['peak_rss_gb'] / ours['peak_rss_gb']:14.2f}")  # fmt: skip
-    if core:
-        print(f"ratios: ours / core speed {core['s_per_step'] / ours['s_per_step']:.2f}x (goal >= 2), "
-              f"peak RSS {1 - ours['peak_rss_gb'] / core['peak_rss_gb']:.0%} lower (goal >= 25%)")  # fmt: skip
-    else:
-        print(
-            "(compute bf16: core not run, its bf16 training crashes on the CPU; speed-up is against ours bf16)"
-        )
-    print(
-        f"fp8 / bf16 base: peak RSS {1 - fp8['peak_rss_gb'] / ours['peak_rss_gb']:.0%} lower (goal >= 35%), "
-        f"speed {ours['s_per_step'] / fp8['s_per_step']:.2f}x (goal >= 1)"
-    )
-    print("peak RSS: highest resident set after the model was loaded (VmHWM reset), model included")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="also 256x256")
@@ -468,8 +277,14 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         base = Path(args.base)
-        workers = {("ours", "sd15"): worker_ours, ("core", "sd15"): worker_core,
-                   ("ours", "flux"): worker_ours_flux, ("core", "flux"): worker_core_flux}  # fmt: skip
+        workers = {("ours", "sd15"): worker_ours, ("core", "sd15"): worker_core}
+        if args.model == "flux":
+            import train_flux_case
+
+            workers = {
+                ("ours", "flux"): train_flux_case.worker_ours,
+                ("core", "flux"): train_flux_case.worker_core,
+            }
         result = workers[args.worker, args.model](args, base)
         result["peak_rss_gb"] = _status_gb("VmHWM")  # since the checkpoint was loaded
         result["max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
@@ -477,7 +292,9 @@ def main() -> None:
         return
     started = time.time()
     if args.model == "flux":
-        compare_flux(args)
+        import train_flux_case
+
+        train_flux_case.compare(args)
     else:
         for res in (64, 256) if args.full else (64,):
             compare(args, res)
