@@ -198,7 +198,9 @@ def test_recast_linears_give_the_same_gradients_and_are_used(dtype, autocast):
         net.zero_grad()
         try:
             with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-                run_hooks(patcher, lambda: predict(x, torch.tensor([0.5]), cond).float().square().mean().backward())
+                run_hooks(
+                    patcher, lambda: predict(x, torch.tensor([0.5]), cond).float().square().mean().backward()
+                )
         finally:
             net.detach()
             undo()

@@ -76,7 +76,9 @@ def test_a_float32_weight_or_a_trainable_one_runs_the_layer_itself(small_pieces)
         undo()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn], ids=["fp32", "bf16", "fp8"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn], ids=["fp32", "bf16", "fp8"]
+)
 def test_under_autocast_pieces_compute_in_autocasts_dtype(small_pieces, dtype):
     """Train LoRA's bf16 precision: the product runs in bfloat16 as autocast's Linear does (the
     weight's pieces cast straight to bfloat16), and the input's gradient comes back in float32."""
@@ -113,7 +115,9 @@ def test_under_autocast_pieces_compute_in_autocasts_dtype(small_pieces, dtype):
 
 
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3fn", "e5m2"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
 def test_fp8_cast_by_bits_equals_pytorchs_for_every_value(fp8, dtype):
     """All 256 codes (zeros, subnormals, normals, the largest, NaN / inf), contiguous and as a
     column slice: the bit-level cast gives PyTorch's values exactly."""
