@@ -135,6 +135,19 @@ def _pack():
     sys.modules["lora_foundry"] = package
 
 
+def train_ours(pack, model, clip, dataset, args, save_dtype: str, **hidden) -> None:
+    """Train LoRA (nodes/train.py, given as ``pack``) with the bench's settings; ComfyUI's hidden
+    inputs (unique_id) as keywords."""
+    pack.TrainLora().execute(
+        model, clip, dataset, output_name="bench", steps=args.steps + 1, epochs=0, batch_size=args.batch,
+        grad_accum=1, rank=args.rank, alpha=float(args.rank), targets=args.targets, blocks="", lr=1e-4,
+        te_lr=0.0, optimizer="AdamW", scheduler="constant", warmup_steps=0, warmup_ratio=0.0,
+        min_snr_gamma=0.0, noise_offset=0.0, loss="MSE", precision=args.precision,
+        gradient_checkpointing=args.checkpointing, seed=0, loraplus_ratio=1.0, dora=False, save_every=0,
+        keep_last=1, save_dtype=save_dtype, existing="overwrite", **hidden,
+    )  # fmt: skip
+
+
 def worker_ours(args, base: Path) -> dict:
     model, clip, vae = _setup_comfy(base)
     _pack()
@@ -159,14 +172,7 @@ def worker_ours(args, base: Path) -> dict:
             1,
             "memory",
         )
-        pack.TrainLora().execute(
-            model, clip, dataset, output_name="bench", steps=args.steps + 1, epochs=0, batch_size=args.batch,
-            grad_accum=1, rank=args.rank, alpha=float(args.rank), targets=args.targets, blocks="", lr=1e-4,
-            te_lr=0.0, optimizer="AdamW", scheduler="constant", warmup_steps=0, warmup_ratio=0.0,
-            min_snr_gamma=0.0, noise_offset=0.0, loss="MSE", precision=args.precision,
-            gradient_checkpointing=args.checkpointing, seed=0, loraplus_ratio=1.0, dora=False, save_every=0,
-            keep_last=1, save_dtype="fp16", existing="overwrite",
-        )  # fmt: skip
+        train_ours(pack, model, clip, dataset, args, save_dtype="fp16")
     return {"s_per_step": _intervals(times), "steps_timed": len(times) - 1}
 
 

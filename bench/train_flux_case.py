@@ -10,7 +10,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_train import COMFY, REPO, _best, _inference, _intervals, _pack, _reset_peak, _run_core, run_side
+from bench_train import (
+    COMFY,
+    REPO,
+    _best,
+    _inference,
+    _intervals,
+    _pack,
+    _reset_peak,
+    _run_core,
+    run_side,
+    train_ours,
+)
 
 FLUX_FILE = "bench_flux.safetensors"
 
@@ -127,14 +138,7 @@ def worker_ours(args, base: Path) -> dict:
     times: list[float] = []
     train_bridge.send_event = lambda data: times.append(time.perf_counter())
     with _inference():
-        pack.TrainLora().execute(
-            model, None, dataset, output_name="bench", steps=args.steps + 1, epochs=0, batch_size=args.batch,
-            grad_accum=1, rank=args.rank, alpha=float(args.rank), targets=args.targets, blocks="", lr=1e-4,
-            te_lr=0.0, optimizer="AdamW", scheduler="constant", warmup_steps=0, warmup_ratio=0.0,
-            min_snr_gamma=0.0, noise_offset=0.0, loss="MSE", precision=args.precision,
-            gradient_checkpointing=args.checkpointing, seed=0, loraplus_ratio=1.0, dora=False, save_every=0,
-            keep_last=1, save_dtype="bf16", existing="overwrite", unique_id="1",
-        )  # fmt: skip
+        train_ours(pack, model, None, dataset, args, save_dtype="bf16", unique_id="1")
     return {"s_per_step": _intervals(times), "steps_timed": len(times) - 1}
 
 
