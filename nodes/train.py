@@ -22,6 +22,7 @@ from ..lora_core.train.dataset import (
 )
 from ..lora_core.train.existing import EXISTING, handle_existing
 from ..lora_core.train.flow import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS
+from ..lora_core.train.heap import release_freed_memory
 from ..lora_core.train.hooks import check_trains_through, recast_frozen_linears
 from ..lora_core.train.key_names import KEY_NAMES
 from ..lora_core.train.network import (
@@ -224,7 +225,10 @@ class TrainLora:
             )
             handle_existing(plan, existing)
             with torch.inference_mode(False), torch.enable_grad():
-                result = run_training(model, clip, dataset, cfg, net, plan, unique_id, samples)
+                try:
+                    result = run_training(model, clip, dataset, cfg, net, plan, unique_id, samples)
+                finally:  # what the run freed goes back to the system, not kept by the server's heap
+                    release_freed_memory()
         except USER_ERRORS as e:
             raise RuntimeError(f"[{node}] {e}") from e
         lora_name = bridge.register_new_lora(str(result.path))
