@@ -227,6 +227,7 @@ def _best(results: list[dict]) -> dict:
         "s_per_step": min(r["s_per_step"] for r in results),
         "peak_rss_gb": max(r["peak_rss_gb"] for r in results),
         "max_rss_gb": max(r["max_rss_gb"] for r in results),
+        "released_gb": min(r.get("released_gb", 0.0) for r in results),
     }
 
 

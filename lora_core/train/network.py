@@ -184,8 +184,9 @@ class LoraBranch(nn.Module):
         x = x.to(self.down.dtype) if not torch.is_autocast_enabled(x.device.type) else x
         if self.conv:
             h = F.conv2d(x, self.down, None, self.stride, self.padding, self.dilation)
-            return F.conv2d(h, self.up) * self.scale
-        return F.linear(F.linear(x, self.down), self.up) * self.scale
+            return F.conv2d(h, self.up).mul_(self.scale)
+        # in place: the product is saved by nothing, and a DiT layer's output is tens of MB
+        return F.linear(F.linear(x, self.down), self.up).mul_(self.scale)
 
     def input_gain(self, weight: Tensor) -> Tensor:
         """DoRA's per-input-channel factor m / (||W + dW||_c + eps), shaped to multiply the input."""
@@ -261,7 +262,12 @@ class LoraNetwork(nn.Module):
 
 def _add_hook(branch: LoraBranch) -> Callable:
     def hook(module, args, output):
-        return output + branch.delta_out(args[0]).to(output.dtype)
+        delta = branch.delta_out(args[0]).to(output.dtype)
+        if output.shape != delta.shape or output.is_inference() or output._base is not None:
+            return output + delta
+        # in place (same values): no third copy of the layer's output; the layer saved its input
+        # and weight for backward, not its output (autograd's version check would refuse otherwise)
+        return output.add_(delta)
 
     return hook
 
