@@ -3,8 +3,8 @@
 PyTorch's CPU tensors come from the C library's malloc. glibc keeps what a run frees inside its
 heap (it only unmaps blocks above its mmap threshold, which rises to 32 MB as blocks are freed),
 so a ComfyUI server that trained a LoRA stays that much larger until it exits: measured on a
-Flux-shaped model of 1300M parameters, 0.24 GB (bf16 base) and 0.39 GB (fp8 base) after Train
-LoRA returned, with the model still loaded (docs/train_bench.md). ``malloc_trim`` returns every
+Flux-shaped model of 1300M parameters, 0.36 GB (bf16 base) and 0.50 GB (fp8 base) given back when
+Train LoRA's run ended, with the model still loaded (docs/train_bench.md). ``malloc_trim`` returns every
 free page of every arena at once; it frees nothing that is in use.
 """
 
