@@ -11,21 +11,32 @@ free page of every arena at once; it frees nothing that is in use.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import platform
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, looked up once (platform.libc_ver reads the interpreter's binary);
+    None on other C libraries."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
 
 
 def release_freed_memory() -> bool:
     """Collects unreachable objects, then asks glibc to return its free pages; True when it ran
     (glibc only: other C libraries give memory back on their own terms and are left alone)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    trim = _malloc_trim()
+    if trim is None:
         return False
     gc.collect()
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
     trim(0)
     return True
