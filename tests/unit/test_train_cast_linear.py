@@ -149,3 +149,94 @@ def test_e4m3fn_without_nan_takes_the_bit_path(monkeypatch):
     with_nan.view(torch.uint8)[3, 4] = 0x7F
     out = hooks._cast(with_nan, torch.float32)
     assert len(calls) == 1 and torch.isnan(out[3, 4]) and torch.isfinite(out).sum() == out.numel() - 1
+
+
+def _e4m3fn_codes() -> torch.Tensor:
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_e4m3fn_over_256_is_exact_for_every_finite_code(dtype):
+    codes = _e4m3fn_codes()
+    finite = codes[(codes.view(torch.uint8) & 0x7F) != 0x7F].reshape(2, 127)
+    for weight in (finite, finite[:, 5:90]):
+        got = hooks._e4m3fn_over_256(weight, dtype)
+        expected = weight.float() / 256
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), expected, rtol=0, atol=0)
+        assert torch.equal(torch.signbit(got), torch.signbit(expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("n_in", "n_out"), [(24, 37), (60, 9), (16, 5)], ids=["tall", "wide", "one_piece"])
+def test_a_weight_known_finite_gives_the_same_bits_as_the_checked_cast(small_pieces, dtype, n_in, n_out):
+    """The three-pass cast with the 256 folded into the product: output and input gradient equal
+    the checked cast's bit for bit (subnormal codes, the largest code and -0.0 included)."""
+    g = torch.Generator().manual_seed(5)
+    weight = (torch.randn(n_out, n_in, generator=g) * 0.05).to(torch.float8_e4m3fn)
+    weight.view(torch.uint8)[0, :4] = torch.tensor([0x7E, 0xFE, 0x80, 0x01], dtype=torch.uint8)
+    assert (weight.float().abs() < 2**-6).any()  # e4m3fn subnormals present
+    bias = torch.randn(n_out, generator=g).to(torch.bfloat16)
+    x = torch.randn(3, n_in, generator=g).to(dtype)
+    grad = torch.randn(3, n_out, generator=g).to(dtype)
+    assert hooks._piece_cast(weight, dtype, True)[1] == 256.0
+    for b in (bias, None):
+        assert torch.equal(hooks.cast_linear(x, weight, b, True), hooks.cast_linear(x, weight, b))
+    assert torch.equal(
+        hooks.cast_linear_input_grad(grad, weight, True), hooks.cast_linear_input_grad(grad, weight)
+    )
+    # float16's range cannot carry the input times 256: the checked cast, unscaled
+    assert hooks._piece_cast(weight, torch.float16, True) == (hooks._cast, 1.0)
+    assert hooks._piece_cast(weight.bfloat16(), dtype, True) == (hooks._cast, 1.0)
+
+
+def test_finite_codes_are_read_once_per_weight_and_again_when_it_changes(monkeypatch):
+    reads = []
+    real = hooks._e4m3fn_finite
+    monkeypatch.setattr(hooks, "_e4m3fn_finite", lambda w: reads.append(1) or real(w))
+    finite = hooks.FiniteCodes()
+    weight = (torch.randn(8, 8) * 0.1).to(torch.float8_e4m3fn)
+    assert [finite(weight) for _ in range(3)] == [True] * 3 and len(reads) == 1
+    weight.view(torch.uint8)[2, 3] = 0xFF  # a NaN code written in place: a new version
+    assert finite(weight) is False and len(reads) == 2
+    other = (torch.randn(8, 8) * 0.1).to(torch.float8_e4m3fn)
+    assert finite(other) is True and len(reads) == 3
+    assert finite(other.bfloat16()) is False and len(reads) == 3  # not e4m3fn: nothing to read
+
+
+def test_a_layer_whose_e4m3fn_weight_holds_a_nan_code_computes_it_as_pytorch_does(small_pieces):
+    layer = torch.nn.Linear(24, 37, bias=False)
+    weight = (torch.randn(37, 24) * 0.1).to(torch.float8_e4m3fn)
+    weight.view(torch.uint8)[30, 2] = 0x7F
+    layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    x = torch.randn(2, 24)
+    expected = torch.nn.functional.linear(x, weight.float())
+    undo = hooks.recast_frozen_linears([layer])
+    try:
+        got = layer(x.requires_grad_(True))
+    finally:
+        undo()
+    assert torch.isnan(got[:, 30]).all() and torch.isfinite(got[:, :30]).all()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_a_replaced_layer_with_a_finite_e4m3fn_weight_takes_the_three_pass_cast(small_pieces, monkeypatch):
+    layer = torch.nn.Linear(24, 37)
+    layer.weight = torch.nn.Parameter(
+        (torch.randn(37, 24) * 0.1).to(torch.float8_e4m3fn), requires_grad=False
+    )
+    layer.requires_grad_(False)
+    calls = {"fast": 0, "checked": 0}
+    fast, checked = hooks._e4m3fn_over_256, hooks._cast
+    monkeypatch.setattr(
+        hooks, "_e4m3fn_over_256", lambda *a: calls.__setitem__("fast", calls["fast"] + 1) or fast(*a)
+    )
+    monkeypatch.setattr(
+        hooks, "_cast", lambda *a: calls.__setitem__("checked", calls["checked"] + 1) or checked(*a)
+    )
+    undo = hooks.recast_frozen_linears([layer])
+    try:
+        layer(torch.randn(2, 24, requires_grad=True)).sum().backward()
+    finally:
+        undo()
+    assert calls == {"fast": 12, "checked": 0}  # 6 pieces forward, 6 backward
