@@ -39,6 +39,7 @@ from ..lora_core.train.schedule import SCHEDULERS
 from ..lora_core.train.state import LONGEST_SUFFIX, CheckpointPlan
 from ..lora_core.train.trainer import PRECISIONS, NonFiniteLossError, StepReport, TrainConfig, Trainer
 from . import comfy_bridge as bridge
+from . import comfy_bridge_dit as dit_bridge
 from . import comfy_bridge_train as train_bridge
 from .load_lora import apply_lora
 from .train_model import (  # noqa: F401 - tests and the job runner import these from here
@@ -339,7 +340,7 @@ def run_training(
             train_bridge.save_sample(sample(), plan.name, report.step)
 
     undo = block_hooks(model, net.gradient_checkpointing)
-    undo.append(recast_frozen_linears(train_bridge.plain_cast_linears(model)))
+    undo.append(recast_frozen_linears(dit_bridge.plain_cast_linears(model)))
     if train_te:
         undo.append(train_bridge.text_encoder_grad_safe(clip))
     networks = [n for n in (unet, te) if n is not None]

@@ -13,6 +13,7 @@ from ..lora_core.train.network import check_before_forward, checkpoint_forward, 
 from ..lora_core.train.targets import targets_from_key_map
 from ..lora_core.train.trainer import TrainConfig
 from . import comfy_bridge as bridge
+from . import comfy_bridge_dit as dit_bridge
 from . import comfy_bridge_train as train_bridge
 
 
@@ -46,7 +47,7 @@ def check_blocks(model, spec: str) -> set | None:
     counts = bridge.unet_block_counts(model)
     if counts is not None:
         return parse_blocks(spec, counts)
-    return parse_dit_blocks(spec, group_counts(train_bridge.dit_block_lists(model)))
+    return parse_dit_blocks(spec, group_counts(dit_bridge.dit_block_lists(model)))
 
 
 def train_targets(model, preset: str, spec: str) -> list:
@@ -98,8 +99,8 @@ def block_hooks(model, checkpointing: bool) -> list:
     """The hooks a run puts on the MODEL's blocks (the modules ComfyUI calls one by one): copies of
     the inputs DiT blocks overwrite in place, a differentiable RoPE, gradient checkpointing, the
     cancel check before each block. Returns their undo functions."""
-    blocks = train_bridge.checkpoint_blocks(model)
-    undo = [clone_inputs(train_bridge.inplace_residual_modules(model)), train_bridge.differentiable_rope()]
+    blocks = dit_bridge.checkpoint_blocks(model)
+    undo = [clone_inputs(dit_bridge.inplace_residual_modules(model)), dit_bridge.differentiable_rope()]
     if checkpointing:
         undo.append(checkpoint_forward(blocks))
     undo.append(check_before_forward(blocks, bridge.check_interrupted))

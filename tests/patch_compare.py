@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import re
+
 import comfy.lora
 import lora_factory as lf
 import torch
 from safetensors.torch import save_file
 
+from lora_foundry.nodes.load_lora import LoadLora
+
 TOL = 1e-5
+
+
+def run_ours(models, name, sm, sc):
+    """Load LoRA on the models' MODEL and CLIP: (model, clip, report)."""
+    model, clip, _, report = LoadLora().execute(models.model, name, sm, sc, clip=models.clip)["result"]
+    return model, clip, report
+
+
+def matched_count(report: str) -> int:
+    """The number of modules the report's "matched:" line counts, over all parts."""
+    line = next(x for x in report.splitlines() if x.startswith("matched:"))
+    return sum(int(n) for n in re.findall(r"\d+", line))
 
 
 def patched(patcher) -> dict[str, torch.Tensor]:

@@ -131,6 +131,16 @@ STILL = """(selector) => new Promise((done) => {
 })"""
 
 
+# The loss chart's orange pixels (the loss line) on a node's chart canvas.
+LOSS_LINE_PIXELS = """(id) => {
+  const canvas = app.graph.getNodeById(id).__lfLoss.canvas;
+  const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  let n = 0;
+  for (let i = 0; i < data.length; i += 4) if (data[i] > 200 && data[i + 1] > 140 && data[i + 2] < 120) n++;
+  return n;
+}"""
+
+
 class ComfyPage:
     """Small helpers over the page's ComfyUI app object."""
 
@@ -195,6 +205,10 @@ class ComfyPage:
         page's overflow-hidden containers to reach a moving element, which hides it for good."""
         self.page.wait_for_function(STILL, arg=selector, timeout=30_000)
         self.page.locator(selector).click()
+
+    def loss_line_pixels(self, node_id: int) -> int:
+        """How many pixels of the node's loss chart the loss line colours orange."""
+        return self.js(LOSS_LINE_PIXELS, node_id)
 
     def nodes_of(self, node_type: str) -> list[int]:
         return self.js("(t) => app.graph.nodes.filter((n) => n.type === t).map((n) => n.id)", node_type)

@@ -347,14 +347,6 @@ SEND_EVENTS = """([event, id, from, to]) => {
   }
 }"""
 
-ORANGE_PIXELS = """(id) => {
-  const canvas = app.graph.getNodeById(id).__lfLoss.canvas;
-  const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
-  let n = 0;
-  for (let i = 0; i < data.length; i += 4) if (data[i] > 200 && data[i + 1] > 140 && data[i + 2] < 120) n++;
-  return n;
-}"""
-
 
 def test_loss_chart_draws_training_events(comfy, object_info):
     known = "LoraFoundry_TrainLora" in object_info
@@ -366,7 +358,7 @@ def test_loss_chart_draws_training_events(comfy, object_info):
     )
     assert chart[0] == 30, chart
     assert "step 30/40" in chart[1] and "1m 05s left" in chart[1], chart[1]
-    assert comfy.js(ORANGE_PIXELS, node) > 50, "the smoothed loss line was not drawn"
+    assert comfy.loss_line_pixels(node) > 50, "the smoothed loss line was not drawn"
     comfy.page.wait_for_timeout(200)  # the screenshot at teardown shows the chart mid-run
     comfy.doc_shot("loss_chart_live", [node])
     comfy.js(SEND_EVENTS, [TRAIN_EVENT, node, 1, 1])  # a new run starts a new curve

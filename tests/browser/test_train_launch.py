@@ -33,14 +33,6 @@ BUILD = """([checkpoint, dataset, steps]) => {
   return launcher.id;
 }"""
 
-ORANGE_PIXELS = """(id) => {
-  const canvas = app.graph.getNodeById(id).__lfLoss.canvas;
-  const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
-  let n = 0;
-  for (let i = 0; i < data.length; i += 4) if (data[i] > 200 && data[i + 1] > 140 && data[i + 2] < 120) n++;
-  return n;
-}"""
-
 
 @pytest.mark.timeout(1200)
 def test_launched_job_draws_the_loss_chart_on_its_node(comfy, server, demo_models, object_info):
@@ -56,5 +48,5 @@ def test_launched_job_draws_the_loss_chart_on_its_node(comfy, server, demo_model
     )
     header = comfy.js("(id) => app.graph.getNodeById(id).__lfLoss.header()", node)
     assert f"step {STEPS}/{STEPS}" in header, header
-    assert comfy.js(ORANGE_PIXELS, node) > 20, "the loss line was not drawn"
+    assert comfy.loss_line_pixels(node) > 20, "the loss line was not drawn"
     comfy.shot("train_launch_node", node)

@@ -10,6 +10,7 @@ comfy.cli_args.args.cpu = True  # before comfy.model_management is imported anyw
 
 import folder_paths  # noqa: E402
 import model_factory  # noqa: E402
+import peer_models  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -49,6 +50,13 @@ def loras_dir(comfy_base):
 def sd15():
     """Tiny SD1.5-structured MODEL / CLIP / VAE (random weights). Do not patch in place: clone."""
     return model_factory.build("sd15")
+
+
+@pytest.fixture(scope="module")
+def peer(sd15):
+    """Diffusers UNet and transformers CLIP holding the weights of the sd15 fixture (per module: a
+    test module may wrap them)."""
+    return peer_models.sd15_peers(sd15)
 
 
 @pytest.fixture(scope="session")

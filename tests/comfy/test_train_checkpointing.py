@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lora_foundry.lora_core.train.network import LoraNetwork, checkpoint_forward, select_targets
-from lora_foundry.nodes import comfy_bridge_train as train_bridge
+from lora_foundry.nodes import comfy_bridge_dit as dit_bridge
 from lora_foundry.nodes.train import block_hooks, model_targets
 
 
@@ -66,7 +66,7 @@ def run(patcher, family: str, units) -> tuple[dict, dict]:
 def test_checkpointed_blocks_recompute_and_give_the_same_gradients(request, family):
     models = request.getfixturevalue(family)
     patcher = models.model if family == "sd15" else models
-    units = train_bridge.checkpoint_blocks(patcher)
+    units = dit_bridge.checkpoint_blocks(patcher)
     assert units and all(isinstance(u, torch.nn.Module) for u in units)
     plain_calls, plain_grads = run(patcher, family, None)
     ckpt_calls, ckpt_grads = run(patcher, family, True)  # Train LoRA's own hooks, checkpointing on
@@ -93,7 +93,7 @@ def test_wrapping_the_unets_block_containers_recomputes_nothing(sd15):
 
 def test_dit_units_are_its_transformer_blocks(flux):
     net = flux.model.diffusion_model
-    units = train_bridge.checkpoint_blocks(flux)
+    units = dit_bridge.checkpoint_blocks(flux)
     assert units == [*net.double_blocks, *net.single_blocks]
 
 
@@ -108,7 +108,7 @@ def test_training_rope_equals_comfyuis_and_is_undone():
     freqs = fm.rope(torch.arange(6.0)[None], 8, 10000)[:, None]  # (1, 1, 6, 4, 2, 2)
     with torch.no_grad():
         want = original(q, k, freqs)
-    undo = train_bridge.differentiable_rope()
+    undo = dit_bridge.differentiable_rope()
     try:
         q_leaf = q.clone().requires_grad_(True)
         with torch.enable_grad():

@@ -23,6 +23,7 @@ from train_run import TRAIN_ARGS
 
 from lora_foundry.lora_core.train.network import LoraNetwork, select_targets
 from lora_foundry.lora_core.train.trainer import TrainConfig, Trainer
+from lora_foundry.nodes import comfy_bridge_dit as dit_bridge
 from lora_foundry.nodes import comfy_bridge_train as train_bridge
 from lora_foundry.nodes.train import TrainLora, model_targets
 
@@ -181,7 +182,7 @@ def test_recast_linears_give_the_same_gradients_and_are_used(dtype, autocast):
     x = torch.randn(1, 16, 8, 8, generator=g)
     cond = {"context": torch.randn(1, 4, 32, generator=g), "pooled": torch.randn(1, 32, generator=g)}
     predict = train_bridge.flow_predictor(patcher)
-    linears = train_bridge.plain_cast_linears(patcher)
+    linears = dit_bridge.plain_cast_linears(patcher)
     assert len(linears) > 20
     grads, calls = [], []
     for recast in (False, True):
