@@ -45,6 +45,23 @@ def _fix(family: str) -> str:
     )
 
 
+def _first_names(named: Sequence[Piece]) -> list[Piece]:
+    """The pieces that name each row first, in the key map's order, sorted by row. A map may name
+    the same rows twice: ComfyUI 0.12's Flux map gives a single block's linear1 both as diffusers'
+    to_q / to_k / to_v / proj_mlp and as Flux.2's to_qkv_mlp_proj, and img_mlp.0 both as
+    ff.net.0.proj and as LyCORIS's ff.linear_in; the names listed first are kept, and a later name
+    sharing a row with them is left out."""
+    taken: set[int] = set()
+    kept = []
+    for piece in named:
+        rows = set(piece.rows)
+        if rows & taken:
+            continue
+        taken |= rows
+        kept.append(piece)
+    return sorted(kept, key=lambda p: (min(p.rows, default=-1), p.name))
+
+
 def diffusers_pieces(
     trained: Mapping[str, tuple[str, int]], row_map: RowMap, family: str
 ) -> dict[str, tuple[Piece, ...]]:
@@ -58,12 +75,13 @@ def diffusers_pieces(
             by_weight.setdefault(key, []).append(Piece(name, rows))
     out, missing = {}, []
     for module, (key, n_rows) in trained.items():
-        pieces = sorted(by_weight.get(key, ()), key=lambda p: (min(p.rows, default=-1), p.name))
-        if not pieces:
+        named = by_weight.get(key, ())
+        if not named:
             missing.append(module)
             continue
+        pieces = _first_names(named)
         if sorted(r for p in pieces for r in p.rows) != list(range(n_rows)):
-            names = ", ".join(p.name for p in pieces)
+            names = ", ".join(p.name for p in named)
             raise ValueError(
                 f"`key_names` 'diffusers': the diffusers names of {family}'s {module} ({names}) do not cover "
                 f"its {n_rows} rows once each, so the file would not hold the trained change; {_fix(family)}"

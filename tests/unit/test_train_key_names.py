@@ -86,7 +86,7 @@ def test_no_diffusers_names_is_an_error_naming_family_option_and_fix():
     "change",
     [
         {"transformer.blocks.0.attn.to_v": None},  # rows 8-11 missing
-        {"transformer.blocks.0.attn.to_q2": (QKV, range(0, 4))},  # rows 0-3 twice
+        {"transformer.blocks.0.attn.to_v": (QKV, range(7, 11))},  # row 7 twice: to_v left out, 8-11 missing
         {"transformer.blocks.0.attn.to_v": (QKV, range(8, 13))},  # past the weight
     ],
 )
@@ -94,6 +94,19 @@ def test_rows_not_covered_once_each_are_refused(change):
     row_map = {k: v for k, v in {**ROW_MAP, **change}.items() if v is not None}
     with pytest.raises(ValueError, match=r"Toy's lora_unet_qkv .* do not cover its 12 rows once each"):
         diffusers_pieces(TRAINED, row_map, "Toy")
+
+
+def test_rows_named_twice_keep_the_names_the_map_lists_first():
+    """ComfyUI 0.12's Flux map names a single block's linear1 as to_q / to_k / to_v / proj_mlp and
+    again as Flux.2's fused to_qkv_mlp_proj, and linear2 as proj_out and as attn.to_out."""
+    fused = {"transformer.blocks.0.attn.to_qkv": (QKV, range(0, 12))}
+    proj_alias = {"transformer.blocks.0.attn.proj_alias": (PROJ, range(0, 4))}
+    later = diffusers_pieces(TRAINED, {**ROW_MAP, **fused, **proj_alias}, "Toy")
+    assert [p.name.rsplit(".", 1)[1] for p in later["lora_unet_qkv"]] == ["to_q", "to_k", "to_v"]
+    assert [p.name for p in later["lora_unet_proj"]] == ["transformer.blocks.0.attn.to_out.0"]
+    first = diffusers_pieces(TRAINED, {**fused, **proj_alias, **ROW_MAP}, "Toy")
+    assert first["lora_unet_qkv"] == (Piece("transformer.blocks.0.attn.to_qkv", range(0, 12)),)
+    assert [p.name for p in first["lora_unet_proj"]] == ["transformer.blocks.0.attn.proj_alias"]
 
 
 def test_file_under_diffusers_names_holds_the_kohya_change(tmp_path):

@@ -1,0 +1,209 @@
+"""Train LoRA's `key_names` 'diffusers' on the tiny SD3, Flux, Qwen-Image and Z-Image (diffusers has
+no converter for kohya SD3 LoRAs, so for SD3 the file is written under diffusers / PEFT names; for
+the others it is the option beside the kohya default): diffusers' ``lora_state_dict`` reads it as it
+is, our Load LoRA and core's loader put the same weights into the model with it as with the
+kohya-named file of the same run, and a tiny diffusers transformer of the family adapts every
+module with, once fused, each weight's change equal to the file's B A and to that weight's rows of
+the kohya file's change (Flux: q, k, v and the MLP input as rows of a single block's fused
+linear1). A family whose key map has no diffusers names (SD1.x; Z-Image before ComfyUI 0.12) is
+refused before anything is written; the default still writes the kohya file it wrote before."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import safetensors.torch
+import torch
+from dit_files import check, core_map, model_of
+from flow_data import flux_dataset, qwen_dataset
+
+# one torch thread: the kohya and diffusers runs train the same numbers
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# the tiny diffusers SD3 shaped like model_factory.sd3_model() (depth 2: 2 heads of 64, width 128)
+SD3_CONFIG = dict(sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=64,
+                  num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=128,
+                  pooled_projection_dim=64, out_channels=16, pos_embed_max_size=64)  # fmt: skip
+# the tiny diffusers Flux shaped like model_factory.flux_model() (2 heads of 32, 2 + 2 blocks)
+FLUX_CONFIG = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=32,
+                   num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                   axes_dims_rope=(8, 12, 12))  # fmt: skip
+ZIMAGE_CONFIG = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=256, n_layers=2,
+                     n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[32, 48, 48],
+                     axes_lens=[64, 32, 32])  # fmt: skip
+# family -> (diffusers transformer, pipeline, config, pooled width of the data (None: Qwen-style data
+# without one), modules the file must name, modules that may get no gradient)
+FAMILIES = {
+    "sd3": ("SD3Transformer2DModel", "StableDiffusion3Pipeline", SD3_CONFIG, 64,
+            {"attention": {"transformer.transformer_blocks.0.attn.add_k_proj", "transformer.transformer_blocks.1.attn.to_v"},
+             # ComfyUI's map reorders these rows (swap_scale_shift): split by its function
+             "all_linear": {"transformer.norm_out.linear", "transformer.transformer_blocks.1.norm1_context.linear"}},
+            # the last block's context query gets no gradient: that block's context output is dropped
+            # (pre_only), so its q is unused
+            {"transformer.transformer_blocks.1.attn.add_q_proj"}),
+    "flux": ("FluxTransformer2DModel", "FluxPipeline", FLUX_CONFIG, 32,
+             {"attention": {"transformer.transformer_blocks.0.attn.add_k_proj", "transformer.single_transformer_blocks.1.attn.to_v"},
+              "all_linear": {"transformer.single_transformer_blocks.0.proj_mlp", "transformer.norm_out.linear",
+                             "transformer.transformer_blocks.1.norm1.linear"}},
+             set()),
+    # the 256-wide tiny Z-Image of tests/comfy/test_train_diffusers_reads.py: its feed-forward is 688
+    # wide in ComfyUI and 682 in diffusers, so only attention is compared
+    "zimage": ("ZImageTransformer2DModel", "ZImagePipeline", ZIMAGE_CONFIG, None,
+               {"attention": {"transformer.layers.1.attention.to_k", "transformer.noise_refiner.0.attention.to_out.0"}},
+               set()),
+    "qwen_image": ("QwenImageTransformer2DModel", "QwenImagePipeline", None, None,
+                   {"attention": {"transformer.transformer_blocks.0.attn.add_k_proj", "transformer.transformer_blocks.1.attn.to_v"},
+                    "all_linear": {"transformer.transformer_blocks.0.img_mlp.net.0.proj", "transformer.transformer_blocks.1.txt_mlp.net.2"}},
+                   # the last block's text output is dropped, so its text query, output and MLP get no gradient
+                   {f"transformer.transformer_blocks.1.{m}" for m in ("attn.add_q_proj", "attn.to_add_out", "txt_mlp.net.0.proj",
+                                                                      "txt_mlp.net.2")}),
+}  # fmt: skip
+CASES = [("sd3", "attention"), ("sd3", "all_linear"), ("flux", "attention"), ("flux", "all_linear"),
+         ("zimage", "attention"), ("qwen_image", "attention"), ("qwen_image", "all_linear")]  # fmt: skip
+TIME_KEYS = ("ss_training_started_at", "ss_training_finished_at")
+
+
+def run(model, loras_dir, name: str, targets: str, pooled: int | None = 64, **changes):
+    """Train LoRA (the node) on ``model``; returns the path of the file it wrote."""
+    import comfy.model_management
+    from train_run import TRAIN_ARGS
+
+    from lora_foundry.nodes.train import TrainLora
+
+    settings = {**TRAIN_ARGS, "output_name": name, "targets": targets, "lr": 1e-2, **changes}
+    try:
+        with torch.inference_mode():  # as ComfyUI runs a graph
+            data = qwen_dataset() if pooled is None else flux_dataset(pooled=pooled)
+            out = TrainLora().execute(model, None, data, **settings, unique_id="7")
+    finally:
+        comfy.model_management.unload_all_models()
+    return loras_dir / out["result"][2]
+
+
+def kohya_changes(kohya: dict, model) -> dict[str, torch.Tensor]:
+    """Model weight key -> the kohya file's change of it, (alpha / rank) up down."""
+    keys = core_map(model)
+    out = {}
+    for name in {k.rsplit(".", 1)[0] for k in kohya if k.endswith(".alpha")}:
+        down, up = kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"]
+        out[keys[name]] = float(kohya[f"{name}.alpha"]) / down.shape[0] * (up @ down)
+    return out
+
+
+def tiny_model(request, family: str):
+    if family == "qwen_image":
+        return model_of(family)
+    if family != "zimage":
+        return request.getfixturevalue(family)
+    import comfy.supported_models as sm
+    import dit_factory
+    import model_factory
+
+    return model_factory._dit_patcher(sm.ZImage, dict(dit_factory.ZIMAGE_TRAINABLE), 0)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(("family", "targets"), CASES)
+def test_file_with_diffusers_names_reads_in_diffusers_as_the_kohya_file(request, loras_dir, family, targets):
+    import diffusers
+    import dit_peer
+
+    cls_name, pipe, config, pooled, named, may_stay = FAMILIES[family]
+    model = tiny_model(request, family)
+    if not any(k.startswith("transformer.") for k in core_map(model)):  # Z-Image before ComfyUI 0.12
+        with pytest.raises(RuntimeError, match=r"key map for \S+ has no diffusers name .*set `key_names` to"):
+            run(model, loras_dir, f"{family}_no_names", targets, pooled, key_names="diffusers")
+        assert not (loras_dir / f"{family}_no_names").exists()
+        return
+    kohya_path = run(model, loras_dir, f"{family}_kohya_{targets}", targets, pooled)
+    path = run(model, loras_dir, f"{family}_diffusers_{targets}", targets, pooled, key_names="diffusers")
+    kohya, ours = (safetensors.torch.load_file(str(p)) for p in (kohya_path, path))
+    modules = {k.rsplit(".lora_", 1)[0] for k in ours}
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in ours)  # no alpha: folded into B
+    meta = safetensors.safe_open(str(path), "pt").metadata()
+    assert (
+        json.loads(meta["ss_network_args"])["key_names"] == "diffusers" and meta["ss_network_alpha"] == "4.0"
+    )
+
+    read = getattr(diffusers, pipe).lora_state_dict(str(path))
+    read = read[0] if isinstance(read, tuple) else read
+    assert set(read) == set(ours) and all(k.startswith("transformer.") for k in read), sorted(read)[:3]
+    assert all(torch.equal(read[k], ours[k]) for k in ours)
+    # fused q, k, v are three modules each (Flux's single-block linear1 four, with the MLP input)
+    assert len(modules) >= len({k.split(".")[0] for k in kohya})
+    assert named[targets] <= modules, sorted(named[targets] - modules)
+
+    # ours on the diffusers file = core on the kohya file, and core on the diffusers file = ours on kohya
+    check(model, loras_dir, family, ours, kohya, f"diffusers_names_{targets}",
+          "diffusers / SimpleTuner / ai-toolkit")  # fmt: skip
+    check(model, loras_dir, family, kohya, ours, f"kohya_names_{targets}",
+          "kohya-style (sd-scripts / musubi-tuner)")  # fmt: skip
+
+    torch.manual_seed(0)
+    transformer = getattr(diffusers, cls_name)(**(config or dit_peer.PEERS[family][1]))
+    before = {k: v.clone() for k, v in transformer.state_dict().items()}
+    transformer.load_lora_adapter(ours, prefix="transformer", adapter_name="ours")
+    adapted = {n for n, m in transformer.named_modules() if hasattr(m, "lora_A") and "ours" in m.lora_A}
+    assert {f"transformer.{n}" for n in adapted} == modules
+    transformer.fuse_lora(adapter_names=["ours"])
+    changes, keys = kohya_changes(kohya, model), core_map(model)
+    untrained = set()
+    for module in modules:
+        path_in = module.removeprefix("transformer.")
+        fused = (
+            transformer.get_submodule(path_in).get_base_layer().weight.detach() - before[f"{path_in}.weight"]
+        )
+        a, b = ours[f"{module}.lora_A.weight"], ours[f"{module}.lora_B.weight"]
+        if fused.abs().max() < 1e-6:
+            untrained.add(module)
+        torch.testing.assert_close(fused, b @ a, rtol=1e-5, atol=1e-6)  # diffusers' scale is 1: no alpha
+        # ComfyUI adds function(change) to its rows of the fused weight: that is the kohya file's change
+        target = keys[module]
+        key, offset, function = (target, None, None) if isinstance(target, str) else (*target, None)[:3]
+        want = changes[key] if offset is None else changes[key].narrow(*offset)
+        torch.testing.assert_close((function or (lambda x: x))(fused), want, rtol=1e-5, atol=1e-6)
+    # every module changed (so the comparisons are not of zeros) but those named as getting no gradient
+    assert untrained <= may_stay, untrained
+
+
+def masked(path) -> tuple[dict, bytes]:
+    data = path.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    header["__metadata__"].update(dict.fromkeys(TIME_KEYS, "<time>"))
+    return header, data[8 + size :]
+
+
+@pytest.mark.timeout(300)
+def test_default_and_explicit_kohya_names_write_the_same_file(sd3, loras_dir):
+    first = masked(run(sd3, loras_dir, "sd3_same", "attention"))
+    again = run(sd3, loras_dir, "sd3_same", "attention", key_names="kohya")
+    assert masked(again) == first
+    assert all(k.startswith("lora_unet_joint_blocks_") for k in safetensors.torch.load_file(str(again)))
+
+
+@pytest.mark.timeout(300)
+def test_a_family_without_diffusers_names_is_refused_before_loading(
+    sd15, dataset_dir, loras_dir, monkeypatch
+):
+    """SD1.x: ComfyUI's key map has no transformer. names for a UNet (on 0.3.75 none for Z-Image either;
+    0.12 adds them), so the run stops at its plan, before the model is prepared or a file written."""
+    from train_run import make_dataset, train
+
+    from lora_foundry.nodes import comfy_bridge_train
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was prepared for training before the refusal")
+
+    dataset, _ = make_dataset(sd15)
+    monkeypatch.setattr(comfy_bridge_train, "prepare_for_training", must_not_load)
+    with pytest.raises(RuntimeError) as error:
+        train(sd15, dataset, output_name="sd15_diffusers_names", key_names="diffusers")
+    message = str(error.value)
+    assert message.startswith(
+        "[Train LoRA] `key_names` 'diffusers': ComfyUI's key map for SD1.x has no diffusers"
+    )
+    assert "set `key_names` to 'kohya'" in message
+    assert not (loras_dir / "sd15_diffusers_names").exists()
