@@ -45,15 +45,25 @@ def _fix(family: str) -> str:
     )
 
 
-def _first_names(named: Sequence[Piece]) -> list[Piece]:
-    """The pieces that name each row first, in the key map's order, sorted by row. A map may name
-    the same rows twice: ComfyUI 0.12's Flux map gives a single block's linear1 both as diffusers'
-    to_q / to_k / to_v / proj_mlp and as Flux.2's to_qkv_mlp_proj, and img_mlp.0 both as
-    ff.net.0.proj and as LyCORIS's ff.linear_in; the names listed first are kept, and a later name
-    sharing a row with them is left out."""
+# Where ComfyUI's key map names the same rows in the forms of two diffusers classes, it lists Flux.1's
+# first (a single block's linear1 as to_q / to_k / to_v / proj_mlp, linear2 as proj_out, the MLPs as
+# ff.net.*); Flux.2's own class (diffusers' Flux2Transformer2DModel) names them by these endings.
+PREFERRED_ENDINGS: Mapping[str, tuple[str, ...]] = {
+    "Flux.2": (".attn.to_qkv_mlp_proj", ".attn.to_out", ".linear_in", ".linear_out"),
+}
+
+
+def _first_names(named: Sequence[Piece], family: str) -> list[Piece]:
+    """The pieces that name each row first, sorted by row: the family's preferred names
+    (PREFERRED_ENDINGS), then the rest in the key map's order. A map may name the same rows twice:
+    ComfyUI 0.12's Flux map gives a single block's linear1 both as diffusers' to_q / to_k / to_v /
+    proj_mlp and as Flux.2's to_qkv_mlp_proj, and img_mlp.0 both as ff.net.0.proj and as
+    ff.linear_in; a later name sharing a row with one kept is left out."""
+    endings = PREFERRED_ENDINGS.get(family, ())
+    ordered = sorted(named, key=lambda p: not p.name.endswith(endings)) if endings else named
     taken: set[int] = set()
     kept = []
-    for piece in named:
+    for piece in ordered:
         rows = set(piece.rows)
         if rows & taken:
             continue
@@ -79,7 +89,7 @@ def diffusers_pieces(
         if not named:
             missing.append(module)
             continue
-        pieces = _first_names(named)
+        pieces = _first_names(named, family)
         if sorted(r for p in pieces for r in p.rows) != list(range(n_rows)):
             names = ", ".join(p.name for p in named)
             raise ValueError(
