@@ -1,4 +1,4 @@
-"""Train LoRA's `key_names` 'diffusers' on the tiny SD3, Flux, Qwen-Image and Z-Image (diffusers has
+"""Train LoRA's `key_names` 'diffusers' on the tiny SD3, Flux, Flux.2, Chroma, Qwen-Image and Z-Image (diffusers has
 no converter for kohya SD3 LoRAs, so for SD3 the file is written under diffusers / PEFT names; for
 the others it is the option beside the kohya default): diffusers' ``lora_state_dict`` reads it as it
 is, our Load LoRA and core's loader put the same weights into the model with it as with the
@@ -66,10 +66,14 @@ FAMILIES = {
                              "transformer.single_transformer_blocks.0.attn.to_out", "transformer.transformer_blocks.0.attn.add_k_proj"},
                "all_linear": {"transformer.transformer_blocks.1.ff.linear_in", "transformer.transformer_blocks.0.ff_context.linear_out"}},
               set()),
+    # Chroma is Flux.1 without per-block modulations: Flux.1's names
+    "chroma": ("ChromaTransformer2DModel", "ChromaPipeline", None, None,
+               {"attention": {"transformer.single_transformer_blocks.1.proj_mlp", "transformer.transformer_blocks.0.attn.add_k_proj"}},
+               set()),
 }  # fmt: skip
 CASES = [("sd3", "attention"), ("sd3", "all_linear"), ("flux", "attention"), ("flux", "all_linear"),
          ("zimage", "attention"), ("qwen_image", "attention"), ("qwen_image", "all_linear"),
-         ("flux2", "attention"), ("flux2", "all_linear")]  # fmt: skip
+         ("flux2", "attention"), ("flux2", "all_linear"), ("chroma", "attention")]  # fmt: skip
 # Flux.2's modulations are shared by all blocks and have no diffusers name in ComfyUI's map: its
 # all_linear run trains the blocks only (the refusal with them: below)
 BLOCKS = {("flux2", "all_linear"): "double0-1,single0-1"}
@@ -104,7 +108,7 @@ def kohya_changes(kohya: dict, model) -> dict[str, torch.Tensor]:
 
 
 def tiny_model(request, family: str):
-    if family in ("qwen_image", "flux2"):
+    if family in ("qwen_image", "flux2", "chroma"):
         return model_of(family)
     if family != "zimage":
         return request.getfixturevalue(family)
