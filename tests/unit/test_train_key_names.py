@@ -109,6 +109,22 @@ def test_rows_named_twice_keep_the_names_the_map_lists_first():
     assert [p.name for p in first["lora_unet_proj"]] == ["transformer.blocks.0.attn.proj_alias"]
 
 
+def test_flux2_prefers_its_own_names_where_flux1s_come_first():
+    linear1 = "diffusion_model.single_blocks.0.linear1.weight"
+    row_map = {
+        "transformer.single_transformer_blocks.0.attn.to_q": (linear1, range(0, 4)),
+        "transformer.single_transformer_blocks.0.attn.to_k": (linear1, range(4, 8)),
+        "transformer.single_transformer_blocks.0.attn.to_v": (linear1, range(8, 12)),
+        "transformer.single_transformer_blocks.0.proj_mlp": (linear1, range(12, 20)),
+        "transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj": (linear1, range(0, 20)),
+    }
+    trained = {"lora_unet_single_blocks_0_linear1": (linear1, 20)}
+    flux = diffusers_pieces(trained, row_map, "Flux")["lora_unet_single_blocks_0_linear1"]
+    assert [p.name.rsplit(".", 1)[1] for p in flux] == ["to_q", "to_k", "to_v", "proj_mlp"]
+    (flux2,) = diffusers_pieces(trained, row_map, "Flux.2")["lora_unet_single_blocks_0_linear1"]
+    assert flux2 == Piece("transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj", range(0, 20))
+
+
 def test_file_under_diffusers_names_holds_the_kohya_change(tmp_path):
     fused = torch.nn.Linear(5, 12, bias=False)
     net = LoraNetwork([Target("lora_unet_qkv", "blocks.0.attn.qkv", fused)], rank=3, alpha=1.5, seed=2)
