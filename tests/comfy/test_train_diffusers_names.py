@@ -68,15 +68,16 @@ FAMILIES = {
               set()),
     # Chroma is Flux.1 without per-block modulations: Flux.1's names
     "chroma": ("ChromaTransformer2DModel", "ChromaPipeline", None, None,
-               {"attention": {"transformer.single_transformer_blocks.1.proj_mlp", "transformer.transformer_blocks.0.attn.add_k_proj"}},
+               {"attention": {"transformer.single_transformer_blocks.1.proj_mlp", "transformer.transformer_blocks.0.attn.add_k_proj"},
+                "all_linear": {"transformer.transformer_blocks.1.ff.net.0.proj", "transformer.single_transformer_blocks.0.proj_out"}},
                set()),
 }  # fmt: skip
 CASES = [("sd3", "attention"), ("sd3", "all_linear"), ("flux", "attention"), ("flux", "all_linear"),
          ("zimage", "attention"), ("qwen_image", "attention"), ("qwen_image", "all_linear"),
-         ("flux2", "attention"), ("flux2", "all_linear"), ("chroma", "attention")]  # fmt: skip
-# Flux.2's modulations are shared by all blocks and have no diffusers name in ComfyUI's map: its
-# all_linear run trains the blocks only (the refusal with them: below)
-BLOCKS = {("flux2", "all_linear"): "double0-1,single0-1"}
+         ("flux2", "attention"), ("flux2", "all_linear"), ("chroma", "attention"), ("chroma", "all_linear")]  # fmt: skip
+# Flux.2's modulations and Chroma's distilled guidance layer are shared by all blocks and have no
+# diffusers name in ComfyUI's map: all_linear trains the blocks only there (the refusal with them: below)
+BLOCKS = {("flux2", "all_linear"): "double0-1,single0-1", ("chroma", "all_linear"): "double0-1,single0-1"}
 TIME_KEYS = ("ss_training_started_at", "ss_training_finished_at")
 
 
@@ -246,15 +247,20 @@ def test_a_family_without_diffusers_names_is_refused_before_loading(
 
 
 @pytest.mark.timeout(300)
-def test_flux2_shared_modulations_without_diffusers_names_are_refused(loras_dir):
-    """all_linear on Flux.2 takes its shared modulation layers, which ComfyUI's map names only in
-    kohya form: the run stops at its plan, naming them, the option and both fixes."""
-    model = model_of("flux2")
-    if refusal(model, "flux2") is not None:
+@pytest.mark.parametrize(
+    ("family", "shared"), [("flux2", "_modulation_"), ("chroma", "_distilled_guidance_layer_")]
+)
+def test_shared_layers_without_diffusers_names_are_refused(loras_dir, family, shared):
+    """all_linear on Flux.2 / Chroma takes the layers all blocks share (Flux.2's modulations, Chroma's
+    distilled guidance layer), which ComfyUI's map names only in kohya form: the run stops at its
+    plan, naming them, the option and both fixes."""
+    model = model_of(family)
+    if refusal(model, family) is not None:
         pytest.skip("ComfyUI before 0.12 refuses Flux.2's diffusers names at linear1 first (tested above)")
     with pytest.raises(RuntimeError) as error:
-        run(model, loras_dir, "flux2_modulations", "all_linear", None, key_names="diffusers")
+        run(model, loras_dir, f"{family}_shared", "all_linear", None, key_names="diffusers")
     message = str(error.value)
-    assert "key map for Flux.2 has no diffusers name" in message and "_modulation_" in message
+    label = {"flux2": "Flux.2", "chroma": "Chroma"}[family]
+    assert f"key map for {label} has no diffusers name" in message and shared in message
     assert "set `key_names` to 'kohya'" in message and "choose targets / blocks" in message
-    assert not (loras_dir / "flux2_modulations").exists()
+    assert not (loras_dir / f"{family}_shared").exists()
