@@ -33,6 +33,19 @@ def model_of(family: str):
     return _MODELS[family]
 
 
+def trained_model(family: str):
+    """The tiny ComfyUI model Train LoRA trains for ``family`` in the tests: Flux as
+    model_factory.flux_model(), Z-Image at the width its modulation needs
+    (dit_factory.ZIMAGE_TRAINABLE), else model_of(family); dit_peer.trained_peer is its diffusers twin."""
+    if family == "flux":
+        return model_factory.flux_model()
+    if family == "zimage":
+        import comfy.supported_models as sm
+
+        return model_factory._dit_patcher(sm.ZImage, dict(dit_factory.ZIMAGE_TRAINABLE), 0)
+    return model_of(family)
+
+
 def core_map(model) -> dict:
     return comfy.lora.model_lora_keys_unet(model.model, {})
 

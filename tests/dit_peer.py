@@ -31,6 +31,30 @@ PEERS = {
 }  # fmt: skip
 
 
+# Tiny diffusers transformers shaped like the tiny ComfyUI models Train LoRA trains in the tests, where
+# those are not the ones of PEERS: SD3 as model_factory.sd3_model() (depth 2: 2 heads of 64, width 128),
+# Flux as model_factory.flux_model() (2 heads of 32, 2 + 2 blocks), Z-Image 256 wide as
+# dit_factory.ZIMAGE_TRAINABLE (its feed-forward is 688 wide in ComfyUI, rounded to a multiple of 16,
+# and 682 in diffusers, so only its attention compares).
+TRAINED = {
+    "sd3": ("SD3Transformer2DModel", dict(sample_size=32, patch_size=2, in_channels=16, num_layers=2,
+            attention_head_dim=64, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=128,
+            pooled_projection_dim=64, out_channels=16, pos_embed_max_size=64), "StableDiffusion3Pipeline"),
+    "flux": ("FluxTransformer2DModel", dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2,
+             attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+             guidance_embeds=True, axes_dims_rope=(8, 12, 12)), "FluxPipeline"),
+    "zimage": ("ZImageTransformer2DModel", dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=256,
+               n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[32, 48, 48],
+               axes_lens=[64, 32, 32]), "ZImagePipeline"),
+}  # fmt: skip
+
+
+def trained_peer(family: str) -> tuple[str, dict, str]:
+    """(diffusers class, config, pipeline) of the tiny diffusers transformer shaped like the tiny
+    ComfyUI model Train LoRA trains for ``family`` in the tests (dit_files.trained_model)."""
+    return TRAINED.get(family) or PEERS[family]
+
+
 def peft_lora_file(
     family: str, folder, shapes, seed: int, rank: int = 4, alpha: float = 2.0, header_alpha: bool = False
 ) -> tuple:

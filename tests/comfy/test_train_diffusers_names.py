@@ -16,44 +16,32 @@ import struct
 import pytest
 import safetensors.torch
 import torch
-from dit_files import check, core_map, model_of
+from dit_files import check, core_map, trained_model
 from flow_data import flux_dataset, qwen_dataset
 
 # one torch thread: the kohya and diffusers runs train the same numbers
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# the tiny diffusers SD3 shaped like model_factory.sd3_model() (depth 2: 2 heads of 64, width 128)
-SD3_CONFIG = dict(sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=64,
-                  num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=128,
-                  pooled_projection_dim=64, out_channels=16, pos_embed_max_size=64)  # fmt: skip
-# the tiny diffusers Flux shaped like model_factory.flux_model() (2 heads of 32, 2 + 2 blocks)
-FLUX_CONFIG = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=32,
-                   num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-                   axes_dims_rope=(8, 12, 12))  # fmt: skip
-ZIMAGE_CONFIG = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=256, n_layers=2,
-                     n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[32, 48, 48],
-                     axes_lens=[64, 32, 32])  # fmt: skip
-# family -> (diffusers transformer, pipeline, config, pooled width of the data (None: Qwen-style data
-# without one), modules the file must name, modules that may get no gradient)
+# family -> (pooled width of the data (None: Qwen-style data without one), modules the file must name,
+# modules that may get no gradient); the tiny diffusers twins: dit_peer.trained_peer
 FAMILIES = {
-    "sd3": ("SD3Transformer2DModel", "StableDiffusion3Pipeline", SD3_CONFIG, 64,
+    "sd3": (64,
             {"attention": {"transformer.transformer_blocks.0.attn.add_k_proj", "transformer.transformer_blocks.1.attn.to_v"},
              # ComfyUI's map reorders these rows (swap_scale_shift): split by its function
              "all_linear": {"transformer.norm_out.linear", "transformer.transformer_blocks.1.norm1_context.linear"}},
             # the last block's context query gets no gradient: that block's context output is dropped
             # (pre_only), so its q is unused
             {"transformer.transformer_blocks.1.attn.add_q_proj"}),
-    "flux": ("FluxTransformer2DModel", "FluxPipeline", FLUX_CONFIG, 32,
+    "flux": (32,
              {"attention": {"transformer.transformer_blocks.0.attn.add_k_proj", "transformer.single_transformer_blocks.1.attn.to_v"},
               "all_linear": {"transformer.single_transformer_blocks.0.proj_mlp", "transformer.norm_out.linear",
                              "transformer.transformer_blocks.1.norm1.linear"}},
              set()),
-    # the 256-wide tiny Z-Image of tests/comfy/test_train_diffusers_reads.py: its feed-forward is 688
-    # wide in ComfyUI and 682 in diffusers, so only attention is compared
-    "zimage": ("ZImageTransformer2DModel", "ZImagePipeline", ZIMAGE_CONFIG, None,
+    # only attention: the tiny Z-Image's feed-forward is wider in ComfyUI than in diffusers (dit_peer)
+    "zimage": (None,
                {"attention": {"transformer.layers.1.attention.to_k", "transformer.noise_refiner.0.attention.to_out.0"}},
                set()),
-    "qwen_image": ("QwenImageTransformer2DModel", "QwenImagePipeline", None, None,
+    "qwen_image": (None,
                    {"attention": {"transformer.transformer_blocks.0.attn.add_k_proj", "transformer.transformer_blocks.1.attn.to_v"},
                     "all_linear": {"transformer.transformer_blocks.0.img_mlp.net.0.proj", "transformer.transformer_blocks.1.txt_mlp.net.2"}},
                    # the last block's text output is dropped, so its text query, output and MLP get no gradient
@@ -61,13 +49,13 @@ FAMILIES = {
                                                                       "txt_mlp.net.2")}),
     # Flux.2's own names where ComfyUI's map also gives Flux.1's for the same rows (a single block's
     # fused attn.to_qkv_mlp_proj and attn.to_out, the MLPs' linear_in / linear_out)
-    "flux2": ("Flux2Transformer2DModel", "Flux2Pipeline", None, None,
+    "flux2": (None,
               {"attention": {"transformer.single_transformer_blocks.1.attn.to_qkv_mlp_proj",
                              "transformer.single_transformer_blocks.0.attn.to_out", "transformer.transformer_blocks.0.attn.add_k_proj"},
                "all_linear": {"transformer.transformer_blocks.1.ff.linear_in", "transformer.transformer_blocks.0.ff_context.linear_out"}},
               set()),
     # Chroma is Flux.1 without per-block modulations: Flux.1's names
-    "chroma": ("ChromaTransformer2DModel", "ChromaPipeline", None, None,
+    "chroma": (None,
                {"attention": {"transformer.single_transformer_blocks.1.proj_mlp", "transformer.transformer_blocks.0.attn.add_k_proj"},
                 "all_linear": {"transformer.transformer_blocks.1.ff.net.0.proj", "transformer.single_transformer_blocks.0.proj_out"}},
                set()),
@@ -109,15 +97,8 @@ def kohya_changes(kohya: dict, model) -> dict[str, torch.Tensor]:
 
 
 def tiny_model(request, family: str):
-    if family in ("qwen_image", "flux2", "chroma"):
-        return model_of(family)
-    if family != "zimage":
-        return request.getfixturevalue(family)
-    import comfy.supported_models as sm
-    import dit_factory
-    import model_factory
-
-    return model_factory._dit_patcher(sm.ZImage, dict(dit_factory.ZIMAGE_TRAINABLE), 0)
+    """The session's tiny SD3 / Flux (conftest), else the tiny model the family trains in the tests."""
+    return request.getfixturevalue(family) if family in ("sd3", "flux") else trained_model(family)
 
 
 def refusal(model, family: str) -> str | None:
@@ -138,7 +119,8 @@ def test_file_with_diffusers_names_reads_in_diffusers_as_the_kohya_file(request,
     import diffusers
     import dit_peer
 
-    cls_name, pipe, config, pooled, named, may_stay = FAMILIES[family]
+    pooled, named, may_stay = FAMILIES[family]
+    cls_name, config, pipe = dit_peer.trained_peer(family)
     model = tiny_model(request, family)
     if (refused := refusal(model, family)) is not None:
         with pytest.raises(RuntimeError, match=refused + ".*set `key_names` to 'kohya'"):
@@ -179,7 +161,7 @@ def test_file_with_diffusers_names_reads_in_diffusers_as_the_kohya_file(request,
           "kohya-style (sd-scripts / musubi-tuner)")  # fmt: skip
 
     torch.manual_seed(0)
-    transformer = getattr(diffusers, cls_name)(**(config or dit_peer.PEERS[family][1]))
+    transformer = getattr(diffusers, cls_name)(**config)
     before = {k: v.clone() for k, v in transformer.state_dict().items()}
     transformer.load_lora_adapter(ours, prefix="transformer", adapter_name="ours")
     adapted = {n for n, m in transformer.named_modules() if hasattr(m, "lora_A") and "ours" in m.lora_A}
@@ -254,7 +236,7 @@ def test_shared_layers_without_diffusers_names_are_refused(loras_dir, family, sh
     """all_linear on Flux.2 / Chroma takes the layers all blocks share (Flux.2's modulations, Chroma's
     distilled guidance layer), which ComfyUI's map names only in kohya form: the run stops at its
     plan, naming them, the option and both fixes."""
-    model = model_of(family)
+    model = trained_model(family)
     if refusal(model, family) is not None:
         pytest.skip("ComfyUI before 0.12 refuses Flux.2's diffusers names at linear1 first (tested above)")
     with pytest.raises(RuntimeError) as error:
