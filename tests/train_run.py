@@ -40,15 +40,19 @@ def make_dataset(models, folder="train_set", **changes):
 
 
 def train(models, dataset, **changes):
-    """Runs Train LoRA, then unloads every model, as the next graph's load would: the session's
-    shared models are left as found (not held loaded by the training's patchers), so later tests
-    that call ``patch_model`` on them directly start from the same state whatever ran before."""
+    """Runs Train LoRA on the models' MODEL and CLIP (train_model)."""
+    return train_model(models.model, dataset, clip=models.clip, **changes)
+
+
+def train_model(model, dataset, clip=None, unique_id: str = "7", **changes):
+    """Runs Train LoRA (inside inference_mode, as ComfyUI runs a graph), then unloads every model, as
+    the next graph's load would: the session's shared models are left as found (not held loaded by
+    the training's patchers), so later tests that call ``patch_model`` on them directly start from
+    the same state whatever ran before."""
     import comfy.model_management
 
     try:
         with torch.inference_mode():
-            return TrainLora().execute(
-                models.model, models.clip, dataset, **{**TRAIN_ARGS, **changes}, unique_id="7"
-            )
+            return TrainLora().execute(model, clip, dataset, **{**TRAIN_ARGS, **changes}, unique_id=unique_id)
     finally:
         comfy.model_management.unload_all_models()

@@ -180,7 +180,8 @@ def cast_linear(x: Tensor, weight: Tensor, bias: Tensor | None, finite_e4m3fn: b
     cast, scale = _piece_cast(weight, x.dtype, finite_e4m3fn)
     rows = _piece_rows(weight)
     if bias is not None:
-        bias = bias.to(x.dtype) if scale == 1.0 else bias.to(x.dtype) / scale
+        bias = bias.to(x.dtype)
+        bias = bias if scale == 1.0 else bias / scale
     if rows >= weight.shape[0]:
         out = F.linear(x, cast(weight, x.dtype), bias)
     else:

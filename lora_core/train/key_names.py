@@ -55,10 +55,8 @@ PREFERRED_ENDINGS: Mapping[str, tuple[str, ...]] = {
 
 def _first_names(named: Sequence[Piece], family: str) -> list[Piece]:
     """The pieces that name each row first, sorted by row: the family's preferred names
-    (PREFERRED_ENDINGS), then the rest in the key map's order. A map may name the same rows twice:
-    ComfyUI 0.12's Flux map gives a single block's linear1 both as diffusers' to_q / to_k / to_v /
-    proj_mlp and as Flux.2's to_qkv_mlp_proj, and img_mlp.0 both as ff.net.0.proj and as
-    ff.linear_in; a later name sharing a row with one kept is left out."""
+    (PREFERRED_ENDINGS), then the rest in the key map's order; a later name sharing a row with one
+    kept is left out (a map that names the same rows twice: PREFERRED_ENDINGS' comment)."""
     endings = PREFERRED_ENDINGS.get(family, ())
     ordered = sorted(named, key=lambda p: not p.name.endswith(endings)) if endings else named
     taken: set[int] = set()

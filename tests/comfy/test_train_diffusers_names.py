@@ -18,6 +18,7 @@ import safetensors.torch
 import torch
 from dit_files import check, core_map, trained_model
 from flow_data import flux_dataset, qwen_dataset
+from train_run import train_model
 
 # one torch thread: the kohya and diffusers runs train the same numbers
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,18 +72,9 @@ TIME_KEYS = ("ss_training_started_at", "ss_training_finished_at")
 
 def run(model, loras_dir, name: str, targets: str, pooled: int | None = 64, **changes):
     """Train LoRA (the node) on ``model``; returns the path of the file it wrote."""
-    import comfy.model_management
-    from train_run import TRAIN_ARGS
-
-    from lora_foundry.nodes.train import TrainLora
-
-    settings = {**TRAIN_ARGS, "output_name": name, "targets": targets, "lr": 1e-2, **changes}
-    try:
-        with torch.inference_mode():  # as ComfyUI runs a graph
-            data = qwen_dataset() if pooled is None else flux_dataset(pooled=pooled)
-            out = TrainLora().execute(model, None, data, **settings, unique_id="7")
-    finally:
-        comfy.model_management.unload_all_models()
+    with torch.inference_mode():  # as ComfyUI's dataset node makes them
+        data = qwen_dataset() if pooled is None else flux_dataset(pooled=pooled)
+    out = train_model(model, data, output_name=name, targets=targets, lr=1e-2, **changes)
     return loras_dir / out["result"][2]
 
 

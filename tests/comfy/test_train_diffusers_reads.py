@@ -13,6 +13,7 @@ import safetensors.torch
 import torch
 from dit_files import check, trained_model
 from flow_data import flux_dataset, qwen_dataset
+from train_run import train_model
 
 # diffusers' kohya Flux converter splits a single block's linear1 at Flux's real widths (3 x 3072 +
 # 12288), so on the tiny Flux only the double blocks (q, k, v split in three equal parts) are trained
@@ -22,25 +23,11 @@ BLOCKS = {"flux": "double0-1"}
 def trained_file(family: str, loras_dir, targets: str):
     """Train LoRA (the node) on the family's tiny model, a few steps at a large learning rate;
     returns (model, path of the file it wrote)."""
-    import comfy.model_management
-    from train_run import TRAIN_ARGS
-
-    from lora_foundry.nodes.train import TrainLora
-
     model = trained_model(family)
-    settings = {
-        **TRAIN_ARGS,
-        "output_name": f"{family}_reads_{targets}",
-        "targets": targets,
-        "lr": 1e-2,
-        "blocks": BLOCKS.get(family, ""),
-    }
-    try:
-        with torch.inference_mode():  # as ComfyUI runs a graph
-            data = flux_dataset() if family == "flux" else qwen_dataset()
-            out = TrainLora().execute(model, None, data, **settings, unique_id="7")
-    finally:
-        comfy.model_management.unload_all_models()
+    with torch.inference_mode():  # as ComfyUI's dataset node makes them
+        data = flux_dataset() if family == "flux" else qwen_dataset()
+    out = train_model(model, data, output_name=f"{family}_reads_{targets}", targets=targets, lr=1e-2,
+                      blocks=BLOCKS.get(family, ""))  # fmt: skip
     return model, loras_dir / out["result"][2]
 
 

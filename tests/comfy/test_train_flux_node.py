@@ -14,20 +14,14 @@ import safetensors.torch
 import torch
 from flow_data import flux_dataset
 from patch_compare import assert_same, patched
-from train_run import TRAIN_ARGS
+from train_run import TRAIN_ARGS, train_model
 
 from lora_foundry.lora_core.train.dataset import Sample
 from lora_foundry.nodes.train import TrainLora
 
 
 def train_flux(patcher, **changes):
-    try:
-        with torch.inference_mode():
-            return TrainLora().execute(
-                patcher, None, flux_dataset(), **{**TRAIN_ARGS, **changes}, unique_id="3"
-            )
-    finally:
-        comfy.model_management.unload_all_models()
+    return train_model(patcher, flux_dataset(), unique_id="3", **changes)
 
 
 @pytest.mark.timeout(600)

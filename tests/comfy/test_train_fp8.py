@@ -19,13 +19,13 @@ import quant_models as qm
 import safetensors.torch
 import torch
 from flow_data import Data, FixedTriples, flux_dataset, run_hooks
-from train_run import TRAIN_ARGS
+from train_run import train_model
 
 from lora_foundry.lora_core.train.network import LoraNetwork, select_targets
 from lora_foundry.lora_core.train.trainer import TrainConfig, Trainer
 from lora_foundry.nodes import comfy_bridge_dit as dit_bridge
 from lora_foundry.nodes import comfy_bridge_train as train_bridge
-from lora_foundry.nodes.train import TrainLora, model_targets
+from lora_foundry.nodes.train import model_targets
 
 QUANTIZED_0_12 = hasattr(comfy.utils, "convert_old_quants")  # 0.8+ loads scaled fp8 as QuantizedTensors
 
@@ -72,12 +72,7 @@ def fixed_triple_run(patcher, steps: int = 40):
 def train_flux(patcher, **changes):
     """Train LoRA (the node, inside inference_mode as ComfyUI runs it) on three random Flux-shaped
     latents and caption embeddings."""
-    dataset = flux_dataset(3)
-    try:
-        with torch.inference_mode():
-            return TrainLora().execute(patcher, None, dataset, **{**TRAIN_ARGS, **changes}, unique_id="5")
-    finally:
-        comfy.model_management.unload_all_models()
+    return train_model(patcher, flux_dataset(3), unique_id="5", **changes)
 
 
 def _qkv(patcher):
