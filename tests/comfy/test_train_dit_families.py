@@ -185,22 +185,16 @@ def test_qwen_image_file_loads_in_core_as_ours(targets, loras_dir, caplog):
     them (lora_unet_transformer_blocks_0_attn_to_q), zero unmatched keys in ComfyUI core's loader,
     and core's patched weights equal those of our Load LoRA (the node's MODEL output)."""
     import comfy.lora
-    import comfy.model_management
     import comfy.sd
     import safetensors
     import safetensors.torch
     from patch_compare import assert_same, patched
-    from train_run import TRAIN_ARGS
-
-    from lora_foundry.nodes.train import TrainLora
+    from train_run import train_model
 
     model = family_model("qwen_image")
-    try:
-        with torch.inference_mode():
-            out = TrainLora().execute(model, None, qwen_dataset(), **{**TRAIN_ARGS, "output_name": f"qwen_{targets}",
-                                      "targets": targets, "blocks": "block1", "lr": 1e-2}, unique_id="5")  # fmt: skip
-    finally:
-        comfy.model_management.unload_all_models()
+    out = train_model(
+        model, qwen_dataset(), output_name=f"qwen_{targets}", targets=targets, blocks="block1", lr=1e-2
+    )
     ours, _, lora_name, _ = out["result"]
     path = loras_dir / lora_name
     with safetensors.safe_open(str(path), "pt") as f:

@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from train_run import TRAIN_ARGS
+from train_run import train_model
 
 from lora_foundry.lora_core.train.dataset import DatasetOptions, DatasetScan, LatentDataset, Sample
 from lora_foundry.nodes import comfy_bridge_train as train_bridge
-from lora_foundry.nodes.train import TrainLora
 
 PROMPT = "zkw, a red circle"
 SEED = 11
@@ -62,12 +61,9 @@ def pixels(path: Path) -> np.ndarray:
 def test_flux_samples_change_with_the_lora_and_match_the_trained_model(flux, clip_and_vae, comfy_base):
     clip, vae = clip_and_vae
     name = "flux_samples"
+    out = train_model(flux, dataset(clip), clip=clip, output_name=name, steps=3, lr=2e-2, vae=vae,
+                      sample_every=1, sample_prompt=PROMPT, sample_seed=SEED, unique_id="4")  # fmt: skip
     try:
-        with torch.inference_mode():
-            out = TrainLora().execute(
-                flux, clip, dataset(clip), **{**TRAIN_ARGS, "output_name": name, "steps": 3, "lr": 2e-2},
-                vae=vae, sample_every=1, sample_prompt=PROMPT, sample_seed=SEED, unique_id="4",
-            )  # fmt: skip
         folder = comfy_base / "output" / "lora_foundry" / "samples" / name
         files = sorted(folder.glob("*.png"))
         assert [f.name for f in files] == [f"step_{s:06d}.png" for s in (1, 2, 3)]

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import gc
 
-import comfy.model_management
 import model_factory
 import pytest
-import torch
 from flow_data import flux_dataset
-from train_run import TRAIN_ARGS
+from train_run import train_model
 
 from lora_foundry.lora_core.train.network import LoraNetwork
 from lora_foundry.lora_core.train.trainer import Trainer
@@ -34,13 +32,7 @@ def releases(monkeypatch):
 
 
 def _train(patcher, **changes):
-    try:
-        with torch.inference_mode():
-            return train_node.TrainLora().execute(
-                patcher, None, flux_dataset(2), **{**TRAIN_ARGS, **changes}, unique_id="7"
-            )
-    finally:
-        comfy.model_management.unload_all_models()
+    return train_model(patcher, flux_dataset(2), **changes)
 
 
 @pytest.mark.timeout(300)
