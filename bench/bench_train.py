@@ -24,6 +24,9 @@ as CLIP-L gives; not T5's 4096) to keep it small. Both sides get the same random
 (16 x res/8 x res/8) and the same random conditioning (--tokens x 768 context, 768 pooled).
 Rows: core TrainLoraNode (bf16 base), ours (bf16 base), ours (fp8_e4m3fn base). With --precision bf16
 only ours runs (core's bf16 training crashes on the CPU): the fp8 base against the bf16 base.
+--tensors adds one untimed run of ours per base, counting with torch's profiler the tensors it holds
+at its peak, weights included (on a GPU: what torch.cuda.max_memory_allocated counts; peak RSS
+also counts the process's libraries and the C library's kept heap).
 
     .venv/bin/python bench/bench_train.py --model flux --res 256 --rank 16 --double 2 --single 4
     .venv/bin/python bench/bench_train.py --model flux --res 256 --rank 16 --double 2 --single 4 --precision bf16
@@ -204,6 +207,7 @@ def run_side(
     targets: str = "attention",
     weight_dtype: str = "bf16",
     keep_casts: bool = False,
+    tensors: bool = False,
 ) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--res", str(args.res), "--steps", str(args.steps),
            "--rank", str(args.rank), "--batch", str(args.batch), "--precision", args.precision,
@@ -214,6 +218,8 @@ def run_side(
         cmd.append("--no-checkpointing")
     if keep_casts:
         cmd.append("--keep-casts")
+    if tensors:
+        cmd.append("--tensors")
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode or not lines:
@@ -279,6 +285,9 @@ def main() -> None:
     p.add_argument("--single", type=int, default=2, help="flux: single blocks")
     p.add_argument("--tokens", type=int, default=256, help="flux: text tokens per caption")
     p.add_argument("--ablate", action="store_true", help="flux: also ours without recast_frozen_linears")
+    p.add_argument("--tensors", action="store_true",
+                   help="flux: also the tensors ours holds at its peak (weights included), bf16 and fp8 base, "
+                        "counted by torch's profiler in one more untimed run each")  # fmt: skip
     p.add_argument("--keep-casts", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--weight-dtype", default="bf16", choices=["bf16", "fp8_e4m3fn"], help=argparse.SUPPRESS)
     args = p.parse_args()

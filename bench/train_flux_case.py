@@ -148,9 +148,66 @@ def worker_ours(args, base: Path) -> dict:
         return ran
 
     pack.release_freed_memory = measured_release
-    with _inference():
-        train_ours(pack, model, None, dataset, args, save_dtype="bf16", unique_id="1")
+
+    def run() -> None:
+        with _inference():
+            train_ours(pack, model, None, dataset, args, save_dtype="bf16", unique_id="1")
+
+    if args.tensors:  # not timed: the profiler slows every allocation down
+        return _held_tensors(model, run)
+    run()
     return {"s_per_step": _intervals(times), "steps_timed": len(times) - 1, "released_gb": sum(released)}
+
+
+def _held_tensors(model, run) -> dict:
+    """The tensors ours holds at its peak, as ``torch.cuda.max_memory_allocated`` counts them on a
+    GPU: what the process holds when the first step starts (the base weights, by then copied out of
+    inference mode, and the LoRA's weights) plus the most the run's later allocations, recorded by
+    torch's profiler from that step on, add to it. (The profiler does not see frees of tensors made
+    before it starts, so it starts after the weights are copied.) Reads the profiler's event tree,
+    a private API of torch."""
+    import torch
+    from torch._C._profiler import _EventType
+
+    from lora_foundry.lora_core.train import trainer
+
+    first_step, start, held_before = trainer.Trainer.train_step, [], []
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+
+    def train_step(self, *args, **kwargs):
+        if not start:
+            lora = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+                    for net in self.networks.values() for p in net.parameters()}  # fmt: skip
+            held_before.append(_weight_bytes(model) + sum(lora.values()))
+            start.append(prof.__enter__())
+        return first_step(self, *args, **kwargs)
+
+    trainer.Trainer.train_step = train_step
+    try:
+        run()
+    finally:
+        trainer.Trainer.train_step = first_step
+        if start:
+            prof.__exit__(None, None, None)
+    changes, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            changes.append((event.start_time_ns, event.extra_fields.alloc_size))  # < 0: a free
+        stack.extend(event.children)
+    held = peak = 0
+    for _, size in sorted(changes):
+        held += size
+        peak = max(peak, held)
+    return {"tensor_peak_gb": (held_before[0] + peak) / 1024**3, "weights_gb": _weight_bytes(model) / 1024**3}
+
+
+def _weight_bytes(model) -> int:
+    """Bytes of the loaded diffusion model's weights (each storage once)."""
+    state = model.model.diffusion_model.state_dict()
+    return sum(
+        {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for v in state.values()}.values()
+    )
 
 
 def worker_core(args, base: Path) -> dict:
@@ -180,12 +237,16 @@ def compare(args) -> None:
         rows += [("ours, bf16, cast copies kept", "ours", "bf16", True),
                  ("ours, fp8, cast copies kept", "ours", "fp8_e4m3fn", True)]  # fmt: skip
     runs: dict[str, list[dict]] = {label: [] for label, *_ in rows}
+    held = {}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         params = write_flux(args, base / FLUX_FILE)
         for _ in range(args.rounds):  # interleaved, so load from other processes hits every side
             for label, side, weight_dtype, keep_casts in rows:
                 runs[label].append(run_side(side, args, base, "attention", weight_dtype, keep_casts))
+        if args.tensors:
+            held = {dtype: run_side("ours", args, base, "attention", dtype, tensors=True)
+                    for dtype in ("bf16", "fp8_e4m3fn")}  # fmt: skip
     best = {label: _best(runs[label]) for label in runs}
     ours, fp8 = best["ours, bf16 base"], best["ours, fp8_e4m3fn base"]
     core = best[rows[0][0]] if with_core else None
@@ -215,3 +276,9 @@ def compare(args) -> None:
     print("peak RSS: highest resident set after the model was loaded (VmHWM reset), model included")
     print(f"given back to the system when the run ended (model still loaded): {ours['released_gb']:.2f} GB "
           f"(bf16 base), {fp8['released_gb']:.2f} GB (fp8 base)")  # fmt: skip
+    if held:
+        b16, b8 = held["bf16"], held["fp8_e4m3fn"]
+        print(f"tensors ours holds at its peak, weights included (torch's profiler; what max_memory_allocated "
+              f"counts on a GPU): bf16 base {b16['tensor_peak_gb']:.2f} GB (weights {b16['weights_gb']:.2f}), "
+              f"fp8 base {b8['tensor_peak_gb']:.2f} GB (weights {b8['weights_gb']:.2f}), "
+              f"{1 - b8['tensor_peak_gb'] / b16['tensor_peak_gb']:.0%} lower")  # fmt: skip
