@@ -161,11 +161,11 @@ def worker_ours(args, base: Path) -> dict:
 
 def _held_tensors(model, run) -> dict:
     """The tensors ours holds at its peak, as ``torch.cuda.max_memory_allocated`` counts them on a
-    GPU: what the process holds when the first step starts (the base weights, by then copied out of
-    inference mode, and the LoRA's weights) plus the most the run's later allocations, recorded by
-    torch's profiler from that step on, add to it. (The profiler does not see frees of tensors made
-    before it starts, so it starts after the weights are copied.) Reads the profiler's event tree,
-    a private API of torch."""
+    GPU: the base weights (by then copied out of inference mode) and the LoRA's weights when the
+    first step starts, plus the most that the run's later allocations, recorded by torch's profiler
+    from that step on, add to them. The profiler does not see frees of tensors made before it
+    starts (so it starts after the weights are copied, and a free of an older tensor is not
+    subtracted: the count errs high). Reads the profiler's event tree, a private API of torch."""
     import torch
     from torch._C._profiler import _EventType
 
@@ -264,13 +264,13 @@ def compare(args) -> None:
               f"{r['peak_rss_gb'] / ours['peak_rss_gb']:14.2f}")  # fmt: skip
     if core:
         print(f"ratios: ours / core speed {core['s_per_step'] / ours['s_per_step']:.2f}x (goal >= 2), "
-              f"peak RSS {1 - ours['peak_rss_gb'] / core['peak_rss_gb']:.0%} lower (goal >= 25%)")  # fmt: skip
+              f"peak RSS {1 - ours['peak_rss_gb'] / core['peak_rss_gb']:.1%} lower (goal >= 25%)")  # fmt: skip
     else:
         print(
             "(compute bf16: core not run, its bf16 training crashes on the CPU; speed-up is against ours bf16)"
         )
     print(
-        f"fp8 / bf16 base: peak RSS {1 - fp8['peak_rss_gb'] / ours['peak_rss_gb']:.0%} lower (goal >= 35%), "
+        f"fp8 / bf16 base: peak RSS {1 - fp8['peak_rss_gb'] / ours['peak_rss_gb']:.1%} lower (goal >= 35%), "
         f"speed {ours['s_per_step'] / fp8['s_per_step']:.2f}x (goal >= 1)"
     )
     print("peak RSS: highest resident set after the model was loaded (VmHWM reset), model included")
@@ -281,4 +281,4 @@ def compare(args) -> None:
         print(f"tensors ours holds at its peak, weights included (torch's profiler; what max_memory_allocated "
               f"counts on a GPU): bf16 base {b16['tensor_peak_gb']:.2f} GB (weights {b16['weights_gb']:.2f}), "
               f"fp8 base {b8['tensor_peak_gb']:.2f} GB (weights {b8['weights_gb']:.2f}), "
-              f"{1 - b8['tensor_peak_gb'] / b16['tensor_peak_gb']:.0%} lower")  # fmt: skip
+              f"{1 - b8['tensor_peak_gb'] / b16['tensor_peak_gb']:.1%} lower")  # fmt: skip
