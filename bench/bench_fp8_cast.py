@@ -24,21 +24,17 @@ the best of --repeat rounds counts.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-import types
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench_train import _pack
+
 # (name, rows, columns): Flux's single block linear1 / linear2, a double block's qkv and MLP in
 LAYERS = (("single linear1", 21504, 3072), ("single linear2", 3072, 15360),
           ("double qkv", 9216, 3072), ("double mlp.0", 12288, 3072))  # fmt: skip
 
 
 def _hooks():
-    package = types.ModuleType("lora_foundry")  # the pack without its __init__ (as the tests load it)
-    package.__path__ = [str(REPO)]
-    sys.modules["lora_foundry"] = package
+    _pack()
     from lora_foundry.lora_core.train import hooks
 
     return hooks

@@ -171,15 +171,14 @@ def _held_tensors(model, run) -> dict:
 
     from lora_foundry.lora_core.train import trainer
 
-    first_step, start, held_before = trainer.Trainer.train_step, [], []
+    first_step, before = trainer.Trainer.train_step, {}
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
 
     def train_step(self, *args, **kwargs):
-        if not start:
-            lora = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
-                    for net in self.networks.values() for p in net.parameters()}  # fmt: skip
-            held_before.append(_weight_bytes(model) + sum(lora.values()))
-            start.append(prof.__enter__())
+        if not before:
+            before["weights"] = _storage_bytes(model.model.diffusion_model.state_dict().values())
+            before["lora"] = _storage_bytes(p for net in self.networks.values() for p in net.parameters())
+            prof.__enter__()
         return first_step(self, *args, **kwargs)
 
     trainer.Trainer.train_step = train_step
@@ -187,7 +186,7 @@ def _held_tensors(model, run) -> dict:
         run()
     finally:
         trainer.Trainer.train_step = first_step
-        if start:
+        if before:
             prof.__exit__(None, None, None)
     changes, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
@@ -199,15 +198,13 @@ def _held_tensors(model, run) -> dict:
     for _, size in sorted(changes):
         held += size
         peak = max(peak, held)
-    return {"tensor_peak_gb": (held_before[0] + peak) / 1024**3, "weights_gb": _weight_bytes(model) / 1024**3}
+    return {"tensor_peak_gb": (before["weights"] + before["lora"] + peak) / 1024**3,
+            "weights_gb": before["weights"] / 1024**3}  # fmt: skip
 
 
-def _weight_bytes(model) -> int:
-    """Bytes of the loaded diffusion model's weights (each storage once)."""
-    state = model.model.diffusion_model.state_dict()
-    return sum(
-        {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for v in state.values()}.values()
-    )
+def _storage_bytes(tensors) -> int:
+    """Bytes of the tensors' storages, each storage once."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
 def worker_core(args, base: Path) -> dict:
