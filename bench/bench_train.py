@@ -26,7 +26,9 @@ Rows: core TrainLoraNode (bf16 base), ours (bf16 base), ours (fp8_e4m3fn base). 
 only ours runs (core's bf16 training crashes on the CPU): the fp8 base against the bf16 base.
 --tensors adds one untimed run of ours per base, counting with torch's profiler the tensors it holds
 at its peak, weights included (on a GPU: what torch.cuda.max_memory_allocated counts; peak RSS
-also counts the process's libraries and the C library's kept heap).
+also counts the process's libraries and the C library's kept heap). --heap adds one more untimed run
+of ours per base that splits the resident set at its peak: glibc's heap (in use, kept free, mmapped
+chunks) and the process's other anonymous and file-backed pages.
 
     .venv/bin/python bench/bench_train.py --model flux --res 256 --rank 16 --double 2 --single 4
     .venv/bin/python bench/bench_train.py --model flux --res 256 --rank 16 --double 2 --single 4 --precision bf16
@@ -208,6 +210,7 @@ def run_side(
     weight_dtype: str = "bf16",
     keep_casts: bool = False,
     tensors: bool = False,
+    heap: bool = False,
 ) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--res", str(args.res), "--steps", str(args.steps),
            "--rank", str(args.rank), "--batch", str(args.batch), "--precision", args.precision,
@@ -220,6 +223,8 @@ def run_side(
         cmd.append("--keep-casts")
     if tensors:
         cmd.append("--tensors")
+    if heap:
+        cmd.append("--heap")
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode or not lines:
@@ -288,6 +293,10 @@ def main() -> None:
     p.add_argument("--tensors", action="store_true",
                    help="flux: also the tensors ours holds at its peak (weights included), bf16 and fp8 base, "
                         "counted by torch's profiler in one more untimed run each")  # fmt: skip
+    p.add_argument("--heap", action="store_true",
+                   help="flux: also where ours' resident set is at its peak (the C library's heap: in use, kept "
+                        "free, mmapped; other anonymous and file-backed pages), bf16 and fp8 base, one more "
+                        "untimed run each; glibc only")  # fmt: skip
     p.add_argument("--keep-casts", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--weight-dtype", default="bf16", choices=["bf16", "fp8_e4m3fn"], help=argparse.SUPPRESS)
     args = p.parse_args()

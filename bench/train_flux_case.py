@@ -155,6 +155,8 @@ def worker_ours(args, base: Path) -> dict:
 
     if args.tensors:  # not timed: the profiler slows every allocation down
         return _held_tensors(model, run)
+    if args.heap:  # not timed: a sampling thread runs beside the steps
+        return _heap_at_peak(run)
     run()
     return {"s_per_step": _intervals(times), "steps_timed": len(times) - 1, "released_gb": sum(released)}
 
@@ -202,6 +204,62 @@ def _held_tensors(model, run) -> dict:
             "weights_gb": before["weights"] / 1024**3}  # fmt: skip
 
 
+def _heap_at_peak(run) -> dict:
+    """Where the resident set is when it is highest during ``run``: glibc's heap by ``mallinfo2``
+    (bytes in use, bytes its arenas keep free, bytes in chunks it mmapped) and the process's
+    anonymous and file-backed pages (/proc/self/smaps_rollup), read each time the resident set,
+    sampled every 2 ms, rises 4 MB past its highest so far; and the same just before the run."""
+    import ctypes
+    import os
+    import threading
+
+    class Mallinfo2(ctypes.Structure):
+        names = [
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+        ]
+        _fields_ = [(name, ctypes.c_size_t) for name in [*names, "keepcost"]]
+
+    mallinfo2 = ctypes.CDLL(None).mallinfo2  # glibc 2.33+
+    mallinfo2.restype = Mallinfo2
+    page, gb = os.sysconf("SC_PAGE_SIZE"), 1024**3
+
+    def split() -> dict:
+        m, pages = mallinfo2(), {}
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            name, *rest = line.split()
+            if rest[-1:] == ["kB"]:
+                pages[name.rstrip(":")] = int(rest[0]) * 1024
+        return {"rss_gb": pages["Rss"] / gb, "heap_used_gb": m.uordblks / gb, "heap_free_gb": m.fordblks / gb,
+                "heap_mmapped_gb": m.hblkhd / gb, "file_gb": (pages["Rss"] - pages["Anonymous"]) / gb,
+                "other_anon_gb": (pages["Anonymous"] - m.arena - m.hblkhd) / gb}  # fmt: skip
+
+    state = {"high": 0, "peak": None, "done": threading.Event()}
+
+    def sample() -> None:
+        while not state["done"].wait(0.002):
+            rss = int(Path("/proc/self/statm").read_text().split()[1]) * page
+            if rss > state["high"] + 4 * 1024**2:
+                state["high"], state["peak"] = rss, split()
+
+    before = split()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        run()
+    finally:
+        state["done"].set()
+        sampler.join()
+    return {"heap_before": before, "heap_peak": state["peak"]}
+
+
 def _storage_bytes(tensors) -> int:
     """Bytes of the tensors' storages, each storage once."""
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
@@ -234,7 +292,7 @@ def compare(args) -> None:
         rows += [("ours, bf16, cast copies kept", "ours", "bf16", True),
                  ("ours, fp8, cast copies kept", "ours", "fp8_e4m3fn", True)]  # fmt: skip
     runs: dict[str, list[dict]] = {label: [] for label, *_ in rows}
-    held = {}
+    held, heap = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         params = write_flux(args, base / FLUX_FILE)
@@ -243,6 +301,9 @@ def compare(args) -> None:
                 runs[label].append(run_side(side, args, base, "attention", weight_dtype, keep_casts))
         if args.tensors:
             held = {dtype: run_side("ours", args, base, "attention", dtype, tensors=True)
+                    for dtype in ("bf16", "fp8_e4m3fn")}  # fmt: skip
+        if args.heap:
+            heap = {dtype: run_side("ours", args, base, "attention", dtype, heap=True)
                     for dtype in ("bf16", "fp8_e4m3fn")}  # fmt: skip
     best = {label: _best(runs[label]) for label in runs}
     ours, fp8 = best["ours, bf16 base"], best["ours, fp8_e4m3fn base"]
@@ -279,3 +340,15 @@ def compare(args) -> None:
               f"counts on a GPU): bf16 base {b16['tensor_peak_gb']:.2f} GB (weights {b16['weights_gb']:.2f}), "
               f"fp8 base {b8['tensor_peak_gb']:.2f} GB (weights {b8['weights_gb']:.2f}), "
               f"{1 - b8['tensor_peak_gb'] / b16['tensor_peak_gb']:.1%} lower")  # fmt: skip
+    if heap:
+        print(
+            "where ours' resident set is at its peak, GB (one more run each; glibc's mallinfo2, smaps_rollup):"
+        )
+        columns = ("rss_gb", "heap_used_gb", "heap_free_gb", "heap_mmapped_gb", "other_anon_gb", "file_gb")
+        print(f"{'':32}" + "".join(f"{c[:-3]:>15}" for c in columns))
+        for dtype, r in heap.items():
+            for when, label in (("before", "before the run"), ("peak", "at the run's peak")):
+                print(f"{f'{dtype}, {label}':32}" + "".join(f"{r['heap_' + when][c]:15.2f}" for c in columns))
+        b16, b8 = heap["bf16"]["heap_peak"], heap["fp8_e4m3fn"]["heap_peak"]
+        print(f"fp8 / bf16 peak RSS less the heap kept free: "
+              f"{1 - (b8['rss_gb'] - b8['heap_free_gb']) / (b16['rss_gb'] - b16['heap_free_gb']):.1%} lower")  # fmt: skip
