@@ -214,18 +214,8 @@ def _heap_at_peak(run) -> dict:
     import threading
 
     class Mallinfo2(ctypes.Structure):
-        names = [
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-        ]
-        _fields_ = [(name, ctypes.c_size_t) for name in [*names, "keepcost"]]
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                    "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
 
     mallinfo2 = ctypes.CDLL(None).mallinfo2  # glibc 2.33+
     mallinfo2.restype = Mallinfo2
@@ -292,19 +282,21 @@ def compare(args) -> None:
         rows += [("ours, bf16, cast copies kept", "ours", "bf16", True),
                  ("ours, fp8, cast copies kept", "ours", "fp8_e4m3fn", True)]  # fmt: skip
     runs: dict[str, list[dict]] = {label: [] for label, *_ in rows}
-    held, heap = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         params = write_flux(args, base / FLUX_FILE)
         for _ in range(args.rounds):  # interleaved, so load from other processes hits every side
             for label, side, weight_dtype, keep_casts in rows:
                 runs[label].append(run_side(side, args, base, "attention", weight_dtype, keep_casts))
-        if args.tensors:
-            held = {dtype: run_side("ours", args, base, "attention", dtype, tensors=True)
-                    for dtype in ("bf16", "fp8_e4m3fn")}  # fmt: skip
-        if args.heap:
-            heap = {dtype: run_side("ours", args, base, "attention", dtype, heap=True)
-                    for dtype in ("bf16", "fp8_e4m3fn")}  # fmt: skip
+
+        def per_base(**probe) -> dict:  # one more untimed run of ours per base
+            return {
+                dtype: run_side("ours", args, base, "attention", dtype, **probe)
+                for dtype in ("bf16", "fp8_e4m3fn")
+            }
+
+        held = per_base(tensors=True) if args.tensors else {}
+        heap = per_base(heap=True) if args.heap else {}
     best = {label: _best(runs[label]) for label in runs}
     ours, fp8 = best["ours, bf16 base"], best["ours, fp8_e4m3fn base"]
     core = best[rows[0][0]] if with_core else None
